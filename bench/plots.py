@@ -1,0 +1,232 @@
+"""The report's figures, drawn with ``matplotlib.figure.Figure`` (no pyplot: no global state, no display).
+
+Each function takes plain tables (pandas DataFrames already selected by ``bench.report``), returns a Figure
+or None when there is nothing to draw, and never computes a number the report does not also print.
+``save_png`` writes a figure atomically.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+DPI = 130
+DISPLAY_NAMES = {"sisma": "SISMA", "dit": "DiT-SIS", "sdm": "SDM"}
+MODEL_COLOURS = {"sisma": "#1f77b4", "dit": "#ff7f0e", "sdm": "#2ca02c"}
+EXTRA_COLOURS = ["#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+LOSS_SMOOTHING_POINTS = 20  # the moving average of a loss curve spans 1/20 of its logged points
+PROJECTED_HATCH = "//"
+
+
+def display_name(model: str) -> str:
+    return DISPLAY_NAMES.get(model, model)
+
+
+def colour(model: str, order: list[str]) -> str:
+    if model in MODEL_COLOURS:
+        return MODEL_COLOURS[model]
+    extras = [m for m in order if m not in MODEL_COLOURS]
+    return EXTRA_COLOURS[extras.index(model) % len(EXTRA_COLOURS)] if model in extras else "#444444"
+
+
+def new_figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+
+
+def plain_log_ticks(axis) -> None:
+    """Label a log axis with plain numbers (0.3, 20, 1500), minor ticks too, so that a short range is readable."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    label = FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1000 else f"{v:.3g}")
+    axis.set_major_formatter(label)
+    axis.set_minor_locator(LogLocator(subs=(2, 3, 5)))
+    axis.set_minor_formatter(label)
+
+
+def save_png(fig, path: Path) -> None:
+    """Write ``fig`` as a PNG at ``path`` atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    try:
+        fig.savefig(tmp, format="png", dpi=DPI)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------- latency
+
+def latency_figure(ours: pd.DataFrame, paper: pd.DataFrame, steps: int, ours_label: str, paper_label: str):
+    """Bars of seconds per image at ``steps`` steps: ours (measured solid, projected hatched) beside the paper's.
+
+    ``ours``: model, latency_s, projected (bool), iqr_s (spread of the per-NFE latency times steps, or NaN).
+    ``paper``: model, latency_s.
+    """
+    if ours.empty:
+        return None
+    order = list(ours["model"])
+    fig = new_figure(9.0, 3.6)
+    axes = fig.subplots(1, 2, width_ratios=[max(len(ours), 2), max(len(paper), 1) + 0.5])
+    ax = axes[0]
+    x = np.arange(len(ours))
+    for i, row in enumerate(ours.itertuples()):
+        err = None if not np.isfinite(row.iqr_s) else [[row.iqr_s / 2], [row.iqr_s / 2]]
+        ax.bar(i, row.latency_s, color=colour(row.model, order), hatch=PROJECTED_HATCH if row.projected else None,
+               edgecolor="black", linewidth=0.6, yerr=err, capsize=4)
+        ax.annotate(f"{row.latency_s:.4g} s" + ("\n(projected)" if row.projected else ""),
+                    (i, row.latency_s), ha="center", va="bottom", fontsize=8, xytext=(0, 3),
+                    textcoords="offset points")
+    ax.set_xticks(x, [display_name(m) for m in order])
+    ax.set_ylabel(f"seconds per image ({steps} Euler steps)")
+    ax.set_title(ours_label, fontsize=9)
+    ax.set_ylim(0, ours["latency_s"].max() * 1.3)
+    ax.grid(axis="y", alpha=0.3)
+
+    ax = axes[1]
+    if paper.empty:
+        ax.set_axis_off()
+    else:
+        for i, row in enumerate(paper.itertuples()):
+            ax.bar(i, row.latency_s, color=colour(row.model, order), edgecolor="black", linewidth=0.6, alpha=0.75)
+            ax.annotate(f"{row.latency_s:.4g} s", (i, row.latency_s), ha="center", va="bottom", fontsize=8,
+                        xytext=(0, 3), textcoords="offset points")
+        ax.set_xticks(np.arange(len(paper)), [display_name(m) for m in paper["model"]])
+        ax.set_ylim(0, paper["latency_s"].max() * 1.3)
+        ax.set_title(paper_label, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------- scaling
+
+def scaling_figure(panels: list[dict], order: list[str]):
+    """Log-log panels of a cost against image resolution, one line per model with its fitted exponent.
+
+    Each panel: {"title", "ylabel", "data": DataFrame(model, resolution, value), "fits": {model: (k, a) or None}}
+    where the fit is value = a * tokens**k and tokens = (resolution / 16)**2, so the slope against
+    resolution on these axes is 2k.
+    """
+    from matplotlib.ticker import NullLocator
+
+    panels = [p for p in panels if not p["data"].empty]
+    if not panels:
+        return None
+    fig = new_figure(4.2 * len(panels), 3.8)
+    axes = np.atleast_1d(fig.subplots(1, len(panels)))
+    for ax, panel in zip(axes, panels):
+        data = panel["data"]
+        for model in [m for m in order if m in set(data["model"])]:
+            d = data[data["model"] == model].sort_values("resolution")
+            fit = panel["fits"].get(model)
+            label = f"{display_name(model)}: k = {fit[0]:.2f}" if fit else f"{display_name(model)}: k n/a (one size)"
+            c = colour(model, order)
+            ax.plot(d["resolution"], d["value"], "o", color=c, label=label)
+            if fit:
+                r = np.geomspace(d["resolution"].min(), d["resolution"].max(), 20)
+                ax.plot(r, fit[1] * ((r / 16.0) ** 2) ** fit[0], "--", color=c, linewidth=1.2)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        res = sorted(set(data["resolution"]))
+        ax.set_xticks(res, [f"{int(r)}" for r in res])
+        ax.xaxis.set_minor_locator(NullLocator())
+        plain_log_ticks(ax.yaxis)
+        ax.tick_params(axis="y", which="minor", labelsize=7)
+        ax.set_xlabel("image resolution (px)")
+        ax.set_ylabel(panel["ylabel"])
+        ax.set_title(panel["title"], fontsize=9)
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize=8, title="cost ~ pixels^k", title_fontsize=8)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------- quality vs latency
+
+def quality_latency_figure(points: pd.DataFrame, metrics: list[tuple[str, str]], order: list[str], xlabel: str):
+    """Scatter of quality metrics against seconds per image; one panel per (column, label) in ``metrics``.
+
+    ``points``: model, latency_s, projected (bool), and the metric columns. Hollow markers are projected
+    latencies, filled ones measured.
+    """
+    metrics = [(c, lab) for c, lab in metrics if c in points and points[c].notna().any()]
+    points = points[points["latency_s"].notna()]
+    if not metrics or points.empty:
+        return None
+    fig = new_figure(4.2 * len(metrics), 3.6)
+    axes = np.atleast_1d(fig.subplots(1, len(metrics), sharex=True))
+    for ax, (column, label) in zip(axes, metrics):
+        for row in points.itertuples():
+            value = getattr(row, column)
+            if value is None or not np.isfinite(value):
+                continue
+            c = colour(row.model, order)
+            ax.plot(row.latency_s, value, "o", markersize=9, color=c, markerfacecolor="white" if row.projected else c,
+                    markeredgewidth=2)
+            ax.annotate(display_name(row.model), (row.latency_s, value), xytext=(6, 4), textcoords="offset points",
+                        fontsize=8)
+        ax.set_xscale("log")
+        plain_log_ticks(ax.xaxis)
+        ax.tick_params(axis="x", which="minor", labelsize=7)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.margins(x=0.25, y=0.2)  # room for the labels
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------- training loss
+
+def loss_figure(curves: dict[str, pd.DataFrame], order: list[str]):
+    """Loss against step for each run (``curves[model]`` has step and loss): raw thin, moving average thick."""
+    curves = {m: c for m, c in curves.items() if not c.empty}
+    if not curves:
+        return None
+    fig = new_figure(7.0, 3.8)
+    ax = fig.subplots()
+    for model in [m for m in order if m in curves]:
+        c = curves[model].sort_values("step")
+        col = colour(model, order)
+        window = max(1, math.ceil(len(c) / LOSS_SMOOTHING_POINTS))
+        ax.plot(c["step"], c["loss"], color=col, alpha=0.3, linewidth=0.8)
+        ax.plot(c["step"], c["loss"].rolling(window, min_periods=1).mean(), color=col, linewidth=2,
+                label=display_name(model))
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel("training step")
+    ax.set_ylabel("flow-matching loss (MSE, log scale)")
+    ax.set_yscale("log")
+    plain_log_ticks(ax.yaxis)
+    ax.tick_params(axis="y", which="minor", labelsize=7)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------- samples
+
+def sample_grid_figure(masks: list[np.ndarray], columns: dict[str, list[np.ndarray]], row_labels: list[str]):
+    """Rows of mask | one sample per model (same mask, same seed); ``masks`` are RGB pictures of the labels."""
+    if not masks or not columns:
+        return None
+    names = ["mask"] + [display_name(m) for m in columns]
+    n_rows, n_cols = len(masks), len(names)
+    cell = 1.45
+    fig = new_figure(cell * n_cols + 0.6, cell * n_rows + 0.4)
+    axes = np.array(fig.subplots(n_rows, n_cols, squeeze=False))
+    for r in range(n_rows):
+        pictures = [masks[r]] + [columns[m][r] for m in columns]
+        for c, picture in enumerate(pictures):
+            ax = axes[r, c]
+            ax.imshow(picture, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(names[c], fontsize=10)
+        axes[r, 0].set_ylabel(row_labels[r], fontsize=7)
+    return fig

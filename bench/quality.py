@@ -1,0 +1,335 @@
+"""``bench quality``: sample trained runs on test masks and score the images; one row per run in results/quality.csv.
+
+Protocol (DESIGN.md, Metrics):
+
+- Masks: the first ``--n-masks`` label maps of the test split (all by default), at the run's image size. Each mask
+  gets ``--samples-per-mask`` samples (10); the noise of sample j of mask i depends only on (seed, i, j).
+- ``fid``, ``kid``, ``kid_std``: torch-fidelity's Inception (inception-v3-compat), the real test images of those
+  masks against one generated image per mask (sample 0), both at the run's image size (the extractor resizes to
+  299 px itself). KID uses subsets of min(1000, n) images.
+- ``lpips_diversity``: per mask, LPIPS (AlexNet, v0.1) averaged over the 45 pairs of its 10 samples, then averaged
+  over masks. Images below 64 px are upsampled bilinearly first (``lpips_size`` records the size used).
+- ``pixel_diversity``: the same pairwise average of the mean absolute pixel difference (images in [0, 1]); it needs
+  no weights and is no substitute for LPIPS.
+- ``miou``: the face parser (``bench parser train``) on every generated image against the mask it was generated
+  from; ``miou_ceiling``: the same parser on the real test images of those masks.
+
+A metric whose weights cannot be found is written as NaN with ``<metric>_status`` = "missing: <reason>"; ``--require``
+makes that an error instead. Generated images are PNGs in RUN/eval/<settings hash>/ (the hash covers the checkpoint,
+data, split, resolution, sampler and seed, not the number of masks or samples), so a later call with the same
+settings, or asking for fewer or more masks, reuses what exists and generates only what is missing.
+
+Default runs: every folder holding a config.json under ``runs/`` (where ``bench train`` writes) and
+``results/runs/``. Default parser: ``results/parser/parser-{size}px.pt``; when it does not exist it is trained there
+first (a few minutes on CPU at 32 px) on the train split of the evaluated data set.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import typer
+
+from bench import metrics
+from bench.cli import command
+from bench.data import write_atomic
+from bench.errors import BenchError
+
+DEFAULT_OUT = Path("results/quality.csv")
+RUN_ROOTS = (Path("runs"), Path("results/runs"))
+SAMPLE_STRIDE = 1000  # sample j of mask i uses noise index i * SAMPLE_STRIDE + j, so j < SAMPLE_STRIDE
+REQUIRABLE = ("fid", "kid", "lpips", "miou")
+EVAL_DIRNAME = "eval"
+
+
+@dataclass
+class QualitySettings:
+    """What decides the generated images (hashed into their folder) and how many are scored."""
+
+    data: str
+    split: str = "test"
+    n_masks: int = 0            # 0: every mask of the split
+    samples_per_mask: int = 10
+    steps: int = 200
+    method: str = "euler"
+    guidance: float = 1.0
+    seed: int = 0
+    precision: str = "fp32"
+
+
+def discover_runs(roots=RUN_ROOTS) -> list[Path]:
+    """Run folders (holding config.json) directly under the default run roots."""
+    runs = []
+    for root in roots:
+        if root.is_dir():
+            runs += sorted(p for p in root.iterdir() if (p / "config.json").is_file())
+    return runs
+
+
+def run_data(run_config: dict, size: int) -> Path:
+    """The data folder a run trained on; its default synthetic set is generated if absent (as the trainer does)."""
+    if run_config.get("synthetic"):
+        from bench.synth import ensure_synthetic
+        from bench.train import SYNTH_SEED, SYNTH_UPSCALE
+
+        ensure_synthetic(run_config["data"], run_config["synth_n"], SYNTH_UPSCALE * size, SYNTH_SEED, progress=False)
+    return Path(run_config["data"])
+
+
+# --------------------------------------------------------------------------- generated images
+def eval_dir(run, settings: QualitySettings) -> Path:
+    """RUN/eval/<hash of everything that decides the images>."""
+    ckpt = run.run_dir / "checkpoints" / "last.pt"
+    st = ckpt.stat()
+    key = {
+        "checkpoint": {"file": ckpt.name, "step": run.step, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns},
+        "data": str(Path(settings.data).resolve()), "split": settings.split, "size": run.image_size,
+        "steps": settings.steps, "method": settings.method, "guidance": settings.guidance, "seed": settings.seed,
+        "precision": settings.precision,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    folder = run.run_dir / EVAL_DIRNAME / digest
+    folder.mkdir(parents=True, exist_ok=True)
+    write_atomic(folder / "settings.json", lambda f: f.write(json.dumps(key, indent=2, sort_keys=True).encode()))
+    return folder
+
+
+def sample_file(folder: Path, mask: int, sample: int) -> Path:
+    return folder / f"m{mask:05d}_s{sample:02d}.png"
+
+
+def generated_images(run, labels: torch.Tensor, settings: QualitySettings, batch_size: int,
+                     progress: bool = True) -> tuple[torch.Tensor, int, Path]:
+    """uint8 images (M, S_per, 3, S, S) for label maps (M, S, S): read from the run's eval folder, the missing
+    ones generated (and written) first. Returns them, the NFE per image and the folder."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    from bench.data import onehot
+    from bench.flow import NFE_PER_STEP
+    from bench.sample import generate
+
+    folder = eval_dir(run, settings)
+    per = settings.samples_per_mask
+    todo = [(i, j) for i in range(len(labels)) for j in range(per) if not sample_file(folder, i, j).exists()]
+    for start in tqdm(range(0, len(todo), batch_size), desc=f"sampling {run.run_dir.name}", unit="batch",
+                      disable=not progress or not todo):
+        chunk = todo[start:start + batch_size]
+        masks = onehot(labels[[i for i, _ in chunk]])
+        images, _ = generate(run, masks, [i * SAMPLE_STRIDE + j for i, j in chunk], settings.seed, settings.steps,
+                             settings.method, settings.guidance, batch_size, settings.precision)
+        pix = metrics.to_uint8(images).permute(0, 2, 3, 1).numpy()  # (B, S, S, 3)
+        for (i, j), p in zip(chunk, pix):
+            write_atomic(sample_file(folder, i, j), lambda f, p=p: Image.fromarray(p).save(f, "PNG"))
+    S = run.image_size
+    out = torch.empty(len(labels), per, 3, S, S, dtype=torch.uint8)
+    for i in range(len(labels)):
+        for j in range(per):
+            with Image.open(sample_file(folder, i, j)) as im:
+                out[i, j] = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+    return out, settings.steps * NFE_PER_STEP[settings.method], folder
+
+
+# --------------------------------------------------------------------------- metric resources
+@dataclass
+class Resources:
+    """Weight files and parser found for this call; a missing one carries the reason instead."""
+
+    inception: Optional[Path]
+    inception_missing: str
+    alexnet: Optional[Path]
+    alexnet_missing: str
+
+
+def find_resources(inception: Optional[Path], alexnet: Optional[Path], require: set[str]) -> Resources:
+    """Resolve and hash-check the weight files; a missing one is an error only if a metric needing it is required."""
+    found = {}
+    for name, spec, explicit, needs in (("inception", metrics.INCEPTION_WEIGHTS, inception, {"fid", "kid"}),
+                                        ("alexnet", metrics.ALEXNET_WEIGHTS, alexnet, {"lpips"})):
+        try:
+            found[name], found[name + "_missing"] = metrics.resolve_weights(spec, explicit), ""
+        except metrics.WeightsMissing as e:
+            if needs & require:
+                raise BenchError(f"--require {','.join(sorted(needs & require))}: {e}") from None
+            found[name], found[name + "_missing"] = None, f"missing: {e}"
+    return Resources(**found)
+
+
+def parse_require(value: str) -> set[str]:
+    names = {v.strip() for v in value.split(",") if v.strip()}
+    unknown = names - set(REQUIRABLE)
+    if unknown:
+        raise BenchError(f"--require {value}: unknown metric {sorted(unknown)[0]!r}; use a comma list of "
+                         f"{', '.join(REQUIRABLE)}")
+    return names
+
+
+def get_parser(path: Optional[Path], size: int, data: Path, device: torch.device, progress: bool = True):
+    """The face parser: ``path``, or the default one for ``size``, trained there first if it does not exist."""
+    from bench import parser as face_parser
+
+    if path is None:
+        path = face_parser.default_parser_path(size)
+        if not path.exists():
+            typer.echo(f"no face parser at {path}: training one on the train split of {data} "
+                       f"(`bench parser train --data {data} --size {size}` does this ahead of time)", err=True)
+            cfg, train = face_parser.ParserConfig(size=size), face_parser.TrainConfig()
+            model = face_parser.train_parser(data, cfg, train, device, progress)
+            face_parser.save_parser(model, path, {"data": str(data), **asdict(train),
+                                                  "test_miou": face_parser.evaluate(model, data, "test")})
+    model, _ = face_parser.load_parser(path, device)
+    if model.config.size != size:
+        raise BenchError(f"face parser {path} works at {model.config.size} px but the run's images are {size} px; "
+                         f"train one with: bench parser train --data {data} --size {size}")
+    return model, path
+
+
+# --------------------------------------------------------------------------- one run
+def evaluate_run(run_dir: Path, data: Optional[Path], resources: Resources, parser_path: Optional[Path],
+                 device: torch.device, batch_size: int, progress: bool = True, **setting_overrides) -> dict:
+    """Generate (or reuse) the images of one run and compute every metric; returns the result row.
+
+    ``setting_overrides`` are QualitySettings fields other than ``data``."""
+    from bench import parser as face_parser
+    from bench.provenance import provenance
+    from bench.sample import load_run
+
+    run = load_run(run_dir, device)
+    size = run.image_size
+    data = Path(data) if data is not None else run_data(run.config, size)
+    settings = QualitySettings(data=str(data), **setting_overrides)
+    model, used = get_parser(parser_path, size, data, device, progress)  # before sampling: a wrong one fails fast
+    real, labels = face_parser.load_split(data, settings.split, size,
+                                          limit=settings.n_masks or None, progress=progress)
+    n = len(real)
+    fake, nfe, folder = generated_images(run, labels.long(), settings, batch_size, progress)
+    row = {"run": str(run_dir), "model": run.config["model"], "preset": run.config["preset"],
+           "train_step": run.step, "image_size": size, "data": str(data), "split": settings.split,
+           "n_masks": n, "samples_per_mask": settings.samples_per_mask, "method": settings.method,
+           "guidance": settings.guidance}
+
+    # FID/KID: real test images against the first sample of each mask.
+    if resources.inception is None or n < 2:
+        status = resources.inception_missing or "missing: FID and KID need at least 2 masks"
+        row.update(fid=math.nan, kid=math.nan, kid_std=math.nan, fid_status=status, kid_status=status)
+    else:
+        row.update(metrics.fid_kid(real, fake[:, 0], resources.inception, device, batch_size, seed=settings.seed),
+                   fid_status="ok", kid_status="ok")
+
+    # Diversity over the samples of each mask.
+    groups01 = [f.float() / 255 for f in fake]
+    row["pixel_diversity"] = metrics.diversity(groups01, metrics.pixel_l1)
+    row["lpips_size"] = max(size, metrics.LPIPS_MIN_SIZE)
+    if resources.alexnet is None:
+        row.update(lpips_diversity=math.nan, lpips_status=resources.alexnet_missing)
+    else:
+        distance = metrics.lpips_distance(metrics.load_lpips(resources.alexnet, device), device)
+        row.update(lpips_diversity=metrics.diversity([g * 2 - 1 for g in groups01], distance, batch_size),
+                   lpips_status="ok")
+
+    # Mask adherence: the parser on every generated image vs its input mask, and on the real images (ceiling).
+    flat = fake.flatten(0, 1)                                        # (M * S_per, 3, S, S)
+    targets = labels.long().repeat_interleave(settings.samples_per_mask, dim=0)
+    row["miou"] = metrics.miou(face_parser.parser_confusion(model, flat, targets, batch_size))
+    row["miou_ceiling"] = metrics.miou(face_parser.parser_confusion(model, real, labels.long(), batch_size))
+    row["parser"] = str(used)
+    row["eval_dir"] = str(folder)
+    row.update(provenance(device, settings.precision, batch_size, settings.steps, nfe, settings.seed))
+    return row
+
+
+# --------------------------------------------------------------------------- results file
+def append_rows(path: Path, rows: list[dict]) -> None:
+    """Add rows to a CSV (created with a header if new); the file is rewritten atomically, earlier rows kept,
+    new columns added (empty in older rows)."""
+    import pandas as pd
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = pd.DataFrame(rows)
+    if path.exists() and path.stat().st_size:
+        try:
+            old = pd.read_csv(path, dtype=str, keep_default_na=False)
+        except (pd.errors.ParserError, UnicodeDecodeError) as e:
+            raise BenchError(f"{path} is not a readable CSV ({type(e).__name__}); move it away or give another "
+                             f"--out") from None
+        new = pd.concat([old, new.astype(object)], ignore_index=True)[list(dict.fromkeys([*old.columns, *new.columns]))]
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    new.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+SUMMARY_COLUMNS = ["model", "preset", "n_masks", "fid", "kid", "lpips_diversity", "pixel_diversity", "miou",
+                   "miou_ceiling"]
+
+
+@command("quality")
+def quality_cmd(
+    runs: Optional[list[Path]] = typer.Option(None, "--runs", help="Run folder (repeatable) (default: every run "
+                                              "under runs/ and results/runs/)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Data folder for masks and real images (default: "
+                                        "the data set each run trained on)."),
+    split: str = typer.Option("test", "--split", help="Split whose masks and real images are used."),
+    n_masks: int = typer.Option(0, "--n-masks", help="Number of masks of the split (its first ones); 0: all."),
+    samples_per_mask: int = typer.Option(10, "--samples-per-mask", help="Samples per mask for the diversity "
+                                         "metrics (pairs: n(n-1)/2); sample 0 also serves FID and KID."),
+    steps: int = typer.Option(200, "--steps", help="Sampling steps (Euler: NFE = steps)."),
+    method: str = typer.Option("euler", "--method", help="euler or heun."),
+    guidance: float = typer.Option(1.0, "--guidance", help="Classifier-free guidance scale (1: off)."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Images per network call (sampling and metrics)."),
+    precision: str = typer.Option("fp32", "--precision", help="Sampling precision: fp32, bf16 or fp16."),
+    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="torch-fidelity Inception "
+                                                     f"file (default: the hub cache's {metrics.INCEPTION_WEIGHTS.filename})."),
+    alexnet_weights: Optional[Path] = typer.Option(None, "--alexnet-weights", help="torchvision AlexNet file "
+                                                   f"(default: the hub cache's {metrics.ALEXNET_WEIGHTS.filename})."),
+    parser: Optional[Path] = typer.Option(None, "--parser", help="Face parser checkpoint (default: "
+                                          "results/parser/parser-{size}px.pt, trained there first if absent)."),
+    require: str = typer.Option("", "--require", help="Comma list of metrics that must be computed "
+                                f"({','.join(REQUIRABLE)}); missing weights are then an error."),
+    out: Path = typer.Option(DEFAULT_OUT, "--out", help="CSV the rows are appended to (created with a header)."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda if available), cpu, cuda, cuda:N."),
+):
+    """Score runs: FID/KID, LPIPS and pixel diversity, mask mIoU (and its ceiling); appends one row per run."""
+    from bench.flow import METHODS
+    from bench.train import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise BenchError(f"--precision {precision}: use one of {', '.join(PRECISIONS)}")
+    if method not in METHODS:
+        raise BenchError(f"--method {method}: use one of {', '.join(METHODS)}")
+    if not 2 <= samples_per_mask <= SAMPLE_STRIDE:
+        raise BenchError(f"--samples-per-mask {samples_per_mask}: use 2 to {SAMPLE_STRIDE} (diversity needs pairs)")
+    if n_masks < 0 or steps < 1 or batch_size < 1:
+        raise BenchError(f"--n-masks must be >= 0 and --steps, --batch-size >= 1; got {n_masks}, {steps}, "
+                         f"{batch_size}")
+    needed = parse_require(require)
+    resources = find_resources(inception_weights, alexnet_weights, needed)
+    if parser is not None and not parser.is_file():
+        raise BenchError(f"no face parser at {parser}; train one with: bench parser train --data DIR --out {parser}")
+    runs = runs or discover_runs()
+    if not runs:
+        raise BenchError("no runs found under runs/ or results/runs/; pass --runs RUN (train one with bench train)")
+    device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                          "cpu" if device == "auto" else device)
+    rows = []
+    for run_dir in runs:
+        rows.append(evaluate_run(run_dir, data, resources, parser, device, batch_size,
+                                 split=split, n_masks=n_masks, samples_per_mask=samples_per_mask, steps=steps,
+                                 method=method, guidance=guidance, seed=seed, precision=precision))
+        append_rows(out, rows[-1:])
+    import pandas as pd
+
+    typer.echo(pd.DataFrame(rows)[SUMMARY_COLUMNS].to_markdown(index=False, floatfmt=".4f"))
+    for row in rows:
+        for key in ("fid_status", "lpips_status"):
+            if row[key] != "ok":
+                typer.echo(f"{row['model']}: {key.removesuffix('_status')} {row[key]}", err=True)
+    typer.echo(f"appended {len(rows)} rows to {out}")

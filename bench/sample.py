@@ -1,0 +1,265 @@
+"""The one sampler: a run's EMA model integrated from noise to images, ``bench sample RUN``.
+
+Python API (also used by the quality and speed commands):
+
+    run = load_run("runs/sisma-cpu", device="cuda")          # EMA weights, eval mode, config, autoencoder
+    labels = run_masks(run, n=8)                              # (8, S, S) test-split label maps
+    images, nfe = generate(run, onehot(labels), indices=range(8), seed=0, steps=200)  # (8, 3, S, S) in [-1, 1]
+
+Sample ``i`` with seed ``s`` starts from noise drawn by its own generator, seeded from (s, i), so it is
+the same image whatever the batch size or the other samples of the call. Integration and NFE follow
+``bench.flow``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import typer
+from torch import Tensor
+
+from bench import flow
+from bench.cli import command
+from bench.errors import BenchError
+
+GRID_CELL_PX = 128  # grid cells are enlarged (nearest neighbour) to at least this size, for viewing
+GRID_PAD_PX = 2
+MAX_GRID_ROWS = 16  # the overview grid of `bench sample` shows at most this many samples
+
+
+@dataclass
+class Run:
+    """A trained run ready to sample: EMA model (eval, no grad), its space, its config (a dict)."""
+
+    model: nn.Module
+    space: nn.Module
+    config: dict
+    step: int
+    run_dir: Path
+    device: torch.device
+
+    @property
+    def image_size(self) -> int:
+        return self.model.image_size
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu", checkpoint: str | Path | None = None) -> Run:
+    """The EMA weights of ``checkpoint`` (default RUN/checkpoints/last.pt), read on the CPU first, on ``device``."""
+    from bench.autoencoder import load_space
+    from bench.checkpoint import load
+    from bench.train import build_model
+
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise BenchError(f"{run_dir} is not a training run (no config.json); train one with "
+                         f"`bench train MODEL --out {run_dir}`")
+    config = json.loads(config_path.read_text())
+    state = load(Path(checkpoint) if checkpoint else run_dir / "checkpoints" / "last.pt", mmap=True)
+    model = build_model(config)
+    model.load_state_dict(state["ema"])
+    device = torch.device(device)
+    model = model.to(device).eval().requires_grad_(False)
+    space = load_space(config["space"], config.get("vae"), device)
+    return Run(model, space, config, int(state["step"]), run_dir, device)
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """A 63-bit generator seed for sample ``index`` of seed ``seed`` (distinct streams for distinct pairs)."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def noise_for(indices: Iterable[int], seed: int, shape: Sequence[int]) -> Tensor:
+    """(N, *shape) standard normal noise on the CPU, row k drawn from the generator of (seed, indices[k])."""
+    rows = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(sample_seed(seed, int(i))))
+            for i in indices]
+    return torch.stack(rows) if rows else torch.empty(0, *shape)
+
+
+@torch.no_grad()
+def sample_batch(model: nn.Module, space: nn.Module, masks: Tensor, noise: Tensor, steps: int,
+                 method: str = "euler", guidance: float = 1.0, precision: str = "fp32") -> tuple[Tensor, int]:
+    """One batch: integrate from ``noise`` given one-hot ``masks``, decode; (images (B, 3, S, S) CPU, NFE)."""
+    from bench.train import PRECISIONS
+
+    device = next(model.parameters()).device
+    with torch.autocast(device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32"):
+        x, nfe = flow.integrate(flow.guided_velocity(model, masks.to(device), guidance), noise.to(device),
+                                steps, method)
+    return space.decode(x.float()).cpu(), nfe
+
+
+def generate(run: Run, masks: Tensor, indices: Iterable[int], seed: int = 0, steps: int = 200,
+             method: str = "euler", guidance: float = 1.0, batch_size: int = 16, precision: str = "fp32",
+             progress: bool = False) -> tuple[Tensor, int]:
+    """Images (N, 3, S, S) in [-1, 1] on the CPU for one-hot ``masks`` (N, K, S, S) and sample ``indices``
+    (the noise of row k comes from (seed, indices[k])), and the NFE of one trajectory."""
+    from tqdm import tqdm
+
+    indices = list(indices)
+    if len(indices) != len(masks):
+        raise ValueError(f"{len(masks)} masks but {len(indices)} indices")
+    if method not in flow.METHODS:
+        raise BenchError(f"--method {method}: use one of {', '.join(flow.METHODS)}")
+    if steps < 1 or batch_size < 1:
+        raise BenchError(f"steps and batch size must be at least 1, got {steps} and {batch_size}")
+    out, nfe = [], steps * flow.NFE_PER_STEP[method]
+    for start in tqdm(range(0, len(indices), batch_size), desc="sampling", unit="batch", disable=not progress):
+        chunk = indices[start:start + batch_size]
+        noise = noise_for(chunk, seed, run.model.input_shape)
+        images, nfe = sample_batch(run.model, run.space, masks[start:start + batch_size], noise, steps, method,
+                                   guidance, precision)
+        out.append(images)
+    return (torch.cat(out) if out else torch.empty(0, 3, run.image_size, run.image_size)), nfe
+
+
+# ----------------------------------------------------------------------------------------------
+# Masks and pictures
+# ----------------------------------------------------------------------------------------------
+
+def test_labels(config: dict, size: int, n: int) -> tuple[list[str], Tensor]:
+    """The first ``n`` label maps of the run's test split (cycled if it holds fewer): names and (n, S, S)."""
+    from bench.data import FaceDataset, resize_label
+
+    if config.get("synthetic"):
+        from bench.synth import ensure_synthetic
+        from bench.train import SYNTH_SEED, SYNTH_UPSCALE
+
+        ensure_synthetic(config["data"], config["synth_n"], SYNTH_UPSCALE * size, SYNTH_SEED, progress=False)
+    test = FaceDataset(config["data"], "test", size=size)
+    picks = [k % len(test) for k in range(n)]
+    labels = [torch.from_numpy(resize_label(test.label_map(k), size).astype(np.int64)) for k in picks]
+    return [f"test-{test.indices[k]}" for k in picks], torch.stack(labels)
+
+
+def run_masks(run: Run, n: int, folder: str | Path | None = None) -> tuple[list[str], Tensor]:
+    """Label maps (n, S, S) for n samples: sample i gets mask i modulo the number available, from the run's
+    test split or from a folder of label PNGs (class indices 0-18)."""
+    if folder is None:
+        return test_labels(run.config, run.image_size, n)
+    from bench.data import read_label_folder
+
+    names, labels = read_label_folder(folder, size=run.image_size)
+    picks = [i % len(labels) for i in range(n)]
+    return [names[k] for k in picks], labels[picks]
+
+
+def to_uint8(images: Tensor) -> np.ndarray:
+    """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def grid_picture(labels: Tensor, images: Tensor, per_mask: int) -> np.ndarray:
+    """One row per mask: the mask in colour, then its ``per_mask`` samples; cells enlarged for viewing."""
+    from bench.data import colorize
+
+    S = labels.shape[-1]
+    zoom = max(1, GRID_CELL_PX // S)
+    pix = to_uint8(images)
+    rows = []
+    for m, label in enumerate(labels):
+        cells = [colorize(label.numpy())] + [pix[m * per_mask + j] for j in range(per_mask)]
+        cells = [np.pad(c.repeat(zoom, 0).repeat(zoom, 1), ((GRID_PAD_PX,) * 2, (GRID_PAD_PX,) * 2, (0, 0)),
+                        constant_values=255) for c in cells]
+        rows.append(np.concatenate(cells, axis=1))
+    return np.concatenate(rows, axis=0).astype(np.uint8)
+
+
+def save_png(array: np.ndarray, path: Path) -> None:
+    """Write an RGB uint8 picture atomically."""
+    from PIL import Image
+
+    from bench.data import write_atomic
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(Path(path), lambda f: Image.fromarray(array).save(f, "PNG"))
+
+
+@dataclass
+class GridSpec:
+    """The training-time sample grid: fixed test masks and fixed noise, sampled with the EMA model."""
+
+    model: nn.Module
+    space: nn.Module
+    labels: Tensor  # (M, S, S)
+    noise: Tensor  # (M * per_mask, C, H, W)
+    steps: int
+    precision: str
+    per_mask: int
+
+    @classmethod
+    def from_data(cls, cfg, ema: nn.Module, space: nn.Module) -> "GridSpec":
+        from bench.train import GRID_SAMPLES_PER_MASK
+
+        _, labels = test_labels(dataclasses.asdict(cfg), ema.image_size, cfg.grid_masks)
+        noise = noise_for(range(cfg.grid_masks * GRID_SAMPLES_PER_MASK), cfg.seed, ema.input_shape)
+        return cls(ema, space, labels, noise, cfg.grid_steps, cfg.precision, GRID_SAMPLES_PER_MASK)
+
+    def write(self, path: Path) -> None:
+        from bench.data import onehot
+
+        masks = onehot(self.labels).repeat_interleave(self.per_mask, dim=0)
+        images, _ = sample_batch(self.model, self.space, masks, self.noise, self.steps, precision=self.precision)
+        save_png(grid_picture(self.labels, images, self.per_mask), path)
+
+
+# ----------------------------------------------------------------------------------------------
+# bench sample
+# ----------------------------------------------------------------------------------------------
+
+@command("sample")
+def sample_cmd(
+    run_dir: Path = typer.Argument(..., metavar="RUN", help="Run folder written by `bench train`."),
+    steps: int = typer.Option(200, "--steps", help="Integration steps on t_i = i/steps (Euler: NFE = steps)."),
+    n: int = typer.Option(8, "--n", help="Number of images; sample i uses mask i (cycled)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default RUN/generated-METHOD-STEPS)."),
+    method: str = typer.Option("euler", "--method", help="euler (1 NFE per step) or heun (2 NFE per step)."),
+    guidance: float = typer.Option(1.0, "--guidance", help="Classifier-free guidance scale s (1: off)."),
+    masks: Optional[Path] = typer.Option(None, "--masks", help="Folder of label PNGs (class indices 0-18); default: "
+                                         "the run's test split."),
+    seed: int = typer.Option(0, "--seed", help="Seed; sample i's noise depends only on (seed, i)."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Samples per network call (does not change images)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (autocast)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint file (default RUN/checkpoints/last.pt)."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda if available), cpu, cuda, cuda:N."),
+):
+    """Generate images from a run's EMA model; writes PNGs, the masks used (masks/*.png), grid.png and samples.json."""
+    from bench.data import onehot, write_label_png
+    from bench.provenance import provenance
+    from bench.train import PRECISIONS, save_json
+
+    if precision not in PRECISIONS:
+        raise BenchError(f"--precision {precision}: use one of {', '.join(PRECISIONS)}")
+    if n < 1:
+        raise BenchError(f"--n must be at least 1, got {n}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    run = load_run(run_dir, device, checkpoint)
+    if guidance != 1.0 and run.config.get("p_uncond", 0) == 0:
+        typer.echo(f"warning: {run_dir} was trained without mask dropout (p_uncond 0); its unconditional "
+                   f"velocity is untrained, so guidance {guidance} extrapolates from noise", err=True)
+    names, labels = run_masks(run, n, masks)
+    images, nfe = generate(run, onehot(labels), range(n), seed, steps, method, guidance, batch_size, precision,
+                           progress=True)
+
+    out = out or run_dir / f"generated-{method}-{steps}"
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    pix, files = to_uint8(images), []
+    for i in range(n):
+        save_png(pix[i], out / f"{i:05d}.png")
+        write_label_png(labels[i].numpy(), out / "masks" / f"{i:05d}.png")
+        files.append({"index": i, "image": f"{i:05d}.png", "mask": f"masks/{i:05d}.png", "mask_source": names[i]})
+    shown = min(n, MAX_GRID_ROWS)
+    save_png(grid_picture(labels[:shown], images[:shown], 1), out / "grid.png")
+    record = {"run": str(run_dir), "model": run.config["model"], "preset": run.config["preset"],
+              "space": run.config["space"], "train_step": run.step, "method": method, "steps": steps, "nfe": nfe,
+              "guidance": guidance, "seed": seed, "n": n, "masks": str(masks) if masks else "test split",
+              "files": files, "provenance": provenance(device, precision, batch_size, steps, nfe, seed)}
+    save_json(record, out / "samples.json")
+    typer.echo(f"wrote {n} images ({method}, {steps} steps, NFE {nfe}, guidance {guidance}) to {out}")

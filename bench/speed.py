@@ -1,0 +1,769 @@
+"""`bench speed`: parameters, FLOPs, latency, memory and throughput of every backbone, measured alike.
+
+What one timed row holds (one model at one resolution and batch size):
+- ``status``: ok, or oom when the setting ran out of memory (``error`` holds the message; the sweep goes on).
+- ``params``; FLOPs of one network evaluation (NFE) per sample, counted on the meta device:
+  ``flops_counter`` (FlopCounterMode: matmuls, convolutions, attention) + ``flops_scan`` (the selective
+  scans, which counters cannot see) = ``flops_per_nfe``; a multiply-add counts as two FLOPs.
+  ``flops_decode`` (SD-VAE decoder, latent models) and ``flops_per_image`` = steps x NFE + decode.
+  ``tokens``: the model's own sequence length (none for the UNet); ``tokens_equiv``: 16 x 16-px patches of
+  the image, the count every model is compared on; ``flops_exponent``: k of FLOPs ~ tokens_equiv**k fitted
+  over the resolutions of the sweep (see bench/flops.py).
+- ``latency_nfe_*_s``: one network evaluation of the whole batch, after ``warmup`` untimed calls, over
+  ``repeats`` timed calls: median, interquartile range, standard deviation and minimum.
+- ``image_latency_s``: one whole batch of images at ``--steps``: the sampler of ``bench sample``
+  (``bench.sample.sample_batch``: Euler, steps NFE, then decode and copy to the host), median over
+  ``image_repeats`` runs. It is measured only when
+  the projection ``latency_nfe_median_s * steps + decode_latency_s`` fits ``--full-image-max-seconds``;
+  the projection itself always goes to ``image_latency_projected_s``, never to the measured column.
+  ``decode_latency_s`` is the decoder alone (the identity clamp for pixel-space models).
+- ``images_per_s`` = batch / image_latency_s (measured), ``images_per_s_projected`` from the projection.
+- Peak memory of one network evaluation: on CUDA ``peak_cuda_allocated_mib`` =
+  ``torch.cuda.max_memory_allocated`` (weights, inputs and activations); on CPU ``peak_rss_delta_mib`` =
+  the highest resident set size above the level just before the call, sampled from /proc/self/statm every
+  millisecond by a background thread after returning freed heap to the system (Linux only; a lower bound of
+  the activation memory, since a peak shorter than a millisecond can fall between samples).
+- Kernels that actually ran, from one probe call of the eager model: ``scan_backend`` from
+  ``models.ssm.used_backends()``; ``attention_kernel`` from the aten operators dispatched by
+  ``scaled_dot_product_attention`` (flash, flash-cpu, mem-efficient, cudnn, or math when SDPA ran but none
+  of the fused kernels did; "none" without SDPA); ``sdpa_enabled`` the backends enabled on CUDA.
+- ``loadavg_1m``: the machine's load average when the row was measured (other work slows CPU timings).
+- The provenance columns of ``bench.provenance`` (device, versions, precision, batch, steps, NFE, seed,
+  commit) and ``threads`` (torch's intra-op threads; CPU latency is wall clock with time.perf_counter,
+  CUDA latency uses CUDA events after synchronisation).
+
+``--flops-only`` rows (``mode`` flops-only, ``device`` meta) hold only the parameter and FLOP columns and
+the provenance; timed rows have ``mode`` timed. On a shared, busy CPU, ``--threads 1`` gives far steadier
+timings than several intra-op threads competing with other processes.
+
+Resolution scaling changes only the image-size fields of a backbone's config (``image_size``, and
+``input_size`` for latent and patch models, keeping the preset's image-to-input factor); widths, depth and
+SDM's attention resolutions (feature-map sizes in pixels, as in ADM) stay the preset's.
+
+Latent models decode with the SD-VAE (``--vae``, from a local folder or the Hugging Face cache). When no
+weights are reachable, a randomly initialised AutoencoderKL with the SD-VAE architecture decodes instead:
+weights do not change its cost, and the ``decoder`` column says so.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import ctypes
+import functools
+import gc
+import math
+import os
+import statistics
+import tempfile
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import typer
+
+from bench.cli import command
+from bench.errors import BenchError
+from bench.flops import FlopCount, count_flops, equivalent_tokens, example_inputs, fit_power_law
+from bench.provenance import provenance
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FLOPS_ONLY_SCALES = (1, 2, 4)  # default resolutions of --flops-only: the preset's image size times these
+MIB = 2 ** 20
+ERROR_CHARS = 200  # an error message is cut to this length in its CSV cell
+RSS_SAMPLE_INTERVAL_S = 1e-3
+# SD-VAE (sd-vae-ft-mse) architecture, for decoding cost when its weights are not on this machine.
+SD_VAE_ARCH = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
+                   block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                   up_block_types=("UpDecoderBlock2D",) * 4, act_fn="silu", scaling_factor=0.18215, sample_size=256)
+RANDOM_VAE_LABEL = "sd-vae-arch, random weights"
+PIXEL_DECODER_LABEL = "none (pixel space)"
+SDPA_KERNELS = {  # aten operator chosen by scaled_dot_product_attention -> kernel name
+    "_scaled_dot_product_flash_attention": "flash",
+    "_scaled_dot_product_flash_attention_for_cpu": "flash-cpu",
+    "_scaled_dot_product_efficient_attention": "mem-efficient",
+    "_scaled_dot_product_cudnn_attention": "cudnn",
+    "_scaled_dot_product_fused_attention_overrideable": "fused-overrideable",
+}
+
+COLUMNS = [
+    "mode", "status", "error", "model", "preset", "resolution", "space", "input_shape", "tokens", "tokens_equiv",
+    "params", "flops_counter", "flops_scan", "flops_per_nfe", "flops_decode", "flops_per_image",
+    "flops_exponent", "compile", "tf32", "scan_backend", "attention_kernel", "sdpa_enabled", "warmup", "repeats",
+    "latency_nfe_median_s", "latency_nfe_iqr_s", "latency_nfe_std_s", "latency_nfe_min_s",
+    "image_latency_s", "image_repeats", "image_latency_projected_s", "decode_latency_s", "decoder",
+    "images_per_s", "images_per_s_projected", "peak_cuda_allocated_mib", "peak_rss_delta_mib",
+    "loadavg_1m", "timestamp", "device", "device_name", "threads", "torch", "cuda", "precision", "batch_size", "steps", "nfe",
+    "seed", "commit", "host_os",
+]
+
+
+@dataclass
+class SpeedConfig:
+    """Everything one `bench speed` sweep needs."""
+
+    models: list[str]
+    preset: str = "cpu"
+    steps: int = 200
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 4])
+    resolutions: list[int] | None = None  # None: the preset's (times FLOPS_ONLY_SCALES with flops_only)
+    precision: str = "fp32"
+    warmup: int = 3
+    repeats: int = 10
+    image_repeats: int = 3
+    device: str = "auto"
+    compile: bool = False
+    tf32: bool = False
+    flops_only: bool = False
+    full_image_max_seconds: float = 30.0
+    seed: int = 0
+    vae: str | None = None
+    threads: int | None = None
+    out: Path = Path("results/speed.csv")
+
+
+@dataclass
+class Setting:
+    """One model at one resolution, described on the meta device before anything runs."""
+
+    name: str
+    resolution: int
+    overrides: dict
+    space: str
+    input_shape: tuple
+    tokens: int | None
+    params: int
+    flops: FlopCount
+    flops_decode: int | None
+    flops_exponent: float | None = None
+
+    def describe(self, steps: int) -> dict:
+        per_image = self.flops.total * steps + (self.flops_decode or 0)
+        return {
+            "model": self.name, "resolution": self.resolution, "space": self.space,
+            "input_shape": "x".join(map(str, self.input_shape)), "tokens": self.tokens,
+            "tokens_equiv": equivalent_tokens(self.resolution), "params": self.params,
+            "flops_counter": self.flops.counter, "flops_scan": self.flops.scan, "flops_per_nfe": self.flops.total,
+            "flops_decode": self.flops_decode, "flops_per_image": per_image, "flops_exponent": self.flops_exponent,
+        }
+
+
+# ---------------------------------------------------------------------------------------------- the sweep
+
+def run_speed(cfg: SpeedConfig, echo=print) -> "pd.DataFrame":
+    """Run the sweep of ``cfg``: rows appended to ``cfg.out`` and returned; summary tables through ``echo``."""
+    import pandas as pd
+
+    import models
+
+    unknown = [m for m in cfg.models if m not in models.list_models()]
+    if unknown:
+        raise BenchError(f"unknown model {', '.join(map(repr, unknown))}; available: {', '.join(models.list_models())}")
+    if cfg.precision not in PRECISIONS:
+        raise BenchError(f"unknown precision {cfg.precision!r}; use one of {', '.join(PRECISIONS)}")
+    for name in cfg.models:
+        if cfg.preset not in models.list_presets(name):
+            raise BenchError(f"model {name!r} has no preset {cfg.preset!r}; "
+                             f"available: {', '.join(models.list_presets(name))}")
+    if cfg.steps < 1 or cfg.repeats < 1 or cfg.warmup < 0 or cfg.image_repeats < 1:
+        raise BenchError("--steps, --repeats and --image-repeats must be at least 1 and --warmup at least 0")
+    if cfg.compile and cfg.warmup < 1:
+        raise BenchError("--compile needs --warmup 1 or more: the first call compiles and must not be timed")
+    if not cfg.batch_sizes or min(cfg.batch_sizes) < 1:
+        raise BenchError("--batch-sizes must be positive integers, e.g. 1,4")
+    if Path(cfg.out).is_dir():
+        raise BenchError(f"--out {cfg.out} is a folder; give a CSV file path such as {Path(cfg.out) / 'speed.csv'}")
+    device = torch.device("meta") if cfg.flops_only else resolve_device(cfg.device)
+    if cfg.threads is not None and cfg.threads < 1:
+        raise BenchError(f"--threads must be at least 1, got {cfg.threads}")
+    threads = torch.get_num_threads()
+    try:
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        return _sweep(cfg, device, echo)
+    finally:
+        torch.set_num_threads(threads)  # a sweep run inside a larger program leaves its thread count alone
+
+
+def _sweep(cfg: SpeedConfig, device: torch.device, echo) -> "pd.DataFrame":
+    import pandas as pd
+
+    settings = plan(cfg)
+    if cfg.flops_only:
+        rows = [flops_row(s, cfg) for s in settings]
+        append_rows(cfg.out, rows)
+        echo(flops_table(rows))
+        echo("")
+        echo(exponent_table(settings))
+        return pd.DataFrame(rows, columns=COLUMNS)
+    rows = timed_sweep(settings, cfg, device)
+    echo(timed_table(rows))
+    echo("")
+    echo(exponent_table(settings, rows))
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def resolve_device(choice: str) -> torch.device:
+    """auto: CUDA when available, else CPU; asking for CUDA without it is a one-line error."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda was asked for but no CUDA device is available "
+                         f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}); use --device cpu or auto")
+    if choice not in ("cpu", "cuda"):
+        raise BenchError(f"unknown device {choice!r}; use auto, cpu or cuda")
+    return torch.device(choice)
+
+
+def plan(cfg: SpeedConfig) -> list[Setting]:
+    """Every (model, resolution) checked and counted on the meta device, in sweep order."""
+    from tqdm import tqdm
+
+    settings = []
+    # leave=False and only on a terminal: a one-line error raised here is not preceded by a stale bar
+    for name in tqdm(cfg.models, desc="counting FLOPs on meta", unit="model", leave=False, disable=None):
+        base = build_model(name, cfg.preset, {}, "meta")
+        resolutions = cfg.resolutions or [base.image_size * k for k in
+                                          (FLOPS_ONLY_SCALES if cfg.flops_only else (1,))]
+        per_model = [describe_setting(name, cfg.preset, r, base) for r in resolutions]
+        fit = fit_power_law([equivalent_tokens(s.resolution) for s in per_model],
+                            [s.flops.total for s in per_model])
+        for s in per_model:
+            s.flops_exponent = None if fit is None else round(fit[0], 4)
+        settings += per_model
+    return settings
+
+
+def build_model(name: str, preset: str, overrides: dict, device: torch.device | str) -> torch.nn.Module:
+    """``models.create_model`` on ``device``, in eval mode without gradients."""
+    import models
+
+    with torch.device(device):
+        model = models.create_model(name, preset=preset, **overrides)
+    return model.eval().requires_grad_(False)
+
+
+def resolution_overrides(name: str, base: torch.nn.Module, resolution: int) -> dict:
+    """Config overrides that set the image resolution, keeping the preset's image-to-input factor."""
+    fields = set(getattr(base.config, "__dataclass_fields__", {}))
+    if "image_size" not in fields:
+        raise BenchError(f"model {name!r} has no image_size in its config, so its resolution cannot be changed")
+    overrides = {"image_size": resolution}
+    if "input_size" in fields:
+        factor = base.image_size // base.config.input_size  # 8 for SD-VAE latents, 1 for pixels
+        step = factor * getattr(base.config, "patch_size", 1)
+        if resolution % step:
+            raise BenchError(f"model {name!r} cannot take {resolution} px images: the resolution must be a "
+                             f"multiple of {step} (input factor {factor} x patch size); try {step * max(1, round(resolution / step))}")
+        overrides["input_size"] = resolution // factor
+    elif "channel_mult" in fields:
+        step = 2 ** (len(base.config.channel_mult) - 1)  # the UNet's total downsampling
+        if resolution % step:
+            raise BenchError(f"model {name!r} cannot take {resolution} px images: the resolution must be a "
+                             f"multiple of {step} (its UNet downsamples {step}x); try {step * max(1, round(resolution / step))}")
+    return overrides
+
+
+def describe_setting(name: str, preset: str, resolution: int, base: torch.nn.Module) -> Setting:
+    """Build ``name`` at ``resolution`` on meta, check that a forward fits, count parameters and FLOPs."""
+    if resolution < 1:
+        raise BenchError(f"resolution must be positive, got {resolution}")
+    overrides = resolution_overrides(name, base, resolution)
+    try:
+        model = build_model(name, preset, overrides, "meta")
+        x, t, mask = example_inputs(model, 1, "meta")
+        flops = count_flops(lambda: _check_forward(model, x, t, mask))
+    except (ValueError, RuntimeError, AssertionError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BenchError(f"model {name!r} cannot take {resolution} px images: {reason}") from None
+    params = sum(p.numel() for p in model.parameters())
+    return Setting(name=name, resolution=resolution, overrides=overrides, space=model.space,
+                   input_shape=tuple(model.input_shape), tokens=model.num_tokens, params=params,
+                   flops=flops, flops_decode=decoder_flops(model))
+
+
+def _check_forward(model, x, t, mask):
+    out = model(x, t, mask)
+    if out.shape != x.shape:
+        raise ValueError(f"output shape {tuple(out.shape)} differs from the input shape {tuple(x.shape)}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- decoders
+
+def decoder_flops(model: torch.nn.Module) -> int | None:
+    """FLOPs of decoding one sample's output of ``model`` (meta device); None in pixel space."""
+    if model.space != "latent":
+        return None
+    return _sd_vae_decode_flops(tuple(model.input_shape))
+
+
+@functools.lru_cache(maxsize=None)
+def _sd_vae_decode_flops(latent_shape: tuple) -> int:
+    from bench.autoencoder import LatentSpace
+
+    with torch.device("meta"):
+        space = LatentSpace(sd_vae_architecture(), RANDOM_VAE_LABEL)
+    return count_flops(space.decode, torch.empty(1, *latent_shape, device="meta")).total
+
+
+def sd_vae_architecture() -> torch.nn.Module:
+    """A randomly initialised AutoencoderKL with the SD-VAE architecture, on the current default device."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(**SD_VAE_ARCH)
+
+
+def load_decoder(space: str, vae: str | None, device: torch.device) -> tuple[torch.nn.Module, str]:
+    """(module with .decode, label) for a model space: identity for pixels, the SD-VAE (or its architecture)."""
+    from bench.autoencoder import SD_VAE, LatentSpace, PixelSpace, load_vae
+
+    if space != "latent":
+        return PixelSpace().to(device), PIXEL_DECODER_LABEL
+    try:
+        with warnings.catch_warnings():  # the hub client's deprecation notices are not the user's concern
+            warnings.simplefilter("ignore")
+            return LatentSpace(load_vae(vae or SD_VAE), vae or SD_VAE).to(device), vae or SD_VAE
+    except BenchError:
+        if vae:  # weights the user asked for by name must exist
+            raise
+    return LatentSpace(sd_vae_architecture(), RANDOM_VAE_LABEL).to(device), RANDOM_VAE_LABEL
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+def timed_sweep(settings: list[Setting], cfg: SpeedConfig, device: torch.device) -> list[dict]:
+    """Time every setting at every batch size; a setting that runs out of memory becomes an 'oom' row."""
+    from tqdm import tqdm
+
+    set_tf32(device, cfg.tf32)
+    torch.manual_seed(cfg.seed)
+    # one decoder per space, loaded before anything is timed (a --vae that cannot load fails here)
+    decoders = {space: load_decoder(space, cfg.vae, device) for space in dict.fromkeys(s.space for s in settings)}
+    rows = []
+    bar = tqdm(total=len(settings) * len(cfg.batch_sizes), desc="bench speed", unit="setting")
+    for s in settings:
+        model = None
+        for batch_size in cfg.batch_sizes:
+            bar.set_postfix_str(f"{s.name} {s.resolution}px batch {batch_size}")
+            row = {**s.describe(cfg.steps), **base_columns(cfg, device, batch_size)}
+            try:
+                if model is None:
+                    torch.manual_seed(cfg.seed)
+                    model = build_model(s.name, cfg.preset, s.overrides, device)
+                row.update(measure_batch(model, decoders[s.space], s, batch_size, cfg, device))
+            except Exception as e:
+                if not is_out_of_memory(e):
+                    raise
+                message = str(e).strip().splitlines()[0][:ERROR_CHARS] if str(e).strip() else "out of memory"
+                row.update(status="oom", error=message)
+                model = None  # rebuilt for the next batch size: an OOM can leave it half-moved
+                free_memory(device)
+            rows.append(row)
+            append_rows(cfg.out, [row])
+            bar.update()
+        del model
+        free_memory(device)
+    bar.close()
+    return rows
+
+
+def base_columns(cfg: SpeedConfig, device: torch.device, batch_size: int) -> dict:
+    """Columns shared by every timed row of this sweep (provenance included)."""
+    return {
+        "mode": "timed", "status": "ok", "error": "", "preset": cfg.preset, "compile": cfg.compile,
+        "tf32": cfg.tf32 if device.type == "cuda" else "n/a", "warmup": cfg.warmup, "repeats": cfg.repeats,
+        "sdpa_enabled": sdpa_enabled(device), "loadavg_1m": load_average(),
+        **provenance(device, cfg.precision, batch_size, cfg.steps, cfg.steps, cfg.seed),
+    }
+
+
+def measure_batch(model: torch.nn.Module, decoder: tuple, s: Setting, batch_size: int, cfg: SpeedConfig,
+                  device: torch.device) -> dict:
+    """Kernels, memory, per-NFE latency and whole-image latency of ``model`` at ``batch_size``."""
+    from bench.flow import NFE_PER_STEP
+    from bench.sample import sample_batch
+
+    space, decoder_label = decoder
+    gen = torch.Generator().manual_seed(cfg.seed)
+    x, t, mask = example_inputs(model, batch_size, device, generator=gen)
+    autocast = autocast_context(device, cfg.precision)
+    out = {"decoder": decoder_label}
+    with torch.no_grad(), autocast:  # not inference_mode: under it SDPA's kernel choice is not dispatched visibly
+        out.update(probe_kernels(model, x, t, mask))
+    with torch.inference_mode(), autocast:
+        out.update(peak_memory(lambda: model(x, t, mask), device))
+    net = torch.compile(model) if cfg.compile else model
+
+    with torch.inference_mode(), autocast:
+        nfe_times = time_calls(lambda: net(x, t, mask), cfg.warmup, cfg.repeats, device)
+    with torch.inference_mode():  # the sampler decodes in fp32, outside autocast
+        decode_times = time_calls(lambda: space.decode(x.float()), 1, cfg.repeats, device)
+    nfe_median, decode_median = statistics.median(nfe_times), statistics.median(decode_times)
+    q25, q75 = np.percentile(nfe_times, [25, 75])
+    nfe = cfg.steps * NFE_PER_STEP["euler"]
+    projected = nfe_median * nfe + decode_median
+    out.update(latency_nfe_median_s=nfe_median, latency_nfe_iqr_s=float(q75 - q25),
+               latency_nfe_std_s=statistics.pstdev(nfe_times), latency_nfe_min_s=min(nfe_times),
+               decode_latency_s=decode_median, image_latency_projected_s=projected,
+               images_per_s_projected=batch_size / projected, nfe=nfe)
+
+    if projected <= cfg.full_image_max_seconds:
+        runs = min(cfg.image_repeats, max(1, math.floor(cfg.full_image_max_seconds / projected)))
+        noise = torch.randn(x.shape, generator=gen)
+        counted = []
+
+        def one_image():  # the real sampler of `bench sample`: Euler on t_i = i / steps, decode, to host
+            counted.append(sample_batch(net, space, mask, noise, cfg.steps, "euler", 1.0, cfg.precision)[1])
+
+        image_times = time_calls(one_image, 0, runs, device)
+        image_median = statistics.median(image_times)
+        out.update(image_latency_s=image_median, image_repeats=runs, images_per_s=batch_size / image_median,
+                   nfe=counted[-1])
+    return out
+
+
+def time_calls(fn, warmup: int, repeats: int, device: torch.device) -> list[float]:
+    """Seconds per call of ``fn`` over ``repeats`` calls after ``warmup`` untimed ones.
+
+    CUDA: events recorded around each call, read after synchronising; CPU: time.perf_counter.
+    """
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        return times
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def load_average() -> float | None:
+    """The system's 1-minute load average when the row was measured: a busy machine slows CPU timings."""
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+
+
+def autocast_context(device: torch.device, precision: str):
+    """bf16/fp16: torch.autocast on the device; fp32: nothing."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=PRECISIONS[precision])
+
+
+def set_tf32(device: torch.device, enabled: bool) -> None:
+    """TF32 for fp32 matmuls and convolutions on CUDA, on or off as asked (no effect on CPU)."""
+    if device.type != "cuda":
+        return
+    mode = "tf32" if enabled else "ieee"
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        torch.backends.cuda.matmul.fp32_precision = mode
+        torch.backends.cudnn.conv.fp32_precision = mode
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
+
+
+def sdpa_enabled(device: torch.device) -> str:
+    """SDPA backends enabled on CUDA (what the dispatcher may choose from); 'n/a' on CPU."""
+    if device.type != "cuda":
+        return "n/a"
+    b = torch.backends.cuda
+    flags = {"flash": b.flash_sdp_enabled(), "mem-efficient": b.mem_efficient_sdp_enabled(),
+             "cudnn": getattr(b, "cudnn_sdp_enabled", lambda: False)(), "math": b.math_sdp_enabled()}
+    return ",".join(k for k, on in flags.items() if on)
+
+
+def probe_kernels(model: torch.nn.Module, x, t, mask) -> dict:
+    """One eager forward that records which scan implementation and which SDPA kernel actually ran."""
+    import torch.nn.functional as F
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from models.ssm import reset_used_backends, used_backends
+
+    class SdpaCalls(TorchFunctionMode):
+        calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is F.scaled_dot_product_attention:
+                self.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    class AtenOps(TorchDispatchMode):
+        names: set = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    reset_used_backends()
+    sdpa, ops = SdpaCalls(), AtenOps()
+    ops.names = set()
+    with sdpa, ops:
+        model(x, t, mask)
+    kernels = sorted({SDPA_KERNELS[n] for n in ops.names if n in SDPA_KERNELS})
+    # SDPA called but no fused kernel dispatched: the math fallback (decomposed into bmm + softmax).
+    attention = ",".join(kernels) if kernels else ("math" if sdpa.calls else "none")
+    scan = ",".join(sorted(used_backends())) or "none"
+    return {"scan_backend": scan, "attention_kernel": attention}
+
+
+# ---------------------------------------------------------------------------------------------- memory
+
+class PeakRSS:
+    """Highest resident set size above the starting level while the block runs, sampled every millisecond."""
+
+    STATM = Path("/proc/self/statm")
+
+    def __init__(self):
+        self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def rss(self) -> int:
+        return int(self.STATM.read_text().split()[1]) * self.page
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(RSS_SAMPLE_INTERVAL_S)
+
+    def __enter__(self):
+        gc.collect()
+        trim_heap()
+        self.start = self.peak = self.rss()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.peak = max(self.peak, self.rss())
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def delta(self) -> int:
+        return self.peak - self.start
+
+
+def trim_heap() -> None:
+    """Give freed heap back to the system (glibc), so that the RSS baseline is not inflated by cached pages."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def peak_memory(fn, device: torch.device) -> dict:
+    """Peak memory of one call of ``fn`` (see the module docstring for what each column means)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return {"peak_cuda_allocated_mib": torch.cuda.max_memory_allocated(device) / MIB}
+    if not PeakRSS.STATM.exists():
+        return {}
+    with PeakRSS() as rss:
+        fn()
+    return {"peak_rss_delta_mib": rss.delta / MIB}
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """CUDA OOM, a failed CPU allocation, or MemoryError."""
+    if isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    msg = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------- rows, tables
+
+def flops_row(s: Setting, cfg: SpeedConfig) -> dict:
+    """A --flops-only row: parameters and FLOPs, nothing timed."""
+    row = {**s.describe(cfg.steps), "mode": "flops-only", "status": "ok", "error": "", "preset": cfg.preset,
+           "decoder": RANDOM_VAE_LABEL if s.flops_decode is not None else PIXEL_DECODER_LABEL,
+           **provenance("cpu", cfg.precision, 1, cfg.steps, cfg.steps, cfg.seed)}
+    row.update(device="meta", device_name="meta (shapes only, nothing executed)")
+    return row
+
+
+def append_rows(path: Path, rows: list[dict]) -> None:
+    """Append ``rows`` to the CSV at ``path`` atomically: existing rows are kept, the file is replaced whole.
+
+    Columns are COLUMNS; an existing file with other columns keeps them (their union, old ones first).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old_rows, columns = [], list(COLUMNS)
+    if path.exists() and path.stat().st_size:
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            old_rows = list(reader)
+            old_cols = reader.fieldnames or []
+        columns = list(old_cols) + [c for c in COLUMNS if c not in old_cols]
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(old_rows)
+            writer.writerows({k: _cell(v) for k, v in r.items()} for r in rows)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _cell(v):
+    """CSV text of one value: empty for None, floats to 6 significant digits."""
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return v
+
+
+def flops_table(rows: list[dict]) -> str:
+    """Markdown: parameters and FLOPs per network evaluation at each model and resolution."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    table = pd.DataFrame({
+        "model": df["model"], "px": df["resolution"],
+        "tokens": df["tokens"].map(lambda v: "-" if v is None or v != v else int(v)),
+        "tokens (16 px)": df["tokens_equiv"].map(lambda v: f"{v:g}"),
+        "params (M)": _scaled(df["params"], 1e-6, 2),
+        "counter GFLOPs": _scaled(df["flops_counter"], 1e-9, 2),
+        "scan GFLOPs": _scaled(df["flops_scan"], 1e-9, 3),
+        "TFLOPs / NFE": _scaled(df["flops_per_nfe"], 1e-12, 4),
+        "decode TFLOPs": _scaled(df["flops_decode"], 1e-12, 3),
+    })
+    return table.to_markdown(index=False)
+
+
+def timed_table(rows: list[dict]) -> str:
+    """Markdown: the timed columns that matter most, one line per model, resolution and batch size."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    cuda = df["device"].eq("cuda").any()
+    memory = "peak_cuda_allocated_mib" if cuda else "peak_rss_delta_mib"
+    table = pd.DataFrame({
+        "model": df["model"], "px": df["resolution"], "batch": df["batch_size"], "status": df["status"],
+        "params (M)": _scaled(df["params"], 1e-6, 2), "GFLOPs / NFE": _scaled(df["flops_per_nfe"], 1e-9, 3),
+        "NFE median (ms)": _scaled(df["latency_nfe_median_s"], 1e3, 2),
+        "NFE IQR (ms)": _scaled(df["latency_nfe_iqr_s"], 1e3, 2),
+        "image (s, measured)": _scaled(df["image_latency_s"], 1, 3),
+        "image (s, projected)": _scaled(df["image_latency_projected_s"], 1, 3),
+        "decode (s)": _scaled(df["decode_latency_s"], 1, 4),
+        "images/s": _scaled(df["images_per_s"], 1, 3),
+        "peak CUDA alloc (MiB)" if cuda else "peak RSS growth (MiB)": _scaled(df[memory], 1, 1),
+        "scan": df["scan_backend"], "attention": df["attention_kernel"],
+    })
+    note = ("latencies cover the whole batch; 'image' = --steps Euler NFE + decode, measured only within "
+            "--full-image-max-seconds, else projected from the per-NFE median")
+    return table.to_markdown(index=False) + f"\n\n{note}"
+
+
+def _scaled(column, factor: float, digits: int):
+    """A numeric column times ``factor``, rounded; '-' where there is no value."""
+    values = column.astype(float) * factor
+    return values.round(digits).astype(object).where(values.notna(), "-")
+
+
+def exponent_table(settings: list[Setting], rows: list[dict] | None = None) -> str:
+    """Markdown: fitted exponent k of cost ~ tokens**k per model (FLOPs; latency at batch 1 when timed)."""
+    import pandas as pd
+
+    lines = []
+    for name in dict.fromkeys(s.name for s in settings):
+        mine = [s for s in settings if s.name == name]
+        entry = {"model": name, "resolutions (px)": ",".join(str(s.resolution) for s in mine),
+                 "FLOPs exponent": _fmt_exp(mine[0].flops_exponent)}
+        if rows is not None:
+            smallest = min(r["batch_size"] for r in rows)
+            timed = [r for r in rows if r["model"] == name and r["batch_size"] == smallest and r["status"] == "ok"]
+            fit = fit_power_law([r["tokens_equiv"] for r in timed], [r["latency_nfe_median_s"] for r in timed])
+            entry["latency exponent"] = _fmt_exp(None if fit is None else fit[0])
+        lines.append(entry)
+    note = ("cost ~ tokens^k, least squares on log-log axes; tokens = 16 x 16-px patches of the image "
+            "(needs two resolutions or more)")
+    return pd.DataFrame(lines).to_markdown(index=False) + f"\n\n{note}"
+
+
+def _fmt_exp(k: float | None) -> str:
+    return "-" if k is None else f"{k:.3f}"
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+def _int_list(text: str | None, option: str) -> list[int] | None:
+    if text is None or not text.strip():
+        return None
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise BenchError(f"{option} takes comma-separated integers, e.g. 1,4; got {text!r}") from None
+
+
+@command("speed")
+def speed_cmd(
+    models: str = typer.Option("sisma,dit,sdm", "--models", "-m", help="Comma-separated backbones to measure."),
+    preset: str = typer.Option("cpu", "--preset", "-p", help="Size preset of every model: paper, cpu or tiny."),
+    steps: int = typer.Option(200, "--steps", help="Euler steps of one whole image (1 NFE per step)."),
+    batch_sizes: str = typer.Option("1,4", "--batch-sizes", help="Comma-separated batch sizes; "
+                                    "larger ones give the images/s throughput."),
+    resolutions: str = typer.Option(None, "--resolutions", help="Comma-separated image resolutions in pixels "
+                                    "(default: the preset's; with --flops-only the preset's x1, x2, x4)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (autocast)."),
+    warmup: int = typer.Option(3, "--warmup", help="Untimed network evaluations before timing."),
+    repeats: int = typer.Option(10, "--repeats", help="Timed network evaluations per setting."),
+    image_repeats: int = typer.Option(3, "--image-repeats", help="Timed whole images per setting "
+                                      "(fewer when the time budget is short)."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA if available), cpu or cuda."),
+    compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile every model alike."),
+    tf32: bool = typer.Option(False, "--tf32/--no-tf32", help="Allow TF32 for fp32 matmuls and convs on CUDA."),
+    flops_only: bool = typer.Option(False, "--flops-only", help="Only parameters and FLOPs, on the meta device "
+                                    "(no memory, no time): works at any preset and resolution."),
+    full_image_max_seconds: float = typer.Option(30.0, "--full-image-max-seconds", help="Time budget of a "
+                                                 "whole-image measurement; beyond it the image latency is only "
+                                                 "projected (per-NFE x steps + decode), in its own column."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random weights and inputs."),
+    vae: str = typer.Option(None, "--vae", help="Decoder of latent models: diffusers AutoencoderKL folder or "
+                            "cached hub id (default: the SD-VAE if cached, else its architecture with random "
+                            "weights, which costs the same)."),
+    threads: int = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice)."),
+    out: Path = typer.Option(Path("results/speed.csv"), "--out", "-o", help="CSV the rows are appended to."),
+):
+    """Parameters, FLOPs, latency per NFE and per image, memory and throughput of each backbone."""
+    cfg = SpeedConfig(
+        models=[m.strip() for m in models.split(",") if m.strip()], preset=preset, steps=steps,
+        batch_sizes=_int_list(batch_sizes, "--batch-sizes") or [], resolutions=_int_list(resolutions, "--resolutions"),
+        precision=precision, warmup=warmup, repeats=repeats, image_repeats=image_repeats, device=device,
+        compile=compile, tf32=tf32, flops_only=flops_only, full_image_max_seconds=full_image_max_seconds,
+        seed=seed, vae=vae, threads=threads, out=out,
+    )
+    run_speed(cfg, echo=typer.echo)
+    typer.echo(f"\nrows appended to {out}")

@@ -1,0 +1,310 @@
+/* Selective scan (Mamba's S6 recurrence) on CPU in fp32: forward and backward.
+ *
+ *   dt_l = softplus(delta_l + delta_bias)  (or delta_l + delta_bias)
+ *   h_l  = exp(dt_l * A) * h_{l-1} + dt_l * u_l * B_l        (N states per channel)
+ *   y_l  = C_l . h_l + D * u_l ;  out_l = y_l * silu(z_l)  if z is given
+ *
+ * Layouts (all contiguous fp32): u, delta, z, out (batch, dim, length); A (dim, state);
+ * B, C (batch, groups, length, state) -- transposed from mamba's (.., state, length) so that the
+ * N states of one position are adjacent; D, delta_bias (dim,); last (batch, dim, state).
+ *
+ * One (batch, channel) row is scanned by one thread with its N states in vector registers; the
+ * loop over states is vectorised (OpenMP simd), and exp(dt A) is computed inline in that loop:
+ * it does not depend on the state, so the exponentials of consecutive positions overlap and the
+ * dependent chain is one FMA per position. The cost is bounded by the exponentials.
+ * The backward recomputes the row's states into a thread-local buffer of length * state floats
+ * (never a (batch, dim, length, state) tensor), then runs the adjoint recurrence backwards.
+ * B and C gradients are summed over the channels of a group: each thread accumulates into its
+ * own partial buffer, reduced after each batch element, so no two threads write the same float.
+ * Built by models/ssm.py with the system C compiler; OpenMP is optional.
+ */
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static int omp_get_thread_num(void) { return 0; }
+static int omp_get_num_threads(void) { return 1; }
+#endif
+
+#define CHUNK 64                   /* positions whose dt (a softplus each) is computed in one batch */
+#define SOFTPLUS_THRESHOLD 20.0f   /* torch's and mamba-ssm's: softplus(x) = x above it */
+#define ALIGN_FLOATS 16            /* keep every scratch region 64-byte aligned */
+#define INLINE static inline __attribute__((always_inline))
+
+typedef struct {
+    int64_t batch, dim, length, state, groups;
+    const float *u, *delta, *A, *B, *C, *D, *z, *delta_bias;  /* D, z, delta_bias may be NULL */
+    int32_t softplus, threads;
+    float *scratch;  /* threads * ss_scratch_floats(...) floats */
+} ScanArgs;
+
+typedef struct {
+    const float *dout, *dlast;  /* dlast may be NULL */
+    float *du, *ddelta, *dz;    /* (batch, dim, length); dz unused when z is NULL */
+    float *dA, *dD, *dbias;     /* per batch element: (batch, dim, state), (batch, dim), (batch, dim) */
+    float *dB, *dC;             /* (batch, groups, length, state) */
+    float *partial;             /* threads * 2 * groups * length * state floats, zero on entry */
+} ScanGrads;
+
+static int64_t round_up(int64_t n) { return (n + ALIGN_FLOATS - 1) / ALIGN_FLOATS * ALIGN_FLOATS; }
+
+/* Floats of scratch one thread needs: forward, dt for a block of positions; backward, four
+ * per-position arrays, exp(dt A) and the states for the whole row. */
+int64_t ss_scratch_floats(int64_t length, int64_t state, int32_t backward)
+{
+    return backward ? 4 * round_up(length) + 2 * round_up(length * state) : round_up(CHUNK);
+}
+
+/* exp(x) = 2^k * p(r) with k = round(x / ln 2), r = x - k ln 2 (two-part ln 2 so r is exact enough)
+ * and Cephes' degree-7 polynomial for exp(r); relative error at most about 3e-7 over the clamped range.
+ * Inline rather than libmvec's expf: the call clobbers every vector register, so the scan state
+ * would be spilled around it, and the compiler cannot interleave it with the recurrence. */
+#define EXP_LO (-87.3f)  /* exp(-87.3) ~ 1.2e-38: still a normal float, so 2^k below is exact */
+#define EXP_HI 88.3f
+#define LOG2E 1.44269504088896341f
+#define LN2_HI 0.693359375f
+#define LN2_LO (-2.12194440e-4f)
+INLINE float exp_inline(float x)
+{
+    x = fminf(fmaxf(x, EXP_LO), EXP_HI);
+    const float k = floorf(x * LOG2E + 0.5f);
+    const float r = x - k * LN2_HI - k * LN2_LO;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t bits = ((int32_t)k + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+INLINE float softplus(float x) { return x <= SOFTPLUS_THRESHOLD ? log1pf(expf(x)) : x; }
+INLINE float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+/* dt for positions [l0, l0 + T) of one row. */
+INLINE void compute_dt(const float *delta, float bias, int softplus_on, int64_t l0, int64_t T, float *dt)
+{
+    if (softplus_on) {
+#pragma omp simd
+        for (int64_t t = 0; t < T; t++) dt[t] = softplus(delta[l0 + t] + bias);
+    } else {
+#pragma omp simd
+        for (int64_t t = 0; t < T; t++) dt[t] = delta[l0 + t] + bias;
+    }
+}
+
+/* decay[l, n] = exp(dt_l A_n) and input[l, n] = dt_l u_l B_ln for the L positions of a row. */
+INLINE void discretise(const float *dt, const float *A, const float *u, const float *B, int64_t L,
+                       const int64_t N, float *decay, float *input)
+{
+    for (int64_t t = 0; t < L; t++) {
+        const float dtl = dt[t], dtu = dt[t] * u[t];
+        const float *Bt = B + t * N;
+#pragma omp simd
+        for (int64_t n = 0; n < N; n++) {
+            decay[t * N + n] = exp_inline(dtl * A[n]);
+            input[t * N + n] = dtu * Bt[n];
+        }
+    }
+}
+
+/* Forward of one (b, d) row: writes out[0..L) and last[0..N). */
+INLINE void forward_row(const ScanArgs *a, int64_t b, int64_t d, const int64_t N, float *buf,
+                        float *out, float *last)
+{
+    const int64_t L = a->length, row = (b * a->dim + d) * L;
+    const int64_t grp = b * a->groups + d / (a->dim / a->groups);
+    const float *u = a->u + row, *z = a->z ? a->z + row : NULL, *A = a->A + d * N;
+    const float *B = a->B + grp * L * N, *C = a->C + grp * L * N;
+    const float bias = a->delta_bias ? a->delta_bias[d] : 0.0f, Dd = a->D ? a->D[d] : 0.0f;
+    float *dt = buf, h[N];
+
+    for (int64_t n = 0; n < N; n++) h[n] = 0.0f;
+    for (int64_t l0 = 0; l0 < L; l0 += CHUNK) {
+        const int64_t T = L - l0 < CHUNK ? L - l0 : CHUNK;
+        compute_dt(a->delta + row, bias, a->softplus, l0, T, dt);
+        for (int64_t t = 0; t < T; t++) {
+            const float *Bt = B + (l0 + t) * N, *Ct = C + (l0 + t) * N;
+            const float dtl = dt[t], dtu = dt[t] * u[l0 + t];
+            float y = 0.0f;
+#pragma omp simd reduction(+ : y)
+            for (int64_t n = 0; n < N; n++) {  /* the exponentials do not depend on h: they overlap */
+                h[n] = exp_inline(dtl * A[n]) * h[n] + dtu * Bt[n];
+                y += h[n] * Ct[n];
+            }
+            out[l0 + t] = y;
+        }
+    }
+    if (z) {
+#pragma omp simd
+        for (int64_t l = 0; l < L; l++) out[l] = (out[l] + Dd * u[l]) * z[l] * sigmoid(z[l]);
+    } else {
+#pragma omp simd
+        for (int64_t l = 0; l < L; l++) out[l] += Dd * u[l];
+    }
+    for (int64_t n = 0; n < N; n++) last[n] = h[n];
+}
+
+/* Backward of one (b, d) row; dB, dC point at this thread's partial sums for the row's group.
+ * Everything per position that is not part of the recurrence (gates, softplus derivative, du,
+ * ddelta) is done in separate loops over positions, which vectorise; the reverse loop only
+ * carries the adjoint of the state. */
+INLINE void backward_row(const ScanArgs *a, const ScanGrads *g, int64_t b, int64_t d, const int64_t N,
+                         float *buf, float *dB, float *dC)
+{
+    const int64_t L = a->length, row = (b * a->dim + d) * L, bd = b * a->dim + d;
+    const int64_t grp = b * a->groups + d / (a->dim / a->groups);
+    const float *u = a->u + row, *delta = a->delta + row, *z = a->z ? a->z + row : NULL;
+    const float *A = a->A + d * N, *B = a->B + grp * L * N, *C = a->C + grp * L * N;
+    const float *dout = g->dout + row;
+    const float bias = a->delta_bias ? a->delta_bias[d] : 0.0f, Dd = a->D ? a->D[d] : 0.0f;
+    float *du = g->du + row, *ddelta = g->ddelta + row;
+    float *dt = buf, *dy = dt + round_up(L), *gB = dy + round_up(L), *gAh = gB + round_up(L);
+    float *decay = gAh + round_up(L), *H = decay + round_up(L * N);
+    float adj[N], dA[N], zero[N];
+    float dD = 0.0f, dbias = 0.0f;
+
+    /* Recompute the states (H[l] = h_l) and the scan output C_l . h_l (into dy). */
+    compute_dt(delta, bias, a->softplus, 0, L, dt);
+    discretise(dt, A, u, B, L, N, decay, H);
+    for (int64_t l = 0; l < L; l++) {
+        const float *hprev = l > 0 ? H + (l - 1) * N : NULL;
+        float y = 0.0f;
+#pragma omp simd reduction(+ : y)
+        for (int64_t n = 0; n < N; n++) {
+            if (hprev) H[l * N + n] += decay[l * N + n] * hprev[n];
+            y += H[l * N + n] * C[l * N + n];
+        }
+        dy[l] = y;
+    }
+
+    /* Gradient of the gated output with respect to y (and to z). */
+    if (z) {
+        float *dz = g->dz + row;
+#pragma omp simd reduction(+ : dD)
+        for (int64_t l = 0; l < L; l++) {
+            const float y = dy[l] + Dd * u[l], s = sigmoid(z[l]);
+            dz[l] = dout[l] * y * s * (1.0f + z[l] * (1.0f - s));  /* silu'(z) = s (1 + z (1 - s)) */
+            dy[l] = dout[l] * z[l] * s;
+            dD += dy[l] * u[l];
+        }
+    } else {
+#pragma omp simd reduction(+ : dD)
+        for (int64_t l = 0; l < L; l++) {
+            dy[l] = dout[l];
+            dD += dy[l] * u[l];
+        }
+    }
+
+    /* Adjoint recurrence, last position first: adj = dL/dh_l carried to h_{l-1} through exp(dt A). */
+    for (int64_t n = 0; n < N; n++) {
+        adj[n] = g->dlast ? g->dlast[bd * N + n] : 0.0f;
+        dA[n] = 0.0f;
+        zero[n] = 0.0f;
+    }
+    for (int64_t l = L - 1; l >= 0; l--) {
+        const float *h = H + l * N, *hprev = l > 0 ? H + (l - 1) * N : zero, *dec = decay + l * N;
+        const float *Bl = B + l * N, *Cl = C + l * N;
+        float *dBl = dB + l * N, *dCl = dC + l * N;
+        const float dyl = dy[l], dtl = dt[l], dtu = dt[l] * u[l];
+        float sB = 0.0f, sA = 0.0f;
+#pragma omp simd reduction(+ : sB, sA)
+        for (int64_t n = 0; n < N; n++) {
+            const float an = adj[n] + dyl * Cl[n];    /* full adjoint of h_l */
+            const float th = an * dec[n] * hprev[n];  /* adjoint through exp(dt A) h_{l-1} */
+            dCl[n] += dyl * h[n];
+            dBl[n] += an * dtu;
+            sB += an * Bl[n];
+            sA += th * A[n];
+            dA[n] += th * dtl;
+            adj[n] = an * dec[n];
+        }
+        gB[l] = sB;
+        gAh[l] = sA;
+    }
+
+    /* du, and ddelta through dt = softplus(delta + bias) (derivative sigmoid, 1 above the threshold). */
+#pragma omp simd
+    for (int64_t l = 0; l < L; l++) du[l] = dy[l] * Dd + dt[l] * gB[l];
+    if (a->softplus) {
+#pragma omp simd reduction(+ : dbias)
+        for (int64_t l = 0; l < L; l++) {
+            const float x = delta[l] + bias;
+            ddelta[l] = (gAh[l] + u[l] * gB[l]) * (x <= SOFTPLUS_THRESHOLD ? sigmoid(x) : 1.0f);
+            dbias += ddelta[l];
+        }
+    } else {
+#pragma omp simd reduction(+ : dbias)
+        for (int64_t l = 0; l < L; l++) {
+            ddelta[l] = gAh[l] + u[l] * gB[l];
+            dbias += ddelta[l];
+        }
+    }
+    for (int64_t n = 0; n < N; n++) g->dA[bd * N + n] = dA[n];
+    g->dD[bd] = dD;
+    g->dbias[bd] = dbias;
+}
+
+/* The common state size gets a compile-time N, so a row's state lives in vector registers. */
+#define COMMON_STATE 16
+
+void ss_forward(const ScanArgs *a, float *out, float *last)
+{
+    const int64_t rows = a->batch * a->dim, N = a->state;
+#pragma omp parallel num_threads(a->threads)
+    {
+        float *buf = a->scratch + omp_get_thread_num() * ss_scratch_floats(a->length, N, 0);
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            const int64_t b = r / a->dim, d = r % a->dim;
+            if (N == COMMON_STATE)
+                forward_row(a, b, d, COMMON_STATE, buf, out + r * a->length, last + r * N);
+            else
+                forward_row(a, b, d, N, buf, out + r * a->length, last + r * N);
+        }
+    }
+}
+
+void ss_backward(const ScanArgs *a, const ScanGrads *g)
+{
+    const int64_t N = a->state, LN = a->length * N, GLN = a->groups * LN;
+    const int64_t per_group = a->dim / a->groups;
+#pragma omp parallel num_threads(a->threads)
+    {
+        const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+        float *buf = a->scratch + tid * ss_scratch_floats(a->length, N, 1);
+        float *pB = g->partial + (int64_t)tid * 2 * GLN, *pC = pB + GLN;
+        for (int64_t b = 0; b < a->batch; b++) {
+#pragma omp for schedule(static)
+            for (int64_t d = 0; d < a->dim; d++) {
+                const int64_t off = d / per_group * LN;
+                if (N == COMMON_STATE)
+                    backward_row(a, g, b, d, COMMON_STATE, buf, pB + off, pC + off);
+                else
+                    backward_row(a, g, b, d, N, buf, pB + off, pC + off);
+            }
+            /* The implicit barrier above means every partial of batch element b is complete. */
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < GLN; i++) {
+                float sB = 0.0f, sC = 0.0f;
+                for (int t = 0; t < nth; t++) {
+                    float *p = g->partial + (int64_t)t * 2 * GLN;
+                    sB += p[i];
+                    sC += p[GLN + i];
+                    p[i] = 0.0f;
+                    p[GLN + i] = 0.0f;
+                }
+                g->dB[b * GLN + i] = sB;
+                g->dC[b * GLN + i] = sC;
+            }
+        }
+    }
+}

@@ -1,0 +1,467 @@
+"""Selective scan (Mamba's S6 recurrence) with mamba-ssm's ``selective_scan_fn`` semantics.
+
+    dt_l = softplus(delta_l + delta_bias)   (without softplus: delta_l + delta_bias)
+    h_l  = exp(dt_l * A) * h_{l-1} + dt_l * B_l * u_l       (state, (D, N) per batch element, h_{-1} = 0)
+    y_l  = C_l . h_l + D * u_l ;  out = y * silu(z)  if z is given
+
+Shapes: u, delta, z (B, D, L); A (D, N); B, C (B, N, L) or grouped (B, G, N, L) with D % G == 0
+(channel d reads group d // (D // G)); D, delta_bias (D,). Accumulation is in fp32 (fp64 for fp64
+inputs); the output is cast back to u's dtype; the last state (B, D, N) stays in the accumulation dtype.
+
+Implementations behind ``selective_scan`` (``SIS_BENCH_SCAN=auto|cpu|torch|ref|cuda`` forces one):
+- ``cuda``: mamba-ssm's fused kernel, for CUDA tensors when ``mamba_ssm`` imports (optional extra).
+- ``cpu``: a C kernel (models/csrc/selective_scan.c) built on first use with the system C compiler
+  and cached per user; forward and backward, never a (B, D, L, N) tensor. The default on CPU.
+- ``torch``: a chunked pure-PyTorch scan (checkpointed per chunk, so (B, D, chunk, N) at most);
+  the fallback when no kernel can be built or mamba-ssm is missing on a GPU, and the fp64 path.
+- ``ref``: ``selective_scan_ref``, the plain step-by-step loop (the tests' reference).
+A forced backend that cannot run raises RuntimeError rather than silently running another one.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import functools
+import hashlib
+import importlib
+import os
+import platform
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+BACKENDS = ("cuda", "cpu", "torch", "ref")
+BACKEND_ENV = "SIS_BENCH_SCAN"
+FLOPS_PER_STATE_STEP = 9  # exp, 2 mul for dt*A and dt*u*B, FMA update (2), C product and sum (2), ~1 misc
+TORCH_CHUNK = 16  # positions per checkpointed chunk of the torch path: (B, D, 16, N) tensors at most
+KERNEL_SOURCE = Path(__file__).with_name("csrc") / "selective_scan.c"
+COMMON_FLAGS = ("-O3", "-ffast-math", "-fPIC", "-shared")  # fast-math: vector loops may call libmvec
+KERNEL_FLAG_SETS = (  # tried in order: OpenMP threads, then single-threaded SIMD, then portable
+    ("-march=native", "-fopenmp"),
+    ("-march=native", "-fopenmp-simd"),
+    ("-fopenmp-simd",),
+)
+
+
+def scan_flops(batch: int, dim: int, length: int, state: int) -> int:
+    """FLOPs of one forward scan: about 9 per (batch, channel, position, state) element."""
+    return FLOPS_PER_STATE_STEP * batch * dim * length * state
+
+
+# --- instrumentation: which implementation ran, and scan FLOPs (FlopCounterMode cannot see them) ---
+
+_USED_BACKENDS: set[str] = set()
+_ACTIVE_COUNTERS: list["ScanFlopCounter"] = []
+
+
+@dataclasses.dataclass
+class ScanFlopCounter:
+    """Accumulates ``scan_flops`` of every forward scan made while its ``count_scan_flops`` is active."""
+
+    flops: int = 0
+    calls: int = 0
+
+
+@contextlib.contextmanager
+def count_scan_flops():
+    """Context manager yielding a ``ScanFlopCounter`` that counts the scans run inside it."""
+    counter = ScanFlopCounter()
+    _ACTIVE_COUNTERS.append(counter)
+    try:
+        yield counter
+    finally:
+        _ACTIVE_COUNTERS.remove(counter)
+
+
+def used_backends() -> set[str]:
+    """Names of the implementations ``selective_scan`` has run since the last reset."""
+    return set(_USED_BACKENDS)
+
+
+def reset_used_backends() -> None:
+    """Forget which implementations ran."""
+    _USED_BACKENDS.clear()
+
+
+def _record(backend: str, u: Tensor, A: Tensor) -> None:
+    """Note that ``backend`` ran one scan of u's shape and count its FLOPs."""
+    _USED_BACKENDS.add(backend)
+    batch, dim, length = u.shape
+    for counter in _ACTIVE_COUNTERS:
+        counter.flops += scan_flops(batch, dim, length, A.shape[1])
+        counter.calls += 1
+
+
+# --- reference ---
+
+def _expand_groups(M: Tensor, D: int) -> Tensor:
+    """(B, N, L) or (B, G, N, L) -> (B, D, N, L) view/expansion matching each channel to its group."""
+    if M.dim() == 3:
+        return M.unsqueeze(1).expand(M.shape[0], D, *M.shape[1:])
+    B, G, N, L = M.shape
+    return M.repeat_interleave(D // G, dim=1)
+
+
+def _prepare_delta(delta: Tensor, delta_bias: Tensor | None, delta_softplus: bool, acc: torch.dtype) -> Tensor:
+    """dt = softplus(delta + delta_bias) (or without softplus), in the accumulation dtype."""
+    delta = delta.to(acc)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(acc)[..., None]
+    return F.softplus(delta) if delta_softplus else delta
+
+
+def _finish(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None) -> Tensor:
+    """Add the skip term D * u and the gate silu(z) to the scan output, in its dtype."""
+    if D is not None:
+        y = y + u.to(y.dtype) * D.to(y.dtype)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(y.dtype))
+    return y
+
+
+def selective_scan_ref(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+    z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
+    return_last_state: bool = False,
+):
+    """Step-by-step reference: one small update per position, accumulated in fp32 (or fp64)."""
+    acc = torch.float64 if u.dtype == torch.float64 else torch.float32
+    dt = _prepare_delta(delta, delta_bias, delta_softplus, acc)
+    A = A.to(acc)
+    Bsz, Dim, L = u.shape
+    Bx, Cx = _expand_groups(B.to(acc), Dim), _expand_groups(C.to(acc), Dim)  # (B, D, N, L)
+    h = A.new_zeros(Bsz, Dim, A.shape[1])  # (B, D, N)
+    ys = []
+    # unbind once instead of indexing per step: indexing's backward would build a full-size zero
+    # gradient per position, which makes the reference quadratic in L under autograd
+    for dt_l, u_l, B_l, C_l in zip(dt.unbind(-1), u.to(acc).unbind(-1), Bx.unbind(-1), Cx.unbind(-1)):
+        dA = torch.exp(dt_l[..., None] * A)  # (B, D, N)
+        h = dA * h + (dt_l * u_l)[..., None] * B_l
+        ys.append((h * C_l).sum(-1))  # (B, D)
+    y = _finish(torch.stack(ys, dim=-1), u, D, z).to(u.dtype)  # (B, D, L)
+    return (y, h) if return_last_state else y
+
+
+# --- pure PyTorch: chunked and checkpointed ---
+
+def _scan_chunk(h: Tensor, dt: Tensor, u: Tensor, A: Tensor, B: Tensor, C: Tensor):
+    """Scan T positions from state h (B, D, N); dt, u (B, D, T); B, C (B, G, N, T) -> (y (B, D, T), h)."""
+    Bsz, Dim, T = u.shape
+    G, N = B.shape[1], A.shape[1]
+    # position-major (T, B, D, N) so that every step below reads contiguous (B, D, N) slices
+    decay = torch.exp(dt.permute(2, 0, 1)[..., None] * A)  # (T, B, D, N)
+    drive = ((dt * u).permute(2, 0, 1).reshape(T, Bsz, G, Dim // G, 1)
+             * B.permute(3, 0, 1, 2)[:, :, :, None]).view(T, Bsz, Dim, N)
+    states = []
+    for decay_t, drive_t in zip(decay, drive):
+        h = decay_t * h + drive_t
+        states.append(h)
+    H = torch.stack(states).view(T, Bsz, G, Dim // G, N)
+    y = (H * C.permute(3, 0, 1, 2)[:, :, :, None]).sum(-1).view(T, Bsz, Dim)
+    return y.permute(1, 2, 0), h
+
+
+def selective_scan_torch(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+    z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
+    return_last_state: bool = False, chunk: int = TORCH_CHUNK,
+):
+    """Pure-PyTorch scan in chunks of positions, each recomputed in backward (no (B, D, L, N) tensor)."""
+    acc = torch.float64 if u.dtype == torch.float64 else torch.float32
+    dt = _prepare_delta(delta, delta_bias, delta_softplus, acc)
+    uf, A = u.to(acc), A.to(acc)
+    Bg = (B if B.dim() == 4 else B.unsqueeze(1)).to(acc)  # (B, G, N, L)
+    Cg = (C if C.dim() == 4 else C.unsqueeze(1)).to(acc)
+    h = A.new_zeros(u.shape[0], u.shape[1], A.shape[1])  # (B, D, N)
+    recompute = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (u, delta, A, B, C, delta_bias))
+    ys = []
+    for l0 in range(0, u.shape[-1], chunk):
+        part = (h, dt[..., l0:l0 + chunk], uf[..., l0:l0 + chunk], A, Bg[..., l0:l0 + chunk], Cg[..., l0:l0 + chunk])
+        y, h = checkpoint(_scan_chunk, *part, use_reentrant=False) if recompute else _scan_chunk(*part)
+        ys.append(y)
+    y = _finish(torch.cat(ys, dim=-1), u, D, z).to(u.dtype)
+    return (y, h) if return_last_state else y
+
+
+# --- the C kernel: built on first use, loaded with ctypes ---
+
+class _ScanArgs(ctypes.Structure):
+    """Mirror of ScanArgs in selective_scan.c."""
+
+    _fields_ = [(name, ctypes.c_int64) for name in ("batch", "dim", "length", "state", "groups")] + [
+        (name, ctypes.c_void_p) for name in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")] + [
+        ("softplus", ctypes.c_int32), ("threads", ctypes.c_int32), ("scratch", ctypes.c_void_p)]
+
+
+class _ScanGrads(ctypes.Structure):
+    """Mirror of ScanGrads in selective_scan.c."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in (
+        "dout", "dlast", "du", "ddelta", "dz", "dA", "dD", "dbias", "dB", "dC", "partial")]
+
+
+def _cache_dir() -> Path:
+    """Per-user cache folder for the compiled kernel ($XDG_CACHE_HOME or ~/.cache, then sis-bench)."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "sis-bench"
+
+
+def _cpu_identity() -> str:
+    """What -march=native depends on: the CPU model and feature flags (a shared home may span machines)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.machine() + platform.processor()
+    keys = ("model name", "flags", "Features", "CPU part")
+    return platform.machine() + "".join(sorted({ln for ln in lines if ln.split(":")[0].strip() in keys}))
+
+
+def _compile_kernel() -> Path:
+    """Return the cached shared library, compiling it (atomically) with $CC or cc if needed."""
+    cc = os.environ.get("CC", "cc")
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise RuntimeError(f"no working C compiler ({cc}): {e}") from None
+    identity = b"\0".join([KERNEL_SOURCE.read_bytes(), version.encode(), _cpu_identity().encode()])
+    cache = _cache_dir()
+
+    def target(flags):
+        key = hashlib.sha256(identity + " ".join(COMMON_FLAGS + flags).encode()).hexdigest()[:16]
+        return cache / f"selective_scan-{key}.so"
+
+    for flags in KERNEL_FLAG_SETS:  # a build from an earlier process, with the best flags that worked
+        if target(flags).exists():
+            return target(flags)
+    first_error = None
+    for flags in KERNEL_FLAG_SETS:
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so.tmp")
+        os.close(fd)
+        cmd = [cc, *COMMON_FLAGS, *flags, str(KERNEL_SOURCE), "-o", tmp, "-lm"]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode == 0:
+            os.replace(tmp, target(flags))  # atomic: a concurrent process sees no half-written library
+            return target(flags)
+        os.unlink(tmp)
+        first_error = first_error or (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1]
+    raise RuntimeError(f"compiling {KERNEL_SOURCE.name} with {cc} failed: {first_error}")
+
+
+class _Kernel:
+    """Loads the C kernel once per process; remembers why it could not be loaded."""
+
+    def __init__(self):
+        self._lib: ctypes.CDLL | None = None
+        self.error: str | None = None
+        self._tried = False
+        self._warned = False
+
+    def load(self) -> ctypes.CDLL | None:
+        """The loaded library, or None (with ``error`` set) when it cannot be built."""
+        if not self._tried:
+            self._tried = True
+            try:
+                lib = ctypes.CDLL(str(_compile_kernel()))
+            except (RuntimeError, OSError) as e:
+                self.error = str(e)
+            else:
+                lib.ss_scratch_floats.restype = ctypes.c_int64
+                lib.ss_scratch_floats.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int32]
+                lib.ss_forward.argtypes = [ctypes.POINTER(_ScanArgs), ctypes.c_void_p, ctypes.c_void_p]
+                lib.ss_backward.argtypes = [ctypes.POINTER(_ScanArgs), ctypes.POINTER(_ScanGrads)]
+                self._lib = lib
+        return self._lib
+
+    def warn_fallback(self) -> None:
+        """One warning per process that the pure-PyTorch scan runs instead."""
+        if not self._warned:
+            self._warned = True
+            warnings.warn(f"selective scan: C kernel unavailable ({self.error}); using the slower "
+                          f"pure-PyTorch scan", RuntimeWarning, stacklevel=4)
+
+
+_KERNEL = _Kernel()
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    """Address of a tensor's data, or None (NULL) for an absent tensor."""
+    return None if t is None else t.data_ptr()
+
+
+def _fp32(t: Tensor | None) -> Tensor | None:
+    """Contiguous fp32 copy (or the tensor itself when it already is one)."""
+    return None if t is None else t.detach().to(torch.float32).contiguous()
+
+
+def _kernel_args(u, delta, A, Bt, Ct, D, z, delta_bias, softplus, backward) -> tuple[_ScanArgs, Tensor]:
+    """Fill ScanArgs for fp32 contiguous tensors (Bt, Ct in (B, G, L, N)) and allocate thread scratch."""
+    lib, threads = _KERNEL.load(), torch.get_num_threads()
+    batch, dim, length = u.shape
+    groups, state = Bt.shape[1], A.shape[1]
+    scratch = torch.empty(threads * lib.ss_scratch_floats(length, state, backward), dtype=torch.float32)
+    args = _ScanArgs(batch, dim, length, state, groups, *map(_ptr, (u, delta, A, Bt, Ct, D, z, delta_bias)),
+                     int(softplus), threads, scratch.data_ptr())
+    return args, scratch
+
+
+class _CpuScan(torch.autograd.Function):
+    """Autograd wrapper around the C kernel's forward and backward."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        grouped = B.dim() == 4
+        Bt = _fp32((B if grouped else B.unsqueeze(1)).transpose(-1, -2))  # (B, G, L, N)
+        Ct = _fp32((C if grouped else C.unsqueeze(1)).transpose(-1, -2))
+        tensors = [_fp32(t) for t in (u, delta, A)] + [Bt, Ct] + [_fp32(t) for t in (D, z, delta_bias)]
+        args, _scratch = _kernel_args(*tensors, delta_softplus, backward=False)
+        out = torch.empty(u.shape, dtype=torch.float32)
+        last = torch.empty(u.shape[0], u.shape[1], A.shape[1], dtype=torch.float32)
+        _KERNEL.load().ss_forward(ctypes.byref(args), out.data_ptr(), last.data_ptr())
+        ctx.save_for_backward(*[t if t is not None else torch.empty(0) for t in tensors])
+        ctx.absent = [t is None for t in tensors]
+        ctx.grouped, ctx.softplus = grouped, delta_softplus
+        ctx.dtypes = [t.dtype if t is not None else None for t in (u, delta, A, B, C, D, z, delta_bias)]
+        ctx.set_materialize_grads(False)
+        return out.to(u.dtype), last
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, dlast):
+        tensors = [None if gone else t for t, gone in zip(ctx.saved_tensors, ctx.absent)]
+        u, delta, A, Bt, Ct, D, z, delta_bias = tensors
+        batch, dim, length = u.shape
+        groups, state = Bt.shape[1], A.shape[1]
+        dout = torch.zeros_like(u) if dout is None else _fp32(dout)
+        args, _scratch = _kernel_args(*tensors, ctx.softplus, backward=True)
+        du, ddelta = torch.empty_like(u), torch.empty_like(u)
+        dz = torch.empty_like(u) if z is not None else None
+        dA, dD, dbias = u.new_empty(batch, dim, state), u.new_empty(batch, dim), u.new_empty(batch, dim)
+        dB, dC = torch.empty_like(Bt), torch.empty_like(Ct)
+        partial = u.new_zeros(args.threads, 2, groups, length, state)  # per-thread sums over channels
+        dlast = _fp32(dlast)  # kept referenced: the kernel reads it through a raw pointer
+        grads = _ScanGrads(*map(_ptr, (dout, dlast, du, ddelta, dz, dA, dD, dbias, dB, dC, partial)))
+        _KERNEL.load().ss_backward(ctypes.byref(args), ctypes.byref(grads))
+        dB, dC = dB.transpose(-1, -2), dC.transpose(-1, -2)  # (B, G, N, L)
+        if not ctx.grouped:
+            dB, dC = dB.squeeze(1), dC.squeeze(1)
+        result = [du, ddelta, dA.sum(0), dB, dC, dD.sum(0) if D is not None else None, dz,
+                  dbias.sum(0) if delta_bias is not None else None]
+        result = [g if g is None else g.to(dtype) for g, dtype in zip(result, ctx.dtypes)]
+        return (*result, None)
+
+
+def selective_scan_cpu(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+    z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
+    return_last_state: bool = False,
+):
+    """The C kernel (fp32 inside, any float dtype outside); raises RuntimeError if it cannot be built."""
+    if any(t is not None and t.device.type != "cpu" for t in (u, delta, A, B, C, D, z, delta_bias)):
+        raise ValueError("selective_scan_cpu: every tensor must be on the CPU (the kernel reads raw pointers)")
+    if _KERNEL.load() is None:
+        raise RuntimeError(f"the C selective-scan kernel is unavailable: {_KERNEL.error}")
+    y, last = _CpuScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return (y, last) if return_last_state else y
+
+
+# --- CUDA: mamba-ssm and causal-conv1d, imported lazily and only with CUDA present ---
+
+@functools.cache
+def _cuda_op(module: str, name: str):
+    """``module.name`` if CUDA is available and the (optional) package imports, else None."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        return getattr(importlib.import_module(module), name)
+    except Exception:  # noqa: BLE001 - a broken optional CUDA extension raises anything from ImportError to OSError
+        return None
+
+
+@functools.cache
+def _warn_missing_cuda_op(package: str) -> None:
+    """One warning per process that a CUDA tensor runs the PyTorch path because ``package`` is missing."""
+    warnings.warn(f"{package} is not installed (pip install 'sis-bench[cuda]'); using the slower "
+                  f"PyTorch implementation on CUDA", RuntimeWarning, stacklevel=4)
+
+
+def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = "silu") -> Tensor:
+    """Depthwise causal 1-D convolution: x (B, D, L), weight (D, W), bias (D,) -> (B, D, L)."""
+    if activation not in (None, "silu", "swish"):
+        raise ValueError(f"causal_conv1d: activation must be None, 'silu' or 'swish', got {activation!r}")
+    if x.is_cuda:
+        fused = _cuda_op("causal_conv1d", "causal_conv1d_fn")
+        if fused is not None:
+            return fused(x, weight, bias, activation=activation)
+        _warn_missing_cuda_op("causal-conv1d")
+    width = weight.shape[1]
+    y = F.conv1d(F.pad(x, (width - 1, 0)), weight.unsqueeze(1), bias, groups=x.shape[1])  # left pad: causal
+    return y if activation is None else F.silu(y)
+
+
+# --- dispatch ---
+
+def _check_shapes(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> None:
+    """Raise ValueError, saying what was expected, on inconsistent shapes."""
+    if u.dim() != 3 or delta.shape != u.shape or A.dim() != 2 or A.shape[0] != u.shape[1]:
+        raise ValueError(f"selective_scan: expected u, delta (B, D, L) and A (D, N), got u {tuple(u.shape)}, "
+                         f"delta {tuple(delta.shape)}, A {tuple(A.shape)}")
+    for name, M in (("B", B), ("C", C)):
+        ok = M.dim() in (3, 4) and M.shape[0] == u.shape[0] and M.shape[-2:] == (A.shape[1], u.shape[2])
+        if not ok or (M.dim() == 4 and u.shape[1] % M.shape[1]):
+            raise ValueError(f"selective_scan: expected {name} (B, N, L) or (B, G, N, L) with D % G == 0 for "
+                             f"u {tuple(u.shape)} and N={A.shape[1]}, got {tuple(M.shape)}")
+
+
+def _choose_backend(u: Tensor) -> str:
+    """The implementation to run: SIS_BENCH_SCAN if set, else the fastest that works for u."""
+    forced = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if forced not in BACKENDS + ("auto",):
+        raise RuntimeError(f"{BACKEND_ENV}={forced!r} is not one of auto, {', '.join(BACKENDS)}")
+    if forced == "cuda" and not (u.is_cuda and _cuda_op("mamba_ssm.ops.selective_scan_interface",
+                                                          "selective_scan_fn")):
+        raise RuntimeError(f"{BACKEND_ENV}=cuda needs CUDA tensors and mamba-ssm (pip install "
+                           f"'sis-bench[cuda]'); the inputs are on {u.device}. Unset {BACKEND_ENV} to choose automatically")
+    if forced == "cpu" and u.device.type != "cpu":
+        raise RuntimeError(f"{BACKEND_ENV}=cpu needs CPU tensors; the inputs are on {u.device}")
+    if forced != "auto":
+        return forced
+    if u.is_cuda:
+        if _cuda_op("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn") is not None:
+            return "cuda"
+        _warn_missing_cuda_op("mamba-ssm")
+        return "torch"
+    if u.device.type == "cpu" and u.dtype != torch.float64:  # the kernel is fp32; fp64 keeps fp64
+        if _KERNEL.load() is not None:
+            return "cpu"
+        _KERNEL.warn_fallback()
+    return "torch"
+
+
+def selective_scan(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+    z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
+    return_last_state: bool = False,
+):
+    """Selective scan with mamba-ssm's signature, dispatched to the fastest implementation available."""
+    _check_shapes(u, delta, A, B, C)
+    if u.is_meta:  # shapes only (FLOPs counted on the meta device by bench/flops.py): nothing to compute
+        _record("meta", u, A)
+        acc = torch.float64 if u.dtype == torch.float64 else torch.float32
+        y, last = torch.empty_like(u), u.new_empty(u.shape[0], u.shape[1], A.shape[1], dtype=acc)
+        return (y, last) if return_last_state else y
+    backend = _choose_backend(u)
+    _record(backend, u, A)
+    if backend == "cuda":
+        fn = _cuda_op("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn")
+        return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    impl = {"cpu": selective_scan_cpu, "torch": selective_scan_torch, "ref": selective_scan_ref}[backend]
+    return impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)

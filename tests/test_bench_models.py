@@ -1,0 +1,51 @@
+"""Micro-benchmarks: one forward of each backbone at the tiny preset (inference), and forward + backward.
+
+Disabled by default (pyproject: --benchmark-disable, so each body runs once as a smoke test); measure with
+    pytest --benchmark-enable tests/test_bench_models.py
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import models
+from bench.flops import example_inputs
+
+BATCH = 4
+PRESET = "tiny"
+
+
+@pytest.fixture(params=["sisma", "dit", "sdm"])
+def backbone(request):
+    """(name, model, (x, t, mask)) at the tiny preset, seeded."""
+    torch.manual_seed(0)
+    model = models.create_model(request.param, preset=PRESET)
+    return request.param, model, example_inputs(model, BATCH, "cpu", generator=torch.Generator().manual_seed(0))
+
+
+def test_forward(benchmark, backbone):
+    name, model, (x, t, mask) = backbone
+    model.eval()
+
+    def forward():
+        with torch.inference_mode():
+            return model(x, t, mask)
+
+    benchmark.extra_info.update(model=name, preset=PRESET, batch=BATCH, threads=torch.get_num_threads())
+    v = benchmark(forward)
+    assert v.shape == x.shape and torch.isfinite(v).all()
+
+
+def test_forward_backward(benchmark, backbone):
+    name, model, (x, t, mask) = backbone
+    model.train()
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss = model(x, t, mask).square().mean()
+        loss.backward()
+        return loss
+
+    benchmark.extra_info.update(model=name, preset=PRESET, batch=BATCH, threads=torch.get_num_threads())
+    loss = benchmark(step)
+    assert torch.isfinite(loss)

@@ -1,0 +1,83 @@
+"""Selective-scan speed: the C kernel and the pure-PyTorch fallback against the reference loop.
+
+Run with ``pytest --benchmark-enable tests/test_bench_ssm.py``; each group holds one shape and one
+pass (forward, or forward plus backward) for every implementation, so the table's ratios read as
+speedups over ``ref``. The ``exp-bound`` group times exponentials alone, single-threaded, for the
+bound the kernel is measured against (extra_info ``exponentials`` / median = exponentials per second).
+"""
+import pytest
+import torch
+
+from models import ssm
+
+SHAPES = {"B1-D2048-L256-N16": (1, 2048, 256, 16), "B8-D256-L1024-N16": (8, 256, 1024, 16)}
+IMPLEMENTATIONS = {"cpu": ssm.selective_scan_cpu, "torch": ssm.selective_scan_torch, "ref": ssm.selective_scan_ref}
+ROUNDS = {"cpu": 10, "torch": 3, "ref": 3}  # the loops take seconds per call under autograd
+EXP_BLOCK = 1 << 18  # floats per torch.exp call in the bound: 1 MiB, resident in cache
+
+
+def scan_inputs(batch, dim, length, state, requires_grad):
+    """Inputs at Mamba's magnitudes with every option on (D, z, delta_bias, softplus)."""
+    g = torch.Generator().manual_seed(0)
+    x = {
+        "u": torch.randn(batch, dim, length, generator=g),
+        "delta": torch.randn(batch, dim, length, generator=g) * 0.5 - 2.0,
+        "A": -torch.arange(1, state + 1, dtype=torch.float32).repeat(dim, 1),
+        "B": torch.randn(batch, state, length, generator=g),
+        "C": torch.randn(batch, state, length, generator=g),
+        "D": torch.ones(dim),
+        "z": torch.randn(batch, dim, length, generator=g),
+        "delta_bias": torch.randn(dim, generator=g) * 0.1,
+    }
+    for v in x.values():
+        v.requires_grad_(requires_grad)
+    return x
+
+
+@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+def test_scan_speed(benchmark, mode, shape, impl):
+    if benchmark.disabled and impl != "cpu":
+        pytest.skip("the loops take seconds and only matter as timings: run with --benchmark-enable")
+    fn = IMPLEMENTATIONS[impl]
+    x = scan_inputs(*SHAPES[shape], requires_grad=mode == "fwd+bwd")
+    grad_out = torch.randn(SHAPES[shape][:3])
+    benchmark.group = f"scan {mode} {shape}"
+    benchmark.extra_info["threads"] = torch.get_num_threads()
+
+    def forward():
+        with torch.no_grad():
+            return fn(**x, delta_softplus=True)
+
+    def forward_backward():
+        return torch.autograd.grad(fn(**x, delta_softplus=True), list(x.values()), grad_out)
+
+    benchmark.pedantic(forward if mode == "fwd" else forward_backward,
+                       rounds=ROUNDS[impl], iterations=1, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("what", ["torch.exp", "cpu-kernel-fwd"])
+def test_exponential_rate_bound(benchmark, what):
+    """Single-threaded: torch.exp on cached blocks vs the kernel's forward (one exponential per state step)."""
+    batch, dim, length, state = SHAPES["B1-D2048-L256-N16"]
+    exponentials = batch * dim * length * state
+    benchmark.group = "exp-bound"
+    benchmark.extra_info["exponentials"] = exponentials
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if what == "torch.exp":
+            src, dst = -torch.rand(EXP_BLOCK) * 5, torch.empty(EXP_BLOCK)
+
+            def run():
+                for _ in range(exponentials // EXP_BLOCK):
+                    torch.exp(src, out=dst)
+        else:
+            x = scan_inputs(batch, dim, length, state, requires_grad=False)
+
+            def run():
+                ssm.selective_scan_cpu(**x, delta_softplus=True)
+        benchmark.pedantic(run, rounds=10, iterations=1, warmup_rounds=1)
+    finally:
+        torch.set_num_threads(threads)

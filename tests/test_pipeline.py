@@ -1,0 +1,119 @@
+"""`bench run --preset tiny` end to end: interrupted in training, resumed without redoing finished stages (training
+continues from its checkpoint), a report with a row per backbone and its plots, and a re-run that skips everything."""
+import csv
+import dataclasses
+import json
+
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+import bench.train
+from bench.checkpoint import load
+from bench.cli import app
+from bench.pipeline import BUDGETS
+
+MODELS = ["sisma", "dit", "sdm"]
+STAGES = ["data", "train:sisma", "train:dit", "train:sdm", "sample", "speed", "parser", "quality", "report"]
+PLOTS = ["latency.png", "scaling.png", "quality_latency.png", "loss.png", "samples.png"]
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """An empty working folder (the synthetic faces go to ./data); torch's thread count restored afterwards."""
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    yield tmp_path
+    torch.set_num_threads(threads)
+
+
+def table_models(md: str, heading: str) -> list[str]:
+    """First-column cells of the first Markdown table after ``heading``."""
+    lines = md.splitlines()
+    rows = []
+    for line in lines[lines.index(heading) + 1:]:
+        if line.startswith("|"):
+            rows.append(line.strip("|").split("|")[0].strip())
+        elif rows or line.startswith("## "):
+            break
+    return rows[2:]
+
+
+def test_tiny_run_interrupted_resumed_and_skipped(workdir, monkeypatch):
+    results, reports = workdir / "res", workdir / "rep"
+    # One thread: on a shared, loaded machine two intra-op threads can make tiny models 100x slower.
+    args = ["run", "--preset", "tiny", "--results", str(results), "--reports", str(reports), "--threads", "1"]
+    state_path = results / "run_tiny" / "state.json"
+    runner = CliRunner()
+    real_train = bench.train.train
+    budget = BUDGETS["tiny"]
+    calls = []
+
+    # 1. sisma trains; dit is killed after its first checkpoint (as SIGKILL would: nothing saved after it).
+    def killed_during_dit(cfg, run_dir, resume=False, device=None, progress=True):
+        calls.append(cfg.model)
+        if cfg.model == "dit":
+            real_train(dataclasses.replace(cfg, steps=budget.ckpt_every), run_dir, resume, device, progress=False)
+            raise KeyboardInterrupt
+        return real_train(cfg, run_dir, resume, device, progress=False)
+
+    monkeypatch.setattr(bench.train, "train", killed_during_dit)
+    first = runner.invoke(app, args)
+    assert first.exit_code == 130, first.output
+    assert calls == ["sisma", "dit"]
+    state = json.loads(state_path.read_text())
+    assert state["stages"]["data"]["status"] == "done" and state["stages"]["train:sisma"]["status"] == "done"
+    assert state["stages"]["train:dit"]["status"] == "running" and "train:sdm" not in state["stages"]
+    dit_run = results / "run_tiny" / "runs" / "dit"
+    assert load(dit_run / "checkpoints" / "last.pt")["step"] == budget.ckpt_every
+
+    # 2. The same command again: sisma not retrained, dit continues from its checkpoint, the rest runs.
+    resumed = []
+
+    def recording(cfg, run_dir, resume=False, device=None, progress=True):
+        start = load(run_dir / "checkpoints" / "last.pt")["step"] if resume else 0
+        resumed.append((cfg.model, resume, start))
+        return real_train(cfg, run_dir, resume, device, progress=False)
+
+    monkeypatch.setattr(bench.train, "train", recording)
+    second = runner.invoke(app, args)
+    assert second.exit_code == 0, second.output
+    assert resumed == [("dit", True, budget.ckpt_every), ("sdm", False, 0)]
+    assert "train sisma (tiny preset, 20 steps): done on" in second.output
+    state2 = json.loads(state_path.read_text())
+    assert list(state2["stages"]) == STAGES and all(s["status"] == "done" for s in state2["stages"].values())
+    assert state2["stages"]["train:sisma"] == state["stages"]["train:sisma"]
+    with (dit_run / "loss.csv").open() as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, budget.train_steps + 1))
+
+    report = reports / "tiny.md"
+    md = report.read_text()
+    assert table_models(md, "## Speed") == MODELS
+    assert table_models(md, "## Quality") == MODELS
+    assert table_models(md, "## Training") == MODELS
+    assert "smoke test" in md
+    for name in PLOTS:
+        with Image.open(reports / "tiny" / name) as im:
+            assert im.format == "PNG" and min(im.size) > 100
+    with (results / "quality.csv").open() as f:
+        assert sorted(r["model"] for r in csv.DictReader(f)) == sorted(MODELS)
+
+    # 3. Once more: every stage is skipped and nothing is appended or retrained.
+    resumed.clear()
+    speed_rows = (results / "speed.csv").read_text()
+    third = runner.invoke(app, args)
+    assert third.exit_code == 0, third.output
+    assert resumed == [] and third.output.count("skipped") == len(STAGES)
+    assert json.loads(state_path.read_text())["stages"] == state2["stages"]
+    assert (results / "speed.csv").read_text() == speed_rows
+
+
+def test_run_rejects_bad_options(workdir):
+    runner = CliRunner()
+    for args, words in ((["--preset", "huge"], "huge"), (["--models", "sisma,nope"], "nope"),
+                        (["--data", str(workdir / "absent")], "absent"), (["--steps", "0"], "--steps")):
+        result = runner.invoke(app, ["run", *args, "--results", str(workdir / "r")])
+        assert result.exit_code == 2, result.output
+        assert result.output.startswith("error:") and words in result.output
+    assert not (workdir / "r").exists()

@@ -1,0 +1,197 @@
+"""`bench report` on hand-made results: a row per backbone, valid plots, missing metrics with their reason,
+and the numbers of the newest CSV rows (not older ones) in the Markdown."""
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from bench.cli import app
+from bench.report import build_report
+from bench.speed import COLUMNS as SPEED_COLUMNS
+
+MODELS = ["sisma", "dit", "sdm"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PLOTS = ["latency.png", "scaling.png", "quality_latency.png", "loss.png", "samples.png"]
+PROVENANCE = dict(device="cpu", device_name="Test CPU (2 threads)", threads=2, torch="2.x", cuda="none",
+                  precision="fp32", seed=0, commit="abc123", host_os="Linux")
+# Per model: params, FLOPs per NFE at 32 px, seconds per NFE at batch 1 and 32 px.
+SPEC = {"sisma": (3379468, 1.314e9, 0.0312), "dit": (3394828, 1.620e9, 0.0277), "sdm": (3281539, 1.789e9, 0.0451)}
+STALE_LATENCY = 0.987654  # an older sisma row: its value must not reach the report
+INCEPTION_REASON = "missing: Inception-v3 (FID/KID) weights not found at X.pth; pass --inception-weights FILE"
+ALEXNET_REASON = "missing: AlexNet (LPIPS) weights not found at Y.pth; pass --alexnet-weights FILE"
+QUALITY = {"sisma": dict(miou=0.61234, miou_ceiling=0.93456, pixel_diversity=0.21111, lpips_diversity=0.4321),
+           "dit": dict(miou=0.55555, miou_ceiling=0.93456, pixel_diversity=0.19876, lpips_diversity=math.nan),
+           "sdm": dict(miou=0.66666, miou_ceiling=0.93456, pixel_diversity=0.17654, lpips_diversity=math.nan)}
+
+
+def write_csv(path, columns, rows):
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, columns, extrasaction="ignore")
+        w.writeheader()
+        w.writerows({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in rows)
+
+
+def speed_row(model, resolution, batch, latency, stamp, mode="timed", preset="cpu"):
+    params, flops, _ = SPEC[model]
+    scale = (resolution / 32) ** 2
+    row = dict(PROVENANCE, mode=mode, status="ok", error="", model=model, preset=preset, resolution=resolution,
+               tokens_equiv=(resolution / 16) ** 2, params=params, flops_per_nfe=flops * scale, compile=False,
+               steps=200, nfe=200, batch_size=batch, timestamp=stamp)
+    if mode == "timed":
+        projected = latency * 200
+        row.update(latency_nfe_median_s=latency, latency_nfe_iqr_s=latency / 10, image_latency_projected_s=projected,
+                   images_per_s_projected=batch / projected, peak_rss_delta_mib=12.5 * batch, scan_backend="cpu",
+                   attention_kernel="flash-cpu", decode_latency_s=0.0)
+        if model == "sisma" and batch == 1 and resolution == 32:  # measured whole image
+            row.update(image_latency_s=projected * 1.01, image_repeats=2, images_per_s=1 / (projected * 1.01))
+    else:
+        row.update(device="meta", device_name="meta (shapes only, nothing executed)")
+    return row
+
+
+@pytest.fixture
+def results(tmp_path):
+    """A results folder as `bench run --preset cpu` leaves it, made by hand."""
+    res = tmp_path / "results"
+    res.mkdir()
+    rows = [speed_row("sisma", 32, 1, STALE_LATENCY, "2025-01-01T00:00:00+00:00")]
+    for model in MODELS:
+        lat = SPEC[model][2]
+        rows += [speed_row(model, 32, 1, lat, "2025-01-02T00:00:00+00:00"),
+                 speed_row(model, 32, 8, lat * 5, "2025-01-02T00:00:01+00:00"),
+                 speed_row(model, 64, 1, lat * 3.5, "2025-01-02T00:00:02+00:00")]
+        rows += [speed_row(model, r, 1, None, "2025-01-02T00:00:03+00:00", mode="flops-only", preset="paper")
+                 for r in (256, 512)]
+    write_csv(res / "speed.csv", SPEED_COLUMNS, rows)
+
+    quality = [dict(PROVENANCE, run=str(res / "runs" / "sisma"), model="sisma", preset="cpu", train_step=100,
+                    miou=0.11111, miou_ceiling=0.9, pixel_diversity=0.3, lpips_diversity=math.nan,
+                    fid=math.nan, timestamp="2025-01-01T00:00:00+00:00")]  # older: must not be used
+    for i, model in enumerate(MODELS):
+        run = res / "runs" / model
+        run.mkdir(parents=True)
+        (run / "config.json").write_text(json.dumps(dict(model=model, preset="cpu", synthetic=True, synth_n=2000,
+                                                         data="data/x", space="pixel", batch_size=16, lr=1e-3,
+                                                         ema_decay=0.99, p_uncond=0.1, precision="fp32")))
+        steps = np.arange(10, 310, 10)
+        write_csv(run / "loss.csv", ["step", "loss", "lr", "grad_norm", "steps_per_s", "wall_s"],
+                  [dict(step=int(s), loss=1.2 * s ** -0.3 + 0.01 * i, lr=1e-3, grad_norm=1.0, steps_per_s=2.0,
+                        wall_s=s / 2.0) for s in steps])
+        q = QUALITY[model]
+        quality.append(dict(PROVENANCE, run=str(run), model=model, preset="cpu", train_step=300, image_size=32,
+                            data="data/x", split="test", n_masks=24, samples_per_mask=4, method="euler",
+                            guidance=1.0, steps=20, nfe=20, fid=math.nan, kid=math.nan, kid_std=math.nan,
+                            fid_status=INCEPTION_REASON, kid_status=INCEPTION_REASON,
+                            lpips_status="ok" if not math.isnan(q["lpips_diversity"]) else ALEXNET_REASON,
+                            timestamp=f"2025-01-02T00:01:0{i}+00:00", **q))
+        # Sample folder: same masks and seeds for every model.
+        out = res / "run_cpu" / "samples" / model
+        (out / "masks").mkdir(parents=True)
+        files = []
+        rng = np.random.default_rng(i)
+        for k in range(3):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(out / f"{k:05d}.png")
+            Image.fromarray(np.full((32, 32), k + 1, np.uint8), mode="L").save(out / "masks" / f"{k:05d}.png")
+            files.append({"index": k, "image": f"{k:05d}.png", "mask": f"masks/{k:05d}.png",
+                          "mask_source": f"test-{1866 + k}"})
+        (out / "samples.json").write_text(json.dumps(dict(
+            run=str(run), model=model, preset="cpu", data="data/x", method="euler", steps=50, guidance=1.0, seed=0,
+            files=files, provenance={"timestamp": "2025-01-02T00:00:00+00:00"})))
+    write_csv(res / "quality.csv", list(dict.fromkeys(k for r in quality for k in r)), quality)
+    return res
+
+
+def table(md: str, heading: str) -> list[dict]:
+    """Rows of the first Markdown table after ``heading``, as {column: cell}."""
+    lines = md.splitlines()
+    start = lines.index(heading)
+    block = []
+    for line in lines[start + 1:]:
+        if line.startswith("|"):
+            block.append([c.strip() for c in line.strip().strip("|").split("|")])
+        elif block or line.startswith("## "):
+            break
+    header, body = block[0], block[2:]
+    return [dict(zip(header, cells)) for cells in body]
+
+
+def by_model(rows: list[dict]) -> dict[str, dict]:
+    return {r["model"]: r for r in rows}
+
+
+def g4(v: float) -> str:
+    return f"{v:.4g}"
+
+
+def test_report_tables_plots_and_numbers(results, tmp_path):
+    path = build_report(results, tmp_path / "reports", "t")
+    md = path.read_text()
+
+    speed = table(md, "## Speed")
+    assert [r["model"] for r in speed] == MODELS  # one row per backbone, at the preset's 32 px
+    for model, row in by_model(speed).items():
+        params, flops, latency = SPEC[model]
+        assert row["px"] == "32"
+        assert row["params (M)"] == g4(params / 1e6)
+        assert row["GFLOPs / NFE"] == g4(flops / 1e9)
+        assert row["ms / NFE"] == g4(latency * 1e3)
+        assert row["images / s"].startswith(g4(8 / (latency * 5 * 200)))  # the batch-8 row, projected
+    sisma = by_model(speed)["sisma"]
+    assert sisma["s / image (200 steps)"] == g4(SPEC["sisma"][2] * 200 * 1.01)
+    assert sisma["how"].startswith("measured")
+    assert by_model(speed)["dit"]["how"].startswith("projected")
+    assert g4(STALE_LATENCY * 1e3) not in md
+
+    quality = table(md, "## Quality")
+    assert [r["model"] for r in quality] == MODELS
+    for model, row in by_model(quality).items():
+        q = QUALITY[model]
+        assert row["mask mIoU"] == g4(q["miou"])
+        assert row["parser ceiling (real)"] == g4(q["miou_ceiling"])
+        assert row["pixel diversity"] == g4(q["pixel_diversity"])
+        assert row["FID"].startswith("missing [") and row["KID"] == row["FID"]
+    assert by_model(quality)["sisma"]["LPIPS diversity"] == g4(0.4321)
+    assert by_model(quality)["dit"]["LPIPS diversity"].startswith("missing [")
+    assert "0.1111" not in md  # the older sisma quality row
+    # Each missing cell points at a footnote that gives the reason.
+    for cell in (by_model(quality)["dit"]["FID"], by_model(quality)["dit"]["LPIPS diversity"]):
+        note = cell.removeprefix("missing ")
+        reason = next(line for line in md.splitlines() if line.startswith(note + " "))
+        assert ("Inception" in reason) if cell == by_model(quality)["dit"]["FID"] else ("AlexNet" in reason)
+
+    paper = table(md, "## The paper's figures beside this report's")
+    assert {"paper", "this harness, counted", "this report"} <= {r["source"] for r in paper}
+    assert any(r["hardware"] == "NVIDIA RTX 4090" and r["s / image (200 steps)"] == "8.51" for r in paper)
+    ours = [r for r in paper if r["source"] == "this report"]
+    assert [r["model"] for r in ours] == MODELS and all(r["hardware"] == "Test CPU (2 threads)" for r in ours)
+
+    training = by_model(table(md, "## Training"))
+    assert set(training) == set(MODELS) and training["sisma"]["steps"] == "300"
+
+    for name in PLOTS:
+        png = tmp_path / "reports" / "t" / name
+        assert png.read_bytes()[:8] == PNG_SIGNATURE, name
+        with Image.open(png) as im:
+            im.verify()
+        assert f"](t/{name})" in md
+
+
+def test_report_cli_and_errors(results, tmp_path):
+    runner = CliRunner()
+    ok = runner.invoke(app, ["report", "--results", str(results), "--reports", str(tmp_path / "out")])
+    assert ok.exit_code == 0, ok.output
+    assert (tmp_path / "out" / "cpu.md").is_file()  # named after the preset of the newest rows
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad = runner.invoke(app, ["report", "--results", str(empty), "--reports", str(tmp_path / "out")])
+    assert bad.exit_code == 2
+    assert bad.output.strip().startswith("error:") and len(bad.output.strip().splitlines()) == 1
+
+    missing = runner.invoke(app, ["report", "--results", str(results), "--reports", str(tmp_path / "out"),
+                                  "--preset", "paper"])
+    assert missing.exit_code == 2 and "paper" in missing.output

@@ -1,0 +1,311 @@
+"""SISMA and DiT-SIS: interface, gradients, mask conditioning, parameter counts, and the Mamba layers."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import models
+from models.layers import sincos_pos_embed_2d, unpatchify
+from models.mamba import CrossMamba, SelfMamba, scan_orders, snake_order
+
+TOKEN_BACKBONES = ["sisma", "dit"]
+PAPER_SISMA_PARAMS = 799e6  # the paper's Table 2
+PAPER_TOLERANCE = 0.015
+
+
+def random_mask(batch: int, size: int, classes: int = 19, seed: int = 0) -> torch.Tensor:
+    """One-hot masks made of random blobs (label map upsampled from a coarse grid), (B, K, S, S)."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randint(0, classes, (batch, 1, size // 4, size // 4), generator=g).float()
+    labels = F.interpolate(coarse, size=(size, size), mode="nearest")[:, 0].long()
+    return F.one_hot(labels, classes).permute(0, 3, 1, 2).float()
+
+
+def wake_zero_layers(model: torch.nn.Module, seed: int = 0) -> None:
+    """Give the zero-initialised layers (adaLN modulation, output projection) random weights.
+
+    At init adaLN-Zero makes every block the identity and the final layer outputs 0, so nothing but the
+    zero layers themselves would receive gradient and the output could not depend on the mask.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and not module.weight.any():
+                module.weight.copy_(torch.randn(module.weight.shape, generator=g) * 0.05)
+                module.bias.copy_(torch.randn(module.bias.shape, generator=g) * 0.05)
+
+
+def tiny(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = models.create_model(name, preset="tiny")
+    wake_zero_layers(model)
+    return model
+
+
+def inputs(model, batch: int = 2, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((batch, *model.input_shape), generator=g)
+    t = torch.rand(batch, generator=g)
+    return x, t, random_mask(batch, model.image_size, model.num_classes, seed)
+
+
+# --- interface ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", TOKEN_BACKBONES)
+def test_interface_attributes_and_output_shape(name):
+    model = models.create_model(name, preset="tiny")
+    assert model.space == "pixel" and model.input_shape == (3, 16, 16)
+    assert model.image_size == 16 and model.num_classes == 19 and model.num_tokens == 64
+    assert model.config.depth == len(model.blocks)
+    x, t, mask = inputs(model)
+    v = model(x, t, mask)
+    assert v.shape == x.shape
+    assert not v.any(), "adaLN-Zero: the untrained model must output exactly zero velocity"
+
+
+@pytest.mark.parametrize("name", TOKEN_BACKBONES)
+def test_gradients_reach_every_parameter(name):
+    model = tiny(name)
+    x, t, mask = inputs(model)
+    model(x, t, mask).square().mean().backward()
+    dead = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    assert not dead, f"no gradient reaches: {dead}"
+
+
+@pytest.mark.parametrize("name", TOKEN_BACKBONES)
+def test_output_depends_on_mask_and_time(name):
+    model = tiny(name).eval()
+    x, t, mask_a = inputs(model, seed=0)
+    mask_b = random_mask(2, model.image_size, seed=1)
+    with torch.no_grad():
+        v_a, v_a2, v_b = model(x, t, mask_a), model(x, t, mask_a), model(x, t, mask_b)
+        v_t = model(x, 1 - t, mask_a)
+    assert torch.equal(v_a, v_a2), "the same inputs must give the same output"
+    # Equal inputs give bitwise-equal outputs, so a change well above fp32 rounding (~1e-7 here) is real.
+    # At init the mask's effect on SISMA is small (dt ~ 1e-3..0.1 scales the scanned, mask-selected term
+    # against the D * u skip), hence an absolute threshold rather than a fraction of the output.
+    assert (v_a - v_b).abs().max() > 1e-5, "a different mask must change the output"
+    assert (v_a - v_t).abs().max() > 1e-5, "a different time must change the output"
+
+
+@pytest.mark.parametrize("name", TOKEN_BACKBONES)
+def test_null_mask_is_accepted(name):
+    """Classifier-free guidance drops the mask as an all-zero one-hot: it must run and differ from a real mask."""
+    model = tiny(name).eval()
+    x, t, mask = inputs(model)
+    with torch.no_grad():
+        assert not torch.allclose(model(x, t, torch.zeros_like(mask)), model(x, t, mask))
+
+
+@pytest.mark.parametrize("name", TOKEN_BACKBONES)
+@pytest.mark.parametrize("bad_shape", [(2, 18, 16, 16), (2, 19, 32, 32), (2, 19, 16), (3, 19, 16, 16)])
+def test_wrong_mask_raises_with_expected_shape(name, bad_shape):
+    model = models.create_model(name, preset="tiny")
+    x, t, _ = inputs(model)
+    with pytest.raises(ValueError, match=r"\(2, 19, 16, 16\)") as info:
+        model(x, t, torch.zeros(bad_shape))
+    assert str(tuple(bad_shape)) in str(info.value)
+
+
+@pytest.mark.parametrize("name", TOKEN_BACKBONES)
+def test_wrong_input_shape_raises(name):
+    model = models.create_model(name, preset="tiny")
+    _, t, mask = inputs(model)
+    with pytest.raises(ValueError, match=r"\(B, 3, 16, 16\)"):
+        model(torch.zeros(2, 4, 16, 16), t, mask)
+
+
+# --- sizes --------------------------------------------------------------------------------------------------
+
+
+def count(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name", TOKEN_BACKBONES)
+@pytest.mark.parametrize("preset", ["paper", "cpu", "tiny"])
+def test_meta_device_construction(name, preset):
+    with torch.device("meta"):
+        model = models.create_model(name, preset=preset)
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_sisma_paper_parameter_count():
+    with torch.device("meta"):
+        model = models.create_model("sisma", preset="paper")
+    n = count(model)
+    assert abs(n - PAPER_SISMA_PARAMS) / PAPER_SISMA_PARAMS < PAPER_TOLERANCE, f"{n / 1e6:.2f}M"
+    # The paper preset's geometry: SD-VAE latents of 256 px images, 256 tokens of width 1024, 24 blocks.
+    assert (model.space, model.input_shape, model.image_size, model.num_tokens) == ("latent", (4, 32, 32), 256, 256)
+    assert (model.config.width, model.config.depth) == (1024, 24)
+
+
+def test_dit_paper_matches_sisma_geometry():
+    with torch.device("meta"):
+        dit, sisma = models.create_model("dit"), models.create_model("sisma")
+    for field in ("space", "in_channels", "input_size", "image_size", "patch_size", "width", "depth"):
+        assert getattr(dit.config, field) == getattr(sisma.config, field)
+    assert dit.config.width // dit.config.num_heads == 64
+
+
+@pytest.mark.parametrize("preset", ["cpu", "tiny"])
+def test_small_presets_have_comparable_sizes(preset):
+    with torch.device("meta"):
+        n_sisma, n_dit = (count(models.create_model(n, preset=preset)) for n in TOKEN_BACKBONES)
+    assert abs(n_dit - n_sisma) / n_sisma < 0.25
+
+
+def test_overrides_replace_preset_fields():
+    model = models.create_model("sisma", preset="tiny", depth=1, scan="bidirectional")
+    assert len(model.blocks) == 1 and model.config.scan == "bidirectional"
+    with pytest.raises(ValueError, match="unknown scan order"):
+        models.create_model("sisma", preset="tiny", scan="spiral")
+
+
+# --- Mamba layers ---------------------------------------------------------------------------------------------
+
+
+def mamba_reference(layer, x, m=None):
+    """Mamba / Cross-Mamba written out step by step in float64 from the layer's parameters (one raster scan)."""
+    p = {k: v.detach().double() for k, v in layer.named_parameters()}
+    x = x.double()
+    u, z = (x @ p["in_proj.weight"].T).chunk(2, dim=-1)  # (B, L, E)
+
+    def causal_conv_silu(s, weight, bias):  # s (B, L, E), weight (E, W): out_l = sum_k w_k * s_{l - W + 1 + k}
+        W, L = weight.shape[1], s.shape[1]
+        out = torch.stack([sum(weight[:, k] * s[:, l - W + 1 + k] for k in range(W) if l - W + 1 + k >= 0) + bias
+                           for l in range(L)], dim=1)
+        return F.silu(out)
+
+    u = causal_conv_silu(u, p["ssms.0.conv1d.weight"][:, 0], p["ssms.0.conv1d.bias"])
+    N = p["ssms.0.A_log"].shape[1]
+    proj = u @ p["ssms.0.x_proj.weight"].T
+    if m is None:
+        dt, B, C = proj[..., :-2 * N], proj[..., -2 * N:-N], proj[..., -N:]
+    else:
+        ms = causal_conv_silu(m.double() @ p["mask_proj.weight"].T, p["ssms.0.mask_conv1d.weight"][:, 0],
+                              p["ssms.0.mask_conv1d.bias"])
+        dt = proj
+        B, C = (ms @ p["ssms.0.mask_x_proj.weight"].T).chunk(2, dim=-1)
+    delta = F.softplus(dt @ p["ssms.0.dt_proj.weight"].T + p["ssms.0.dt_proj.bias"])  # (B, L, E)
+    A = -torch.exp(p["ssms.0.A_log"])  # (E, N)
+    h = torch.zeros(x.shape[0], A.shape[0], N, dtype=torch.float64)
+    ys = []
+    for l in range(x.shape[1]):
+        h = torch.exp(delta[:, l, :, None] * A) * h + (delta[:, l] * u[:, l])[..., None] * B[:, l, None, :]
+        ys.append((h * C[:, l, None, :]).sum(-1) + p["ssms.0.D"] * u[:, l])
+    y = torch.stack(ys, dim=1) * F.silu(z)  # (B, L, E)
+    return y @ p["out_proj.weight"].T
+
+
+def small_mamba_inputs(seed=0, L=12, D=16):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, L, D, generator=g), torch.randn(2, L, D, generator=g)
+
+
+def test_self_mamba_matches_reference():
+    torch.manual_seed(0)
+    layer = SelfMamba(16, d_state=4)
+    x, _ = small_mamba_inputs()
+    torch.testing.assert_close(layer(x).double(), mamba_reference(layer, x), rtol=1e-4, atol=1e-5)
+
+
+def test_cross_mamba_matches_reference():
+    torch.manual_seed(0)
+    layer = CrossMamba(16, d_state=4)
+    x, m = small_mamba_inputs()
+    torch.testing.assert_close(layer(x, m).double(), mamba_reference(layer, x, m), rtol=1e-4, atol=1e-5)
+
+
+def test_cross_mamba_takes_B_and_C_from_the_mask():
+    torch.manual_seed(0)
+    layer = CrossMamba(16, d_state=4)
+    x, m = small_mamba_inputs()
+    m2 = m.clone()
+    m2[:, 6:] += 1.0  # change the mask tokens from position 6 on
+    with torch.no_grad():
+        y, y2 = layer(x, m), layer(x, m2)
+        # causal in scan order: positions before 6 read no mask token after them; from 6 on they change
+        torch.testing.assert_close(y[:, :6], y2[:, :6])
+        assert (y[:, 6:] - y2[:, 6:]).abs().amin(dim=-1).gt(0).all()
+        # the mask enters only through B and C: with no (B, C) projection the mask stops mattering
+        layer.ssms[0].mask_x_proj.weight.zero_()
+        torch.testing.assert_close(layer(x, m), layer(x, m2))
+
+
+def test_sisma_block_mask_reaches_cross_mamba_only():
+    model = tiny("sisma").eval()
+    block = model.blocks[0]
+    seen = {}
+    for key in ("self_mamba", "cross_mamba"):
+        getattr(block, key).register_forward_hook(lambda mod, args, out, key=key: seen.setdefault(key, []).append(out))
+    x, t, mask = inputs(model)
+    with torch.no_grad():
+        model(x, t, mask)
+        model(x, t, random_mask(2, model.image_size, seed=1))
+    torch.testing.assert_close(*seen["self_mamba"])  # Self-Mamba of block 0 never sees the mask
+    assert not torch.allclose(*seen["cross_mamba"])
+
+
+# --- scan orders ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", range(8))
+def test_snake_orders_are_continuous_permutations(variant):
+    grid = 6
+    order = snake_order(grid, variant)
+    assert sorted(order.tolist()) == list(range(grid * grid))
+    rows, cols = order // grid, order % grid
+    steps = (rows.diff().abs() + cols.diff().abs()).tolist()
+    assert steps == [1] * (grid * grid - 1), "consecutive tokens must be spatial neighbours"
+
+
+def test_zigzag_cycles_through_eight_distinct_snakes():
+    orders = [tuple(scan_orders("zigzag", 4, i)[0].tolist()) for i in range(16)]
+    assert len(set(orders[:8])) == 8 and orders[8:] == orders[:8]
+
+
+@pytest.mark.parametrize("scan, sees_the_end", [("raster", False), ("bidirectional", True)])
+def test_bidirectional_scan_sees_both_ways(scan, sees_the_end):
+    """A raster scan is causal: token 0 cannot see the last token; the reversed second scan makes it see it."""
+    torch.manual_seed(0)
+    layer = SelfMamba(16, d_state=4, orders=scan_orders(scan, 4, 0))
+    x, _ = small_mamba_inputs(L=16)
+    x2 = x.clone()
+    x2[:, -1] += 1.0
+    with torch.no_grad():
+        changed = not torch.allclose(layer(x)[:, 0], layer(x2)[:, 0])
+    assert changed == sees_the_end
+
+
+@pytest.mark.parametrize("scan", ["bidirectional", "zigzag"])
+def test_scan_order_options_train(scan):
+    torch.manual_seed(0)
+    model = models.create_model("sisma", preset="tiny", scan=scan)
+    wake_zero_layers(model)
+    x, t, mask = inputs(model)
+    v = model(x, t, mask)
+    assert v.shape == x.shape
+    v.square().mean().backward()
+    assert all(p.grad is not None and p.grad.any() for p in model.parameters())
+
+
+# --- shared pieces ----------------------------------------------------------------------------------------
+
+
+def test_unpatchify_inverts_the_patch_layout():
+    x = torch.randn(2, 3, 8, 8)
+    p = 2
+    tokens = x.unfold(2, p, p).unfold(3, p, p)  # (B, C, g, g, p, p)
+    tokens = tokens.permute(0, 2, 3, 4, 5, 1).reshape(2, 16, p * p * 3)  # raster tokens, (p, p, C) inside
+    assert torch.equal(unpatchify(tokens, p, 3), x)
+
+
+def test_pos_embed_encodes_row_and_column():
+    pe = sincos_pos_embed_2d(32, 8).view(8, 8, 32)  # (row, column, channel)
+    assert torch.equal(pe[:, :, :16], pe[:, :1, :16].expand(8, 8, 16)), "first half: the row only"
+    assert torch.equal(pe[:, :, 16:], pe[:1, :, 16:].expand(8, 8, 16)), "second half: the column only"
+    dist = torch.cdist(pe.view(64, 32), pe.view(64, 32)).fill_diagonal_(math.inf)
+    assert dist.min() > 0.1, "every position has its own code"

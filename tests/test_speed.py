@@ -1,0 +1,233 @@
+"""`bench speed`: columns and values of a timed run, FLOP counts against hand counts, the power-law fit,
+one-line errors, out-of-memory rows and append-only output."""
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from typer.testing import CliRunner
+
+from bench import speed
+from bench.cli import app
+from bench.errors import BenchError
+from bench.flops import count_flops, equivalent_tokens, fit_power_law
+from models.ssm import scan_flops, selective_scan
+
+STEPS = 4  # whole images of 4 Euler steps keep the timed tests short
+# One thread: on a shared, loaded machine two intra-op threads can make tiny convolutions 20x slower.
+QUICK = ["--steps", str(STEPS), "--preset", "tiny", "--warmup", "1", "--repeats", "3", "--image-repeats", "1",
+         "--device", "cpu", "--threads", "1"]
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def quick_config(tmp_path, **kw) -> speed.SpeedConfig:
+    base = dict(models=["sisma", "dit", "sdm"], preset="tiny", steps=STEPS, batch_sizes=[1, 2], warmup=1,
+                repeats=3, image_repeats=1, device="cpu", threads=1, out=tmp_path / "speed.csv")
+    return speed.SpeedConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def timed_rows(tmp_path_factory):
+    """One CLI run of every backbone at the tiny preset, batch sizes 1 and 2; the rows of its CSV."""
+    out = tmp_path_factory.mktemp("speed") / "speed.csv"
+    result = CliRunner().invoke(app, ["speed", "--models", "sisma,dit,sdm", "--batch-sizes", "1,2",
+                                      "--out", str(out), *QUICK])
+    assert result.exit_code == 0, result.output
+    return read_csv(out)
+
+
+def test_timed_run_writes_every_column_with_sensible_values(timed_rows):
+    assert list(timed_rows[0]) == speed.COLUMNS
+    assert [(r["model"], int(r["batch_size"])) for r in timed_rows] == [
+        (m, b) for m in ("sisma", "dit", "sdm") for b in (1, 2)]
+    for r in timed_rows:
+        assert r["mode"] == "timed" and r["status"] == "ok" and r["device"] == "cpu"
+        assert int(r["steps"]) == STEPS and int(r["nfe"]) == STEPS
+        med, lo = float(r["latency_nfe_median_s"]), float(r["latency_nfe_min_s"])
+        assert 0 < lo <= med and float(r["latency_nfe_iqr_s"]) >= 0 and float(r["latency_nfe_std_s"]) >= 0
+        # measured and projected whole-image latency live in separate columns, both filled here
+        assert float(r["image_latency_s"]) > 0 and int(r["image_repeats"]) == 1
+        assert float(r["image_latency_projected_s"]) == pytest.approx(
+            med * STEPS + float(r["decode_latency_s"]), rel=1e-4)
+        assert float(r["images_per_s"]) == pytest.approx(int(r["batch_size"]) / float(r["image_latency_s"]), rel=1e-4)
+        assert int(r["flops_per_nfe"]) == int(r["flops_counter"]) + int(r["flops_scan"]) > 0
+        assert int(r["params"]) > 0 and int(r["threads"]) == 1 and r["torch"] == torch.__version__
+        assert float(r["peak_rss_delta_mib"]) >= 0 and r["peak_cuda_allocated_mib"] == ""
+        assert r["decoder"] == speed.PIXEL_DECODER_LABEL
+    by_model = {r["model"]: r for r in timed_rows}
+    assert int(by_model["sisma"]["flops_scan"]) > 0 and by_model["sisma"]["scan_backend"] not in ("", "none")
+    assert by_model["sisma"]["attention_kernel"] == "none"
+    assert int(by_model["dit"]["flops_scan"]) == 0 and by_model["dit"]["scan_backend"] == "none"
+    assert by_model["dit"]["attention_kernel"] not in ("", "none")  # SDPA ran, and we say which kernel
+
+
+def test_whole_image_beyond_budget_is_projected_not_measured(tmp_path):
+    rows = speed.run_speed(quick_config(tmp_path, models=["dit"], batch_sizes=[1], full_image_max_seconds=0.0),
+                           echo=lambda s: None)
+    row = rows.iloc[0]
+    assert math.isnan(float(row["image_latency_s"])) and math.isnan(float(row["images_per_s"]))
+    assert row["image_latency_projected_s"] == pytest.approx(row["latency_nfe_median_s"] * STEPS + row["decode_latency_s"])
+    assert row["nfe"] == STEPS
+    written = read_csv(tmp_path / "speed.csv")[0]
+    assert written["image_latency_s"] == "" and float(written["image_latency_projected_s"]) > 0
+
+
+class LinearAndScan(nn.Module):
+    """A Linear layer followed by one selective scan: FLOPs countable by hand."""
+
+    def __init__(self, d_in, dim, state):
+        super().__init__()
+        self.proj = nn.Linear(d_in, dim)
+        self.A = nn.Parameter(torch.empty(dim, state))
+
+    def forward(self, x):  # x (B, L, d_in)
+        u = self.proj(x).transpose(1, 2)  # (B, D, L)
+        b = u.new_empty(u.shape[0], self.A.shape[1], u.shape[2])  # (B, N, L)
+        return selective_scan(u, u, self.A, b, b)
+
+
+def test_flops_on_meta_match_hand_count():
+    batch, length, d_in, dim, state = 3, 10, 8, 16, 4
+    with torch.device("meta"):
+        model = LinearAndScan(d_in, dim, state)
+        x = torch.empty(batch, length, d_in)
+    flops = count_flops(model, x)
+    assert flops.counter == 2 * batch * length * d_in * dim  # a multiply-add counts as two
+    assert flops.scan == scan_flops(batch, dim, length, state) == 9 * batch * dim * length * state
+    assert flops.total == flops.counter + flops.scan
+
+
+def test_meta_count_of_a_backbone_equals_its_real_count_and_the_scan_formula():
+    import models
+    from bench.flops import example_inputs
+
+    torch.manual_seed(0)
+    real = models.create_model("sisma", preset="tiny").eval()
+    with torch.device("meta"):
+        meta = models.create_model("sisma", preset="tiny").eval()
+    on_cpu = count_flops(real, *example_inputs(real, 2, "cpu"))
+    on_meta = count_flops(meta, *example_inputs(meta, 2, "meta"))
+    assert on_cpu == on_meta
+    cfg = meta.config
+    scans_per_block = 2  # Self-Mamba and Cross-Mamba, one raster scan each
+    expected_scan = cfg.depth * scans_per_block * scan_flops(2, cfg.expand * cfg.width, meta.num_tokens, cfg.d_state)
+    assert on_meta.scan == expected_scan
+
+
+def test_sdm_paper_flops_at_256_px():
+    """DESIGN.md: SDM costs about 3.4 TFLOPs per forward at 256 px (multiply-add = 2)."""
+    base = speed.build_model("sdm", "paper", {}, "meta")
+    s = speed.describe_setting("sdm", "paper", 256, base)
+    assert s.flops.total == pytest.approx(3.4e12, rel=0.03)
+    assert s.flops.scan == 0 and s.params == pytest.approx(653.06e6, rel=0.005)
+
+
+def test_power_law_fit_recovers_the_exponent():
+    x = [64, 256, 1024, 4096]
+    k, a = fit_power_law(x, [3.0 * v ** 1.7 for v in x])
+    assert k == pytest.approx(1.7) and a == pytest.approx(3.0)
+    assert fit_power_law([256, 256], [1.0, 2.0]) is None
+    assert equivalent_tokens(256) == 256 and equivalent_tokens(512) == 4 * equivalent_tokens(256)
+
+
+def test_flops_only_cli_sweeps_resolutions_and_fits_exponents(tmp_path):
+    out = tmp_path / "flops.csv"
+    result = CliRunner().invoke(app, ["speed", "--flops-only", "--preset", "tiny", "--models", "sisma,sdm",
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = read_csv(out)
+    assert [(r["model"], int(r["resolution"])) for r in rows] == [
+        (m, px) for m in ("sisma", "sdm") for px in (16, 32, 64)]
+    assert all(r["mode"] == "flops-only" and r["device"] == "meta" and r["latency_nfe_median_s"] == "" for r in rows)
+    sisma = [r for r in rows if r["model"] == "sisma"]
+    # SISMA's FLOPs are linear in the tokens: the exponent is 1 (up to the token-independent time embedding)
+    assert float(sisma[0]["flops_exponent"]) == pytest.approx(1.0, abs=0.02)
+    assert "FLOPs exponent" in result.output and "| sisma" in result.output
+
+
+def run_cli(args):
+    result = CliRunner().invoke(app, ["speed", *args])
+    return result.exit_code, result.stderr.strip().splitlines()
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--models", "sisma,nosuchmodel"], "unknown model 'nosuchmodel'"),
+    (["--models", "sisma", "--resolutions", "17"], "cannot take 17 px"),
+    (["--models", "sdm", "--preset", "cpu", "--resolutions", "34"], "cannot take 34 px"),
+    (["--models", "dit", "--batch-sizes", "one"], "--batch-sizes takes comma-separated integers"),
+])
+def test_bad_input_is_a_one_line_error(tmp_path, args, says):
+    code, lines = run_cli([*args, "--flops-only", "--out", str(tmp_path / "x.csv")])
+    assert code != 0 and len(lines) == 1 and lines[0].startswith("error:") and says in lines[0], lines
+    assert not (tmp_path / "x.csv").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_unavailable_device_is_a_one_line_error(tmp_path):
+    code, lines = run_cli(["--models", "dit", "--device", "cuda", "--out", str(tmp_path / "x.csv")])
+    assert code != 0 and len(lines) == 1 and "no CUDA device" in lines[0]
+
+
+def test_out_of_memory_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    real = speed.measure_batch
+
+    def measure(model, decoder, s, batch_size, cfg, device):
+        if s.name == "dit" and batch_size == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+        return real(model, decoder, s, batch_size, cfg, device)
+
+    monkeypatch.setattr(speed, "measure_batch", measure)
+    rows = speed.run_speed(quick_config(tmp_path, models=["dit", "sdm"], full_image_max_seconds=0.0),
+                           echo=lambda s: None)
+    status = dict(zip(zip(rows["model"], rows["batch_size"]), rows["status"]))
+    assert status == {("dit", 1): "ok", ("dit", 2): "oom", ("sdm", 1): "ok", ("sdm", 2): "ok"}
+    oom = read_csv(tmp_path / "speed.csv")[1]
+    assert oom["status"] == "oom" and "out of memory" in oom["error"] and oom["latency_nfe_median_s"] == ""
+    assert int(oom["params"]) > 0  # what was known before the failure is still recorded
+    assert speed.is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried ..."))
+    assert not speed.is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+def test_output_is_appended_never_truncated(tmp_path):
+    out = tmp_path / "speed.csv"
+    cfg = quick_config(tmp_path, models=["sdm"], flops_only=True, resolutions=[16])
+    speed.run_speed(cfg, echo=lambda s: None)
+    first = out.read_text()
+    speed.run_speed(cfg, echo=lambda s: None)
+    second = out.read_text()
+    assert second.startswith(first) and len(read_csv(out)) == 2
+    assert second.count("mode,status") == 1  # one header
+
+
+def test_existing_file_with_other_columns_keeps_its_rows(tmp_path):
+    out = tmp_path / "speed.csv"
+    out.write_text("model,note\nold,kept\n")
+    speed.append_rows(out, [{"model": "sdm", "status": "ok"}])
+    rows = read_csv(out)
+    assert rows[0]["model"] == "old" and rows[0]["note"] == "kept"
+    assert rows[1]["model"] == "sdm" and rows[1]["note"] == "" and "status" in rows[1]
+
+
+def test_bench_error_for_unknown_precision(tmp_path):
+    with pytest.raises(BenchError, match="precision"):
+        speed.run_speed(quick_config(tmp_path, precision="fp8"), echo=lambda s: None)
+
+
+def test_latent_models_decode_with_the_sd_vae_architecture_without_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))  # no SD-VAE weights reachable
+    decoder, label = speed.load_decoder("latent", None, torch.device("cpu"))
+    assert label == speed.RANDOM_VAE_LABEL
+    with torch.inference_mode():
+        images = decoder.decode(torch.randn(1, 4, 4, 4))
+    assert images.shape == (1, 3, 32, 32)  # SD-VAE: 8x upsampling
+    with pytest.raises(BenchError):  # weights asked for by name must exist
+        speed.load_decoder("latent", str(tmp_path / "no-such-vae"), torch.device("cpu"))
+    pixel, label = speed.load_decoder("pixel", None, torch.device("cpu"))
+    assert label == speed.PIXEL_DECODER_LABEL and pixel.decode(torch.full((1, 3, 2, 2), 3.0)).max() == 1
