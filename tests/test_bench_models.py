@@ -49,3 +49,30 @@ def test_forward_backward(benchmark, backbone):
     benchmark.extra_info.update(model=name, preset=PRESET, batch=BATCH, threads=torch.get_num_threads())
     loss = benchmark(step)
     assert torch.isfinite(loss)
+
+
+TRAIN_PRESET = "cpu"
+TRAIN_BATCH = 16  # the trainer's batch at the cpu preset (PRESET_DEFAULTS)
+
+
+@pytest.mark.parametrize("name", ["sisma", "dit", "sdm"])
+def test_training_step_cpu_preset(benchmark, name):
+    """One optimiser step of the flow-matching loss at the cpu preset: SISMA should cost <= 1.5x DiT-SIS."""
+    from bench.flow import flow_loss
+
+    torch.manual_seed(0)
+    model = models.create_model(name, preset=TRAIN_PRESET).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x1, t, mask = example_inputs(model, TRAIN_BATCH, "cpu", generator=torch.Generator().manual_seed(0))
+    x0 = torch.randn_like(x1)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = flow_loss(model, x1, mask, t, x0)
+        loss.backward()
+        opt.step()
+        return loss
+
+    benchmark.extra_info.update(model=name, preset=TRAIN_PRESET, batch=TRAIN_BATCH, threads=torch.get_num_threads())
+    loss = benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
+    assert torch.isfinite(loss)

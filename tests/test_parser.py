@@ -79,10 +79,10 @@ def test_missing_or_foreign_parser_file_is_a_one_line_error(tmp_path):
 
 
 def test_training_beats_the_untrained_parser(faces):
-    cfg = fp.ParserConfig(size=SIZE, width=8)
+    cfg = fp.ParserConfig(size=SIZE, width=16)
     torch.manual_seed(0)
     before = fp.evaluate(fp.FaceParser(cfg).eval(), faces, "train")
-    model = fp.train_parser(faces, cfg, fp.TrainConfig(steps=60, batch_size=16, warmup=5), progress=False)
+    model = fp.train_parser(faces, cfg, fp.TrainConfig(steps=300, batch_size=16, warmup=5, lr=1e-2), progress=False)
     after = fp.evaluate(model, faces, "train")
     assert after > before + 0.2
 
