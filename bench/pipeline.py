@@ -83,8 +83,8 @@ BUDGETS = {
              "trained for a few hundred steps on synthetic faces: a small-scale comparison under one trainer, "
              "sampler, timer and protocol, not a reproduction of the paper's numbers. Quality uses fewer masks, "
              "samples and sampling steps than the paper's protocol (see the budget table).",
-        synth_n=2000, train_steps=400, batch_size=8, ema_decay=0.98, warmup=20, ckpt_every=50, sample_every=200,
-        parser_steps=500, parser_batch=16, grid_masks=6, grid_steps=50, quality_masks=24, quality_samples=4,
+        synth_n=2000, train_steps=600, batch_size=8, ema_decay=0.98, warmup=20, ckpt_every=50, sample_every=200,
+        parser_steps=1000, parser_batch=32, grid_masks=6, grid_steps=50, quality_masks=24, quality_samples=4,
         quality_steps=20, speed_batch_sizes=(1, 8), speed_scales=(2, 4), speed_warmup=2, speed_repeats=10,
         speed_scale_repeats=3, speed_image_repeats=2, full_image_max_seconds=15.0, paper_flops=True),
     # The paper's experiment, with --data CelebAMask-HQ on a GPU machine: days of training.

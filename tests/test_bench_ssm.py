@@ -12,7 +12,8 @@ from models import ssm
 
 SHAPES = {"B1-D2048-L256-N16": (1, 2048, 256, 16), "B8-D256-L1024-N16": (8, 256, 1024, 16)}
 IMPLEMENTATIONS = {"cpu": ssm.selective_scan_cpu, "torch": ssm.selective_scan_torch, "ref": ssm.selective_scan_ref}
-ROUNDS = {"cpu": 10, "torch": 3, "ref": 3}  # the loops take seconds per call under autograd
+ROUNDS = {"cpu": 50, "torch": 3, "ref": 3}  # the loops take seconds per call under autograd
+WARMUP = {"cpu": 5, "torch": 1, "ref": 1}  # a few untimed calls wake the thread pool and warm the caches
 EXP_BLOCK = 1 << 18  # floats per torch.exp call in the bound: 1 MiB, resident in cache
 
 
@@ -54,7 +55,7 @@ def test_scan_speed(benchmark, mode, shape, impl):
         return torch.autograd.grad(fn(**x, delta_softplus=True), list(x.values()), grad_out)
 
     benchmark.pedantic(forward if mode == "fwd" else forward_backward,
-                       rounds=ROUNDS[impl], iterations=1, warmup_rounds=1)
+                       rounds=ROUNDS[impl], iterations=1, warmup_rounds=WARMUP[impl])
 
 
 @pytest.mark.parametrize("what", ["torch.exp", "cpu-kernel-fwd"])

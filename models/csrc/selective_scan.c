@@ -255,6 +255,9 @@ INLINE void backward_row(const ScanArgs *a, const ScanGrads *g, int64_t b, int64
 
 /* The common state size gets a compile-time N, so a row's state lives in vector registers. */
 #define COMMON_STATE 16
+/* Rows are handed out in small batches as threads come free, not split evenly up front: on a shared
+ * machine one thread is often late, and an even split would then wait for it. */
+#define ROWS_PER_GRAB 8
 
 void ss_forward(const ScanArgs *a, float *out, float *last)
 {
@@ -262,7 +265,7 @@ void ss_forward(const ScanArgs *a, float *out, float *last)
 #pragma omp parallel num_threads(a->threads)
     {
         float *buf = a->scratch + omp_get_thread_num() * ss_scratch_floats(a->length, N, 0);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, ROWS_PER_GRAB)
         for (int64_t r = 0; r < rows; r++) {
             const int64_t b = r / a->dim, d = r % a->dim;
             if (N == COMMON_STATE)
@@ -283,7 +286,7 @@ void ss_backward(const ScanArgs *a, const ScanGrads *g)
         float *buf = a->scratch + tid * ss_scratch_floats(a->length, N, 1);
         float *pB = g->partial + (int64_t)tid * 2 * GLN, *pC = pB + GLN;
         for (int64_t b = 0; b < a->batch; b++) {
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, ROWS_PER_GRAB)
             for (int64_t d = 0; d < a->dim; d++) {
                 const int64_t off = d / per_group * LN;
                 if (N == COMMON_STATE)
