@@ -253,7 +253,7 @@ class Scan:
 
 def detect_layout(root: Path) -> str:
     """``celebamask-hq`` or ``split-folders``; a one-line error naming what is missing otherwise."""
-    root = Path(root)
+    root = Path(root).expanduser()
     fix = f"pass the folder that holds {IMAGE_DIRNAME}/ and {MASK_DIRNAME}/ (or train/ and test/ with " \
           f"images/ and labels/), or make a synthetic set with `bench data synth --out {root}`"
     if not root.is_dir():
@@ -281,7 +281,7 @@ def _numeric_key(p: Path):
 
 def scan(root: Path) -> Scan:
     """Index a data folder of either layout."""
-    root = Path(root)
+    root = Path(root).expanduser()
     layout = detect_layout(root)
     return _scan_celebamask(root) if layout == "celebamask-hq" else _scan_split_folders(root)
 
@@ -388,7 +388,7 @@ class FaceDataset(torch.utils.data.Dataset):
 
     def __init__(self, root: str | os.PathLike, split: str | Sequence[int] = "train", size: int = 256,
                  flip: bool = False, cache_dir: str | os.PathLike | None = None, cache: bool = True):
-        self.root = Path(root)
+        self.root = Path(root).expanduser()
         self.size = int(size)
         self.flip = flip
         found = scan(self.root)
@@ -591,7 +591,7 @@ def check_dataset(root: str | os.PathLike, workers: int | None = None, progress:
     """Read every file of a data folder; count, measure and list every problem with its path."""
     from tqdm import tqdm
 
-    root = Path(root)
+    root = Path(root).expanduser()
     found = scan(root)
     problems = [f"{why}: {p}" for p, why in found.strays]
     if found.layout == "celebamask-hq":

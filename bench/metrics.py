@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from bench.errors import BenchError
+from bench.errors import BenchError, portable
 
 INCEPTION_EXTRACTOR = "inception-v3-compat"  # torch-fidelity's TF-compatible Inception-v3, the standard FID network
 LPIPS_MIN_SIZE = 64  # AlexNet's pooling stack needs >= 32 px; smaller images are upsampled to this size for LPIPS
@@ -82,7 +82,8 @@ def resolve_weights(spec: WeightSpec, explicit: Path | str | None = None) -> Pat
     path = Path(explicit) if explicit is not None else hub_checkpoint_dir() / spec.filename
     if not path.is_file():
         raise WeightsMissing(
-            f"{spec.label} weights not found at {path}; download {spec.url} to {hub_checkpoint_dir() / spec.filename} "
+            f"{spec.label} weights not found at {portable(path)}; download {spec.url} to "
+            f"{portable(hub_checkpoint_dir() / spec.filename)} "
             f"or pass {spec.option} FILE"
         )
     digest = sha256_file(path)

@@ -31,7 +31,7 @@ from typing import Callable, Optional
 import typer
 
 from bench.cli import command
-from bench.errors import BenchError
+from bench.errors import BenchError, portable
 
 STATE_VERSION = 1
 SAMPLE_SEED = 0  # noise of grid sample i and of quality samples comes from (seed, i): the same for every model
@@ -239,11 +239,11 @@ class Pipeline:
     def data_dir(self, size: int) -> Path:
         """The data folder for images of ``size`` px: --data, or the trainer's default synthetic set."""
         if self.opts.data is not None:
-            return Path(self.opts.data).resolve()
+            return Path(portable(self.opts.data))
         from bench.train import PRESET_DEFAULTS, default_data_dir
 
         n = self.budget.synth_n or PRESET_DEFAULTS[self.opts.preset]["synth_n"]
-        return default_data_dir(size, n).resolve()
+        return Path(portable(default_data_dir(size, n)))
 
     def synth_n(self) -> int:
         from bench.train import PRESET_DEFAULTS
@@ -277,7 +277,7 @@ class Pipeline:
     # ------------------------------------------------------------------ the stages
     def stages(self) -> list[Stage]:
         b, o = self.budget, self.opts
-        data_settings = {"data": str(o.data.resolve()) if o.data else None, "synth_n": self.synth_n(),
+        data_settings = {"data": portable(o.data) if o.data else None, "synth_n": self.synth_n(),
                          "sizes": sorted(set(self.sizes.values()))}
         stages = [Stage("data", "data: " + ("check --data" if o.data else f"synthetic faces ({self.synth_n()})"),
                         data_settings, (), self.stage_data,
@@ -383,7 +383,7 @@ class Pipeline:
         if o.data is None:
             options["synth_n"] = self.synth_n()
         else:
-            options["data"] = str(Path(o.data).resolve())
+            options["data"] = portable(o.data)
         return {k: v for k, v in options.items() if v is not None}
 
     def stage_train(self, model: str) -> dict:

@@ -40,7 +40,7 @@ import typer
 from bench import metrics
 from bench.cli import command
 from bench.data import write_atomic
-from bench.errors import BenchError
+from bench.errors import BenchError, portable
 
 DEFAULT_OUT = Path("results/quality.csv")
 RUN_ROOTS = (Path("runs"), Path("results/runs"))
@@ -90,7 +90,7 @@ def eval_dir(run, settings: QualitySettings) -> Path:
     st = ckpt.stat()
     key = {
         "checkpoint": {"file": ckpt.name, "step": run.step, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns},
-        "data": str(Path(settings.data).resolve()), "split": settings.split, "size": run.image_size,
+        "data": portable(settings.data), "split": settings.split, "size": run.image_size,
         "steps": settings.steps, "method": settings.method, "guidance": settings.guidance, "seed": settings.seed,
         "precision": settings.precision,
     }

@@ -36,7 +36,7 @@ from bench import flow
 from bench.autoencoder import SD_VAE, LatentCache, load_space
 from bench.checkpoint import load, rng_state, save_atomic, set_rng_state
 from bench.cli import command
-from bench.errors import BenchError
+from bench.errors import BenchError, portable
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SYNTH_SEED = 0  # the default synthetic set is the same for every run, whatever the training seed
@@ -148,7 +148,7 @@ def make_config(model: str, run_dir: Path, resume: bool = False, **given) -> Tra
         saved = json.loads(config_path.read_text())
         given["model"] = model
         if "data" in given:
-            given["data"] = str(Path(given["data"]).resolve())
+            given["data"] = portable(given["data"])
         for key, value in given.items():
             if key not in RESUME_FREE and key in saved and saved[key] != value:
                 raise BenchError(f"--resume: {key} = {value!r} differs from the run's {saved[key]!r} "
@@ -177,9 +177,9 @@ def make_config(model: str, run_dir: Path, resume: bool = False, **given) -> Tra
     if cfg.data is None:
         with torch.device("meta"):
             image_size = create_model(model, preset, **cfg.model_overrides).image_size
-        cfg.data, cfg.synthetic = str(default_data_dir(image_size, cfg.synth_n).resolve()), True
+        cfg.data, cfg.synthetic = portable(default_data_dir(image_size, cfg.synth_n)), True
     else:
-        cfg.data = str(Path(cfg.data).resolve())
+        cfg.data = portable(cfg.data)
     check_config(cfg)
     return cfg
 

@@ -378,3 +378,17 @@ def test_check_counts_and_frequencies(synth_set):
     assert dict(report.image_sizes) == {(SIZE, SIZE): N}
     want = sum(np.bincount(make_face(SEED, i, SIZE).label.ravel(), minlength=NUM_CLASSES) for i in range(N))
     np.testing.assert_array_equal(report.class_pixels, want)
+
+
+def test_portable_paths_carry_no_machine_layout(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from bench.errors import portable
+
+    (tmp_path / "work" / "data").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "work")
+    assert portable(tmp_path / "work" / "data") == "data" and portable(tmp_path / "work") == "."
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert portable(tmp_path / "home" / "w.pth") == "~/w.pth"
+    assert Path(portable(tmp_path / "home" / "w.pth")).expanduser() == tmp_path / "home" / "w.pth"
+    assert portable("/elsewhere/x") == "/elsewhere/x"
