@@ -98,7 +98,7 @@ class FaceParser(nn.Module):
 class TrainConfig:
     """Optimisation settings of ``bench parser train``."""
 
-    steps: int = 3000
+    steps: int = 1000
     batch_size: int = 32
     lr: float = 3e-3
     weight_decay: float = 1e-4

@@ -115,7 +115,7 @@ def test_parser_ceiling_on_real_synthetic_test_faces(tmp_path):
     0.15-0.55 IoU. The paper's 0.9-class figures are at 256 px, where such edge pixels are a small fraction.
     """
     data = generate_synthetic(tmp_path / "faces", n=2000, size=64, seed=0, progress=False)
-    model = fp.train_parser(data, fp.ParserConfig(size=32), fp.TrainConfig(), progress=False)
+    model = fp.train_parser(data, fp.ParserConfig(size=32), fp.TrainConfig(steps=3000), progress=False)
     train_miou = fp.evaluate(model, data, "train", limit=300)
     test_miou = fp.evaluate(model, data, "test")
     assert test_miou >= 0.68
