@@ -53,7 +53,10 @@ def models_cmd(
     """List registered backbones with parameters (counted on the meta device), input space and tokens."""
     from models.info import models_table
 
-    typer.echo(models_table(presets=preset))
+    try:
+        typer.echo(models_table(presets=preset))
+    except ValueError as e:
+        raise BenchError(str(e)) from None
 
 
 # --- commands of each concern (each module registers its own; imported for the side effect) ---

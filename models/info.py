@@ -32,6 +32,10 @@ def describe(name: str, preset: str) -> dict:
 
 def models_table(presets: list[str] | None = None, names: list[str] | None = None) -> str:
     """Markdown table of every backbone at every requested preset it has."""
+    known = sorted({p for name in list_models() for p in list_presets(name)})
+    unknown = [p for p in presets or [] if p not in known]
+    if unknown:
+        raise ValueError(f"unknown preset {unknown[0]!r}; available: {', '.join(known)}")
     rows = []
     for name in names or list_models():
         for preset in presets or list_presets(name):

@@ -107,3 +107,16 @@ def test_broken_plugin_warns_and_the_rest_still_works(fresh_registry):
     with pytest.warns(UserWarning, match="broken"):
         names = models.list_models()
     assert names[:3] == BUILT_IN
+
+
+def test_models_command_rejects_an_unknown_preset_in_one_line():
+    from typer.testing import CliRunner
+
+    from bench.cli import app
+
+    result = CliRunner().invoke(app, ["models", "--preset", "huge"])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "'huge'" in lines[0] and "paper" in lines[0] and "tiny" in lines[0]
+    ok = CliRunner().invoke(app, ["models", "--preset", "tiny"])
+    assert ok.exit_code == 0 and all(m in ok.output for m in ("sisma", "dit", "sdm"))
