@@ -24,13 +24,7 @@ DDP_TOL = dict(rtol=1e-4, atol=1e-5)
 BENCH = shutil.which("bench") or str(Path(sys.executable).with_name("bench"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread: splitting 64-wide layers over cores costs more than it saves."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
 
 @pytest.fixture(scope="module")
