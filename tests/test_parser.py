@@ -109,14 +109,10 @@ def test_cli_empty_test_split_is_a_one_line_error(tmp_path):
 def test_parser_ceiling_on_real_synthetic_test_faces(tmp_path):
     """The parser's mIoU on real test faces at the cpu preset's 32 px (about ten minutes on two cores).
 
-    Measured 0.72 after 3000 steps at batch 32, with train and test scores equal: the limit is the raster, not
-    the fit. At 32 px the brows, lips, necklace and earrings are one or two pixels wide, and the label of a pixel
-    is the part under its centre while its colour averages everything it covers, so those classes cap near
-    0.15-0.55 IoU. The paper's 0.9-class figures are at 256 px, where such edge pixels are a small fraction.
+    Measured after 3000 steps at batch 32 on 2000 faces: 0.905 on train faces, 0.718 on test faces; on 20000
+    faces: 0.773 and 0.759. The small parts (brows, lips, necklace, earrings: one or two pixels wide at 32 px)
+    are what separates the two; the 0.9 of the issue needs far more steps on many faces, or a higher resolution.
     """
     data = generate_synthetic(tmp_path / "faces", n=2000, size=64, seed=0, progress=False)
     model = fp.train_parser(data, fp.ParserConfig(size=32), fp.TrainConfig(steps=3000), progress=False)
-    train_miou = fp.evaluate(model, data, "train", limit=300)
-    test_miou = fp.evaluate(model, data, "test")
-    assert test_miou >= 0.68
-    assert abs(train_miou - test_miou) < 0.05  # no overfitting: what is left is the resolution
+    assert fp.evaluate(model, data, "test") >= 0.68
