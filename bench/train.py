@@ -255,13 +255,19 @@ def draw_noise(gen: torch.Generator, cfg: TrainConfig, shape: tuple, rank: int, 
 
 
 def seed_worker(worker_id: int) -> None:
-    """DataLoader workers: numpy/random seeded from torch's per-worker seed; Ctrl-C is the parent's business."""
+    """DataLoader workers: numpy/random seeded from torch's per-worker seed.
+
+    Ctrl-C and SIGTERM are the parent's business: a terminal, ``timeout`` or a batch scheduler signals the whole
+    process group, and a worker that died of it would make the parent fail before it saves its checkpoint. The
+    parent shuts its workers down itself (and they exit when it is gone).
+    """
     import random
 
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -161,17 +161,23 @@ def test_ddp_two_processes_match_one(data, tmp_path):
         assert float(r2["loss"]) == pytest.approx(float(r1["loss"]), rel=1e-4)
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data, tmp_path):
+@pytest.mark.parametrize("whom", ["process", "group"])
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data, tmp_path, whom):
+    """SIGTERM to the trainer, or to its whole process group with a loader worker (timeout, schedulers)."""
     run = tmp_path / "run"
     cmd = [BENCH, "train", "dit", "--preset", "tiny", "--data", str(data), "--steps", "100000", "--out", str(run),
-           "--ckpt-every", "100000", "--sample-every", "100000"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+           "--ckpt-every", "100000", "--sample-every", "100000", "--workers", "1" if whom == "group" else "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                            start_new_session=whom == "group")
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if (run / "loss.csv").exists() and len(loss_rows(run)) >= 2:
             break
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    if whom == "group":
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "stopped by SIGTERM" in err and "Traceback" not in err
