@@ -29,6 +29,8 @@ from bench.metrics import confusion_matrix, miou, to_uint8
 CHECKPOINT_FORMAT = "sis-bench-face-parser/1"
 DEFAULT_DIR = Path("results/parser")
 GROUPS = 8  # GroupNorm groups
+BOTTLENECK_PX = 8    # default depth: downsample until about 8 x 8 cells, whose receptive field spans the whole face
+WIDE_UP_TO_PX = 32   # default width: 32 channels at full resolution up to this size, 16 above (a step stays cheap)
 
 
 def default_parser_path(size: int) -> Path:
@@ -45,6 +47,18 @@ class ParserConfig:
     width: int = 32                # channels at full resolution; doubled at each level down
     levels: int = 2                # number of 2x downsamplings
     num_classes: int = NUM_CLASSES
+
+    @classmethod
+    def for_size(cls, size: int) -> "ParserConfig":
+        """The default network for a resolution: 32 px -> width 32, 2 levels; 64 -> 16, 3; 128 -> 16, 4.
+
+        Depth grows with the size because left and right parts (eyes, brows, ears) look alike and differ only by
+        where they sit in the face, which the bottleneck must see whole.
+        """
+        levels = max(2, int(math.log2(max(size, 1) / BOTTLENECK_PX)))
+        while levels > 2 and size % 2 ** levels:
+            levels -= 1
+        return cls(size=size, width=32 if size <= WIDE_UP_TO_PX else 16, levels=levels)
 
 
 class ConvBlock(nn.Sequential):
@@ -161,9 +175,9 @@ def train_parser(data: Path, config: ParserConfig, train: TrainConfig, device: t
     from tqdm import tqdm
 
     device = torch.device(device)
-    images, labels = load_split(data, "train", config.size, progress=progress)
     torch.manual_seed(train.seed)
-    model = FaceParser(config).to(device)
+    model = FaceParser(config).to(device)  # before loading, so that a size the network cannot take fails at once
+    images, labels = load_split(data, "train", config.size, progress=progress)
     opt = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, train))
     batches = _batches(images, labels, train.batch_size, torch.Generator().manual_seed(train.seed))
@@ -248,7 +262,10 @@ def train_cmd(
                                                 "(32 for the cpu preset, 16 tiny, 256 paper)."),
     steps: int = typer.Option(TrainConfig.steps, "--steps", help="Optimisation steps."),
     batch_size: int = typer.Option(TrainConfig.batch_size, "--batch-size", help="Images per step."),
-    width: int = typer.Option(ParserConfig.width, "--width", help="UNet channels at full resolution."),
+    width: int = typer.Option(None, "--width", help="UNet channels at full resolution [default: 32 up to 32 px, "
+                                                    "16 above]."),
+    levels: int = typer.Option(None, "--levels", help="UNet downsamplings [default: down to about 8 x 8: 2 at "
+                                                      "32 px, 3 at 64, 4 at 128]."),
     lr: float = typer.Option(TrainConfig.lr, "--lr", help="Peak learning rate (AdamW, cosine decay)."),
     seed: int = typer.Option(TrainConfig.seed, "--seed", help="Seed for initialisation and batch order."),
     out: Path = typer.Option(None, "--out", help="Checkpoint file (default: results/parser/parser-{size}px.pt)."),
@@ -260,7 +277,10 @@ def train_cmd(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     started = time.perf_counter()
-    model = train_parser(data, ParserConfig(size=size, width=width),
+    config = ParserConfig.for_size(size)
+    config = dataclasses.replace(config, width=config.width if width is None else width,
+                                 levels=config.levels if levels is None else levels)
+    model = train_parser(data, config,
                          TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed), device)
     seconds = time.perf_counter() - started
     test_miou = evaluate(model, data, "test")

@@ -473,7 +473,7 @@ class Pipeline:
             data = self.data_dir(size)
             path = self.dir / f"parser-{size}px.pt"
             train_cfg = face_parser.TrainConfig(steps=b.parser_steps, batch_size=b.parser_batch, seed=self.opts.seed)
-            model = face_parser.train_parser(data, face_parser.ParserConfig(size=size), train_cfg, self.device)
+            model = face_parser.train_parser(data, face_parser.ParserConfig.for_size(size), train_cfg, self.device)
             test_miou = face_parser.evaluate(model, data, "test")
             face_parser.save_parser(model, path, {"data": str(data), **dataclasses.asdict(train_cfg),
                                                   "test_miou": test_miou})

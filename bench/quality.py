@@ -180,7 +180,7 @@ def get_parser(path: Optional[Path], size: int, data: Path, device: torch.device
         if not path.exists():
             typer.echo(f"no face parser at {path}: training one on the train split of {data} "
                        f"(`bench parser train --data {data} --size {size}` does this ahead of time)", err=True)
-            cfg, train = face_parser.ParserConfig(size=size), face_parser.TrainConfig()
+            cfg, train = face_parser.ParserConfig.for_size(size), face_parser.TrainConfig()
             model = face_parser.train_parser(data, cfg, train, device, progress)
             face_parser.save_parser(model, path, {"data": str(data), **asdict(train),
                                                   "test_miou": face_parser.evaluate(model, data, "test")})

@@ -30,6 +30,16 @@ def test_parser_size_must_survive_the_downsamplings():
         fp.FaceParser(fp.ParserConfig(size=18, levels=2))
 
 
+@pytest.mark.parametrize("size, width, levels", [(16, 32, 2), (32, 32, 2), (48, 16, 2), (64, 16, 3), (96, 16, 3),
+                                                 (128, 16, 4), (256, 16, 5)])
+def test_default_network_deepens_with_the_resolution(size, width, levels):
+    """The bottleneck stays near 8 x 8 cells (never under 2 levels), and the size divides by every level."""
+    cfg = fp.ParserConfig.for_size(size)
+    assert (cfg.size, cfg.width, cfg.levels) == (size, width, levels)
+    with torch.device("meta"):
+        assert fp.FaceParser(cfg)(torch.empty(1, 3, size, size)).shape == (1, len(CLASS_NAMES), size, size)
+
+
 def test_flip_augmentation_mirrors_image_and_swaps_left_right_classes():
     images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
     labels = torch.randint(0, len(CLASS_NAMES), (4, 8, 8), dtype=torch.uint8)
@@ -90,11 +100,12 @@ def test_training_beats_the_untrained_parser(faces):
 def test_cli_trains_into_the_default_location(faces, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["parser", "train", "--data", str(faces), "--size", str(SIZE),
-                                      "--steps", "3", "--width", "8"])
+                                      "--steps", "3", "--width", "8", "--levels", "1"])
     assert result.exit_code == 0, result.output
     assert "mIoU on real test images" in result.output
     model, meta = fp.load_parser(tmp_path / "results" / "parser" / f"parser-{SIZE}px.pt")
     assert model.config.size == SIZE and 0 <= meta["test_miou"] <= 1 and meta["steps"] == 3
+    assert (model.config.width, model.config.levels) == (8, 1)  # the options override the size's default
 
 
 def test_cli_empty_test_split_is_a_one_line_error(tmp_path):
