@@ -1,11 +1,13 @@
 """DiT-SIS: the attention baseline, SISMA with attention where SISMA has Mamba.
 
-Block (three adaLN-Zero residual sub-layers, 9 modulation vectors from the timestep embedding):
+Block (``models.layers.AdaLNZeroBlock``, the same class as SISMA's, 9 modulation vectors):
     x = x + gate_s * SelfAttention(modulate(LN(x), shift_s, scale_s))
     x = x + gate_c * CrossAttention(modulate(LN(x), shift_c, scale_c), m)   # keys/values: mask tokens m
     x = x + gate_f * MLP(modulate(LN(x), shift_f, scale_f))
-Attention runs through torch's scaled_dot_product_attention, so fused (flash / memory-efficient) kernels
-engage on GPU. Everything else is shared with SISMA (models/layers.py).
+With ``cond="add"`` the cross sub-layer is ``MaskAdd`` (x = x + gate_c * W m, the mask token of each position
+added at that position; 7 modulation vectors): an aligned baseline that need not learn where a mask token
+belongs. Attention runs through torch's scaled_dot_product_attention, so fused (flash / memory-efficient)
+kernels engage on GPU. Everything else is shared with SISMA (models/layers.py).
 """
 from __future__ import annotations
 
@@ -16,8 +18,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.layers import LN_EPS, Mlp, TokenBackbone, TokenConfig, adaln_zero, modulate
+from models.layers import TokenBackbone, TokenConfig
 from models.registry import register_model
+
+CONDS = ("cross", "add")
 
 
 @dataclass(frozen=True)
@@ -25,9 +29,12 @@ class DiTConfig(TokenConfig):
     """TokenConfig plus the number of attention heads."""
 
     num_heads: int = 16
+    cond: str = "cross"  # how blocks read the mask tokens: "cross" (cross-attention) or "add" (MaskAdd)
 
     def __post_init__(self):
         super().__post_init__()
+        if self.cond not in CONDS:
+            raise ValueError(f"unknown cond {self.cond!r}; available: {', '.join(CONDS)}")
         if self.width % self.num_heads:
             raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
 
@@ -80,27 +87,22 @@ class CrossAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, L, D))
 
 
-class DiTSISBlock(nn.Module):
-    """Self-attention -> cross-attention (mask) -> MLP, each an adaLN-Zero residual."""
+class MaskAdd(nn.Module):
+    """Aligned conditioning: the projected mask token of each position, added at that position.
 
-    def __init__(self, cfg: DiTConfig):
+    It is cross-attention in which query l may attend only to mask token l: the softmax over one key is 1, so
+    the output is W_o W_v m_l, here one Linear. Like Cross-Mamba (which reads mask token l at scan step l) and
+    SPADE (per pixel), the mask arrives where it belongs instead of being found through position embeddings.
+    """
+
+    reads_x = False  # AdaLNZeroBlock gives it only m
+
+    def __init__(self, width: int):
         super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.width, elementwise_affine=False, eps=LN_EPS)
-        self.attn = SelfAttention(cfg.width, cfg.num_heads)
-        self.norm2 = nn.LayerNorm(cfg.width, elementwise_affine=False, eps=LN_EPS)
-        self.cross_attn = CrossAttention(cfg.width, cfg.num_heads)
-        self.norm3 = nn.LayerNorm(cfg.width, elementwise_affine=False, eps=LN_EPS)
-        self.mlp = Mlp(cfg.width, int(cfg.width * cfg.mlp_ratio))
-        self.adaLN_modulation = adaln_zero(cfg.width, 9)
+        self.proj = nn.Linear(width, width)
 
-    def forward(self, x: Tensor, c: Tensor, m: Tensor) -> Tensor:
-        """x (B, L, D), c (B, D), m (B, L, D) -> (B, L, D)."""
-        (shift_s, scale_s, gate_s, shift_c, scale_c, gate_c,
-         shift_f, scale_f, gate_f) = self.adaLN_modulation(c).chunk(9, dim=-1)  # (B, D) each
-        x = x + gate_s.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_s, scale_s))
-        x = x + gate_c.unsqueeze(1) * self.cross_attn(modulate(self.norm2(x), shift_c, scale_c), m)
-        x = x + gate_f.unsqueeze(1) * self.mlp(modulate(self.norm3(x), shift_f, scale_f))
-        return x
+    def forward(self, x: None, m: Tensor) -> Tensor:
+        return self.proj(m)
 
 
 class DiTSIS(TokenBackbone):
@@ -108,8 +110,10 @@ class DiTSIS(TokenBackbone):
 
     config: DiTConfig
 
-    def make_block(self, index: int) -> DiTSISBlock:
-        return DiTSISBlock(self.config)
+    def make_mixers(self, index: int) -> tuple[SelfAttention, nn.Module]:
+        cfg = self.config
+        cross = CrossAttention(cfg.width, cfg.num_heads) if cfg.cond == "cross" else MaskAdd(cfg.width)
+        return SelfAttention(cfg.width, cfg.num_heads), cross
 
 
 @register_model("dit", presets=PRESETS)

@@ -1,9 +1,10 @@
-"""Pieces shared by the token backbones (SISMA, DiT-SIS): embedders, adaLN-Zero helpers, final layer, skeleton.
+"""Pieces shared by the backbones: embedders, the adaLN-Zero block, final layer and the token-backbone skeleton.
 
-Both backbones patchify the input into a square grid of tokens, add a fixed 2-D sin-cos position embedding,
+SISMA and DiT-SIS patchify the input into a square grid of tokens, add a fixed 2-D sin-cos position embedding,
 encode the one-hot mask to one token per grid cell with a single conv, embed the timestep, run ``depth``
-blocks conditioned on (timestep embedding c, mask tokens m) and map the tokens back to patches. Only the
-block differs; ``TokenBackbone.make_block`` is the one thing a backbone defines.
+``AdaLNZeroBlock``s conditioned on (timestep embedding c, mask tokens m) and map the tokens back to patches.
+The block is the same class in both; only the two mixers it is given differ (``TokenBackbone.make_mixers``),
+so "only the mixer differs" is the structure itself. SDM shares the sinusoidal timestep features.
 """
 from __future__ import annotations
 
@@ -75,6 +76,11 @@ def sincos_pos_embed_2d(width: int, grid: int, device=None) -> Tensor:
                       sinusoidal_embedding(cols.flatten(), width // 2)], dim=-1)
 
 
+def timestep_features(t: Tensor, dim: int) -> Tensor:
+    """Flow time t in [0, 1] (B,) -> (B, dim) sinusoidal features of TIME_SCALE * t (see TIME_SCALE)."""
+    return sinusoidal_embedding(t * TIME_SCALE, dim)
+
+
 def adaln_zero(width: int, n_vectors: int) -> nn.Sequential:
     """SiLU then Linear(width -> n_vectors * width): per-sample shift/scale/gate vectors from c.
 
@@ -92,7 +98,7 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
 
     def forward(self, t: Tensor) -> Tensor:
-        freqs = sinusoidal_embedding(t * TIME_SCALE, self.freq_dim)  # (B, freq_dim)
+        freqs = timestep_features(t, self.freq_dim)  # (B, freq_dim)
         return self.mlp(freqs.to(self.mlp[0].weight.dtype))
 
 
@@ -135,6 +141,43 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
+class AdaLNZeroBlock(nn.Module):
+    """Self mixer -> cross mixer (reads the mask tokens m) -> MLP, each an adaLN-Zero residual sub-layer.
+
+        x = x + gate_s * self_mixer(modulate(LN(x), shift_s, scale_s))
+        x = x + gate_c * cross_mixer(modulate(LN(x), shift_c, scale_c), m)
+        x = x + gate_f * mlp(modulate(LN(x), shift_f, scale_f))
+
+    A cross mixer whose ``reads_x`` is False sees only m (an aligned add: ``x = x + gate_c * mixer(None, m)``);
+    its sub-layer then has no norm, shift or scale, and the block 7 modulation vectors instead of 9.
+    """
+
+    def __init__(self, width: int, self_mixer: nn.Module, cross_mixer: nn.Module, mlp_ratio: float):
+        super().__init__()
+        self.cross_reads_x = getattr(cross_mixer, "reads_x", True)
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=LN_EPS)
+        self.self_mixer = self_mixer
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=LN_EPS) if self.cross_reads_x else None
+        self.cross_mixer = cross_mixer
+        self.norm3 = nn.LayerNorm(width, elementwise_affine=False, eps=LN_EPS)
+        self.mlp = Mlp(width, int(width * mlp_ratio))
+        self.adaLN_modulation = adaln_zero(width, 9 if self.cross_reads_x else 7)
+
+    def forward(self, x: Tensor, c: Tensor, m: Tensor) -> Tensor:
+        """x (B, L, D), c (B, D), m (B, L, D) -> (B, L, D)."""
+        mod = self.adaLN_modulation(c).chunk(9 if self.cross_reads_x else 7, dim=-1)  # (B, D) each
+        shift_s, scale_s, gate_s = mod[:3]
+        shift_f, scale_f, gate_f = mod[-3:]
+        x = x + gate_s.unsqueeze(1) * self.self_mixer(modulate(self.norm1(x), shift_s, scale_s))
+        if self.cross_reads_x:
+            shift_c, scale_c, gate_c = mod[3:6]
+            x = x + gate_c.unsqueeze(1) * self.cross_mixer(modulate(self.norm2(x), shift_c, scale_c), m)
+        else:
+            x = x + mod[3].unsqueeze(1) * self.cross_mixer(None, m)
+        x = x + gate_f.unsqueeze(1) * self.mlp(modulate(self.norm3(x), shift_f, scale_f))
+        return x
+
+
 class FinalLayer(nn.Module):
     """adaLN (shift, scale) then Linear to patch pixels; both zero-initialised, so the model starts at v = 0."""
 
@@ -175,12 +218,13 @@ class TokenBackbone(nn.Module):
         # Fixed, recomputed on construction, so not part of the state dict. Mask tokens get it too: the
         # mask conv alone does not tell a token where it sits, and cross-attention needs that.
         self.register_buffer("pos_embed", sincos_pos_embed_2d(cfg.width, cfg.grid_size)[None], persistent=False)
-        self.blocks = nn.ModuleList(self.make_block(i) for i in range(cfg.depth))
+        self.blocks = nn.ModuleList(AdaLNZeroBlock(cfg.width, *self.make_mixers(i), cfg.mlp_ratio)
+                                    for i in range(cfg.depth))
         self.final_layer = FinalLayer(cfg.width, cfg.patch_size, cfg.in_channels)
         self.initialize_weights()
 
-    def make_block(self, index: int) -> nn.Module:
-        """Block ``index``: a module called as ``block(x (B, L, D), c (B, D), m (B, L, D)) -> (B, L, D)``."""
+    def make_mixers(self, index: int) -> tuple[nn.Module, nn.Module]:
+        """(self mixer ``f(x) -> x``, cross mixer ``g(x, m) -> x``) of block ``index``, on (B, L, D) tokens."""
         raise NotImplementedError
 
     def initialize_weights(self) -> None:

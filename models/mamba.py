@@ -1,19 +1,24 @@
 """Mamba layers over token sequences: Self-Mamba (everything from the image tokens) and Cross-Mamba (SISMA).
 
 Self-Mamba is Mamba's mixer: in_proj D -> 2 * d_inner gives the scanned stream u and the gate z; u goes
-through a depthwise causal conv + SiLU, x_proj gives (dt, B, C), dt_proj lifts dt to d_inner, the selective
+through a depthwise conv + SiLU, x_proj gives (dt, B, C), dt_proj lifts dt to d_inner, the selective
 scan runs with softplus(dt + bias), the result is gated by silu(z) and projected back by out_proj.
 
 Cross-Mamba (SISMA, after Mamba-ST) keeps dt and u from the image tokens but computes the selection
 matrices B and C from the mask tokens m: m has its own input projection D -> d_inner, its own depthwise
-causal conv + SiLU and its own projection to (B, C). Position l of the scan therefore reads and writes the
+conv + SiLU and its own projection to (B, C). Position l of the scan therefore reads and writes the
 state according to the mask at token l, which is how the layout steers the image.
 
-Scan order: tokens are scanned along one or more orders (permutations of the raster positions), each with
-its own conv, projections, A, D and dt; the gated outputs are summed. ``scan_orders`` gives the orders of
-one block for the ablation options: "raster" (one scan, the default and what the presets use),
-"bidirectional" (raster plus its reverse, as in Vision Mamba) and "zigzag" (one continuous snake scan per
-block, the block cycling through 8 snakes: rows or columns, from each corner, as ZigMa's zigzag-8).
+Token mixing is set by two options (``SismaConfig.scan`` and ``.conv``):
+
+- scan order: "raster" (one scan in raster order), "bidirectional" (raster and its reverse, as in Vision
+  Mamba, both through the same parameters, outputs summed) or "zigzag" (one continuous snake per block,
+  consecutive blocks starting from opposite corners and cycling through all 8 snakes, as ZigMa's zigzag-8);
+- conv: "causal1d" (Mamba's depthwise causal 1-D conv of width d_conv, in scan order) or "grid2d" (a
+  depthwise 3 x 3 conv on the token grid, not causal, as Mamba-ST and U-Shape Mamba use).
+
+raster + causal1d is strictly causal: output token l depends on tokens 0..l only, so the top of the image
+never sees the bottom. It is kept as the ablation's reference point, not as a default.
 """
 from __future__ import annotations
 
@@ -21,11 +26,17 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from models.ssm import causal_conv1d, selective_scan
 
 SCAN_ORDERS = ("raster", "bidirectional", "zigzag")
+CONVS = ("causal1d", "grid2d")
+GRID_CONV_KERNEL = 3
+# Snake variants of consecutive blocks (see snake_order): each pair starts from opposite corners, so after
+# any two blocks every token has been scanned after every other one.
+ZIGZAG_CYCLE = (0, 6, 1, 7, 2, 4, 3, 5)
 # Mamba's initialisation of the step size: softplus(dt_proj.bias) log-uniform in [DT_MIN, DT_MAX].
 DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4
 
@@ -38,7 +49,7 @@ def scan_orders(kind: str, grid: int, block_index: int) -> list[Tensor | None]:
     if kind == "bidirectional":
         return [None, torch.arange(L - 1, -1, -1)]
     if kind == "zigzag":
-        return [snake_order(grid, variant=block_index % 8)]
+        return [snake_order(grid, variant=ZIGZAG_CYCLE[block_index % len(ZIGZAG_CYCLE)])]
     raise ValueError(f"unknown scan order {kind!r}; available: {', '.join(SCAN_ORDERS)}")
 
 
@@ -59,20 +70,46 @@ def snake_order(grid: int, variant: int) -> Tensor:
     return idx.flatten()
 
 
+class TokenConv(nn.Module):
+    """Depthwise conv + SiLU on (B, E, L) streams: causal 1-D in scan order, or 3 x 3 on the token grid."""
+
+    def __init__(self, channels: int, kind: str, d_conv: int, grid: int):
+        super().__init__()
+        if kind not in CONVS:
+            raise ValueError(f"unknown conv {kind!r}; available: {', '.join(CONVS)}")
+        self.kind, self.grid = kind, grid
+        if kind == "causal1d":
+            self.conv1d = nn.Conv1d(channels, channels, d_conv, groups=channels)  # applied causally
+        else:
+            self.conv2d = nn.Conv2d(channels, channels, GRID_CONV_KERNEL, padding=GRID_CONV_KERNEL // 2,
+                                    groups=channels)
+
+    @property
+    def on_grid(self) -> bool:
+        """True when the conv runs on the grid (raster layout), before the tokens are put in scan order."""
+        return self.kind == "grid2d"
+
+    def forward(self, s: Tensor) -> Tensor:
+        if self.kind == "causal1d":
+            return causal_conv1d(s, self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu")
+        B, E, L = s.shape
+        return F.silu(self.conv2d(s.view(B, E, self.grid, self.grid))).view(B, E, L)
+
+
 class SelectiveSSM(nn.Module):
-    """One scan: depthwise causal conv + SiLU on u, projections to (dt, B, C), S4D-real A, skip D.
+    """Conv + SiLU on u, projections to (dt, B, C), S4D-real A, skip D; one set of parameters for every order.
 
     With ``cross`` the projection of u gives only dt; B and C come from the (projected) mask stream through
     its own conv and projection.
     """
 
-    def __init__(self, d_inner: int, d_state: int, dt_rank: int, d_conv: int, cross: bool):
+    def __init__(self, d_inner: int, d_state: int, dt_rank: int, d_conv: int, cross: bool, conv: str, grid: int):
         super().__init__()
         self.d_state, self.dt_rank, self.cross = d_state, dt_rank, cross
-        self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner)  # applied causally
+        self.conv = TokenConv(d_inner, conv, d_conv, grid)
         self.x_proj = nn.Linear(d_inner, dt_rank if cross else dt_rank + 2 * d_state, bias=False)
         if cross:
-            self.mask_conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner)
+            self.mask_conv = TokenConv(d_inner, conv, d_conv, grid)
             self.mask_x_proj = nn.Linear(d_inner, 2 * d_state, bias=False)
         self.dt_proj = nn.Linear(dt_rank, d_inner)
         self.A_log = nn.Parameter(torch.empty(d_inner, d_state))
@@ -91,15 +128,30 @@ class SelectiveSSM(nn.Module):
         dt = dt.clamp(min=DT_FLOOR)
         self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
 
-    def forward(self, u: Tensor, z: Tensor, m: Tensor | None = None) -> Tensor:
-        """u, z (B, E, L) in scan order, m (B, E, L) projected mask stream (cross only) -> y (B, E, L)."""
+    def forward(self, u: Tensor, z: Tensor, m: Tensor | None, orders: list[tuple[Tensor, Tensor] | None]) -> Tensor:
+        """u, z (B, E, L) and the projected mask stream m (B, E, L) (cross only), all in raster order ->
+        y (B, E, L) in raster order: the scans along every order, summed."""
+        if self.conv.on_grid:  # the 2-D conv does not depend on the order: run it once
+            u = self.conv(u)
+            m = self.mask_conv(m) if self.cross else None
+        y = 0
+        for order in orders:
+            perm, inv = order if order is not None else (None, None)
+            up, zp, mp = (s if s is None or perm is None else s[..., perm] for s in (u, z, m))
+            if not self.conv.on_grid:  # the causal conv runs along the scan
+                up = self.conv(up)
+                mp = self.mask_conv(mp) if self.cross else None
+            yp = self.scan(up, zp, mp)
+            y = y + (yp if inv is None else yp[..., inv])
+        return y
+
+    def scan(self, u: Tensor, z: Tensor, m: Tensor | None) -> Tensor:
+        """One selective scan of (B, E, L) streams already convolved, in scan order."""
         N, R = self.d_state, self.dt_rank
-        # Projections are written weight @ (B, E, L): channels-first in and out, as the conv and scan want.
-        u = causal_conv1d(u, self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu")  # (B, E, L)
+        # Projections are written weight @ (B, E, L): channels-first in and out, as the scan wants.
         proj = self.x_proj.weight @ u  # (B, R, L), or (B, R + 2N, L) without cross
         if self.cross:
             dt = proj
-            m = causal_conv1d(m, self.mask_conv1d.weight[:, 0], self.mask_conv1d.bias, activation="silu")
             B, C = (self.mask_x_proj.weight @ m).split([N, N], dim=1)  # (B, N, L) each, from the mask
         else:
             dt, B, C = proj.split([R, N, N], dim=1)
@@ -110,23 +162,32 @@ class SelectiveSSM(nn.Module):
 
 
 class MambaMixer(nn.Module):
-    """Mamba layer on tokens (B, L, D) -> (B, L, D), one ``SelectiveSSM`` per scan order, outputs summed."""
+    """Mamba layer on tokens (B, L, D) -> (B, L, D): one ``SelectiveSSM`` scanned along each of ``orders``."""
 
-    def __init__(self, d_model: int, cross: bool, orders: list[Tensor | None] = (None,), d_state: int = 16,
-                 expand: int = 2, d_conv: int = 4, dt_rank: int | None = None):
+    def __init__(self, d_model: int, cross: bool, orders: list[Tensor | None] = (None,), conv: str = "causal1d",
+                 grid: int | None = None, d_state: int = 16, expand: int = 2, d_conv: int = 4,
+                 dt_rank: int | None = None):
         super().__init__()
         d_inner = expand * d_model
         dt_rank = dt_rank or math.ceil(d_model / 16)
+        if conv == "grid2d" and not grid:
+            raise ValueError("conv 'grid2d' needs the token grid size")
         self.cross = cross
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
         if cross:
             self.mask_proj = nn.Linear(d_model, d_inner, bias=False)
-        self.ssms = nn.ModuleList(SelectiveSSM(d_inner, d_state, dt_rank, d_conv, cross) for _ in orders)
+        self.ssm = SelectiveSSM(d_inner, d_state, dt_rank, d_conv, cross, conv, grid or 0)
+        self.n_orders = len(orders)
         for i, perm in enumerate(orders):
             if perm is not None:
                 self.register_buffer(f"perm{i}", perm, persistent=False)
                 self.register_buffer(f"inv{i}", torch.argsort(perm), persistent=False)
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+
+    def orders(self) -> list[tuple[Tensor, Tensor] | None]:
+        """(permutation, its inverse) per scan order; None for raster."""
+        return [(getattr(self, f"perm{i}"), getattr(self, f"inv{i}")) if hasattr(self, f"perm{i}") else None
+                for i in range(self.n_orders)]
 
     def mix(self, x: Tensor, m: Tensor | None) -> Tensor:
         """x (B, L, D), m (B, L, D) mask tokens or None -> (B, L, D)."""
@@ -134,14 +195,7 @@ class MambaMixer(nn.Module):
         xt = x.transpose(1, 2)  # (B, D, L)
         u, z = w_u @ xt, w_z @ xt  # (B, E, L) each, contiguous
         ms = self.mask_proj.weight @ m.transpose(1, 2) if self.cross else None  # (B, E, L)
-        y = 0
-        for i, ssm in enumerate(self.ssms):
-            perm = getattr(self, f"perm{i}", None)
-            if perm is None:
-                y = y + ssm(u, z, ms)
-            else:  # scan in this order, then put every output back at its raster position
-                y_perm = ssm(u[..., perm], z[..., perm], None if ms is None else ms[..., perm])
-                y = y + y_perm[..., getattr(self, f"inv{i}")]
+        y = self.ssm(u, z, ms, self.orders())
         return (self.out_proj.weight @ y).transpose(1, 2)  # (B, L, D)
 
 

@@ -2,23 +2,19 @@
 
 The encoder sees only the noisy image; the middle block and every decoder residual block normalise
 with SPADE-GroupNorm, whose per-pixel scale and shift come from the label map (one-hot mask plus an
-edge channel). Pixel space; the network predicts the flow-matching velocity (see models/__init__.py).
+edge channel). Pixel space; the network predicts the flow-matching velocity (see models/__init__.py). The timestep
+features are ADM's sinusoids, shared with the token backbones (``models.layers.timestep_features``).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.layers import timestep_features
 from models.registry import register_model
-
-# The sinusoidal embedding's frequencies were chosen for integer diffusion steps 0..999 (ADM): with
-# t in [0, 1] fed directly, every low-frequency component would stay near its t=0 value.
-TIME_SCALE = 1000.0
-MAX_PERIOD = 10_000  # longest wavelength of the sinusoidal timestep embedding, as in ADM
 
 
 @dataclass(frozen=True)
@@ -110,7 +106,7 @@ class SDM(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Velocity for images x (B, C, H, W) at times t (B,) given one-hot masks (B, K, H, W)."""
         self._check_inputs(x, mask)
-        emb = self.time_embed(timestep_embedding(t * TIME_SCALE, self.config.base_width).to(x.dtype))  # (B, 4*base)
+        emb = self.time_embed(timestep_features(t, self.config.base_width).to(x.dtype))  # (B, 4*base)
         label = torch.cat([mask, label_edges(mask)], dim=1).to(x.dtype)  # (B, K+1, H, W)
 
         h = x
@@ -230,14 +226,6 @@ def label_edges(mask: torch.Tensor) -> torch.Tensor:
     edge[..., 1:, :] |= differs_h
     edge[..., :-1, :] |= differs_h
     return edge.unsqueeze(1).to(mask.dtype)
-
-
-def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """(B,) -> (B, dim): cos and sin of t at geometrically spaced frequencies (ADM's layout)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(MAX_PERIOD) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None]  # (B, half)
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
 def resize(x: torch.Tensor, direction: str) -> torch.Tensor:

@@ -1,11 +1,11 @@
 """SISMA: a DiT-style flow-matching backbone whose blocks use Mamba instead of attention.
 
-Block (three adaLN-Zero residual sub-layers, 9 modulation vectors from the timestep embedding):
+Block (``models.layers.AdaLNZeroBlock``: three adaLN-Zero residual sub-layers, 9 modulation vectors):
     x = x + gate_s * SelfMamba(modulate(LN(x), shift_s, scale_s))
     x = x + gate_c * CrossMamba(modulate(LN(x), shift_c, scale_c), m)   # B, C from the mask tokens m
     x = x + gate_f * MLP(modulate(LN(x), shift_f, scale_f))
-Patchify, position embedding, mask encoder, timestep embedder and final layer are shared with DiT-SIS
-(models/layers.py); see DESIGN.md for the paper configuration.
+Patchify, position embedding, mask encoder, timestep embedder, block and final layer are shared with
+DiT-SIS (models/layers.py); the scan order and conv of the Mamba layers are options (models/mamba.py).
 """
 from __future__ import annotations
 
@@ -13,10 +13,9 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch.nn as nn
-from torch import Tensor
 
-from models.layers import LN_EPS, Mlp, TokenBackbone, TokenConfig, adaln_zero, modulate
-from models.mamba import SCAN_ORDERS, CrossMamba, SelectiveSSM, SelfMamba, scan_orders
+from models.layers import TokenBackbone, TokenConfig
+from models.mamba import CONVS, SCAN_ORDERS, CrossMamba, SelectiveSSM, SelfMamba, scan_orders
 from models.registry import register_model
 
 
@@ -26,14 +25,17 @@ class SismaConfig(TokenConfig):
 
     d_state: int = 16  # N
     expand: int = 2  # d_inner = expand * width
-    d_conv: int = 4  # width of the depthwise causal conv
+    d_conv: int = 4  # width of the causal 1-D conv (conv "causal1d")
     dt_rank: int | None = None  # None: ceil(width / 16), as in Mamba
-    scan: str = "raster"  # token order of the scans: see models/mamba.py
+    scan: str = "raster"  # token order of the scans (models/mamba.py)
+    conv: str = "causal1d"  # depthwise conv before the scan: causal1d or grid2d (models/mamba.py)
 
     def __post_init__(self):
         super().__post_init__()
         if self.scan not in SCAN_ORDERS:
             raise ValueError(f"unknown scan order {self.scan!r}; available: {', '.join(SCAN_ORDERS)}")
+        if self.conv not in CONVS:
+            raise ValueError(f"unknown conv {self.conv!r}; available: {', '.join(CONVS)}")
 
 
 PRESETS = {
@@ -49,38 +51,16 @@ PRESETS = {
 }
 
 
-class SismaBlock(nn.Module):
-    """Self-Mamba -> Cross-Mamba (mask) -> FFN, each an adaLN-Zero residual."""
-
-    def __init__(self, cfg: SismaConfig, orders: list):
-        super().__init__()
-        mamba = dict(orders=orders, d_state=cfg.d_state, expand=cfg.expand, d_conv=cfg.d_conv, dt_rank=cfg.dt_rank)
-        self.norm1 = nn.LayerNorm(cfg.width, elementwise_affine=False, eps=LN_EPS)
-        self.self_mamba = SelfMamba(cfg.width, **mamba)
-        self.norm2 = nn.LayerNorm(cfg.width, elementwise_affine=False, eps=LN_EPS)
-        self.cross_mamba = CrossMamba(cfg.width, **mamba)
-        self.norm3 = nn.LayerNorm(cfg.width, elementwise_affine=False, eps=LN_EPS)
-        self.mlp = Mlp(cfg.width, int(cfg.width * cfg.mlp_ratio))
-        self.adaLN_modulation = adaln_zero(cfg.width, 9)
-
-    def forward(self, x: Tensor, c: Tensor, m: Tensor) -> Tensor:
-        """x (B, L, D), c (B, D), m (B, L, D) -> (B, L, D)."""
-        (shift_s, scale_s, gate_s, shift_c, scale_c, gate_c,
-         shift_f, scale_f, gate_f) = self.adaLN_modulation(c).chunk(9, dim=-1)  # (B, D) each
-        x = x + gate_s.unsqueeze(1) * self.self_mamba(modulate(self.norm1(x), shift_s, scale_s))
-        x = x + gate_c.unsqueeze(1) * self.cross_mamba(modulate(self.norm2(x), shift_c, scale_c), m)
-        x = x + gate_f.unsqueeze(1) * self.mlp(modulate(self.norm3(x), shift_f, scale_f))
-        return x
-
-
 class Sisma(TokenBackbone):
     """SISMA backbone: ``forward(x, t, mask) -> v`` (see TokenBackbone)."""
 
     config: SismaConfig
 
-    def make_block(self, index: int) -> SismaBlock:
+    def make_mixers(self, index: int) -> tuple[SelfMamba, CrossMamba]:
         cfg = self.config
-        return SismaBlock(cfg, scan_orders(cfg.scan, cfg.grid_size, index))
+        mamba = dict(orders=scan_orders(cfg.scan, cfg.grid_size, index), conv=cfg.conv, grid=cfg.grid_size,
+                     d_state=cfg.d_state, expand=cfg.expand, d_conv=cfg.d_conv, dt_rank=cfg.dt_rank)
+        return SelfMamba(cfg.width, **mamba), CrossMamba(cfg.width, **mamba)
 
     def initialize_weights(self) -> None:
         """DiT's init for the shared parts and Linear layers, then Mamba's own init of A, D and dt."""

@@ -179,23 +179,23 @@ def mamba_reference(layer, x, m=None):
                            for l in range(L)], dim=1)
         return F.silu(out)
 
-    u = causal_conv_silu(u, p["ssms.0.conv1d.weight"][:, 0], p["ssms.0.conv1d.bias"])
-    N = p["ssms.0.A_log"].shape[1]
-    proj = u @ p["ssms.0.x_proj.weight"].T
+    u = causal_conv_silu(u, p["ssm.conv.conv1d.weight"][:, 0], p["ssm.conv.conv1d.bias"])
+    N = p["ssm.A_log"].shape[1]
+    proj = u @ p["ssm.x_proj.weight"].T
     if m is None:
         dt, B, C = proj[..., :-2 * N], proj[..., -2 * N:-N], proj[..., -N:]
     else:
-        ms = causal_conv_silu(m.double() @ p["mask_proj.weight"].T, p["ssms.0.mask_conv1d.weight"][:, 0],
-                              p["ssms.0.mask_conv1d.bias"])
+        ms = causal_conv_silu(m.double() @ p["mask_proj.weight"].T, p["ssm.mask_conv.conv1d.weight"][:, 0],
+                              p["ssm.mask_conv.conv1d.bias"])
         dt = proj
-        B, C = (ms @ p["ssms.0.mask_x_proj.weight"].T).chunk(2, dim=-1)
-    delta = F.softplus(dt @ p["ssms.0.dt_proj.weight"].T + p["ssms.0.dt_proj.bias"])  # (B, L, E)
-    A = -torch.exp(p["ssms.0.A_log"])  # (E, N)
+        B, C = (ms @ p["ssm.mask_x_proj.weight"].T).chunk(2, dim=-1)
+    delta = F.softplus(dt @ p["ssm.dt_proj.weight"].T + p["ssm.dt_proj.bias"])  # (B, L, E)
+    A = -torch.exp(p["ssm.A_log"])  # (E, N)
     h = torch.zeros(x.shape[0], A.shape[0], N, dtype=torch.float64)
     ys = []
     for l in range(x.shape[1]):
         h = torch.exp(delta[:, l, :, None] * A) * h + (delta[:, l] * u[:, l])[..., None] * B[:, l, None, :]
-        ys.append((h * C[:, l, None, :]).sum(-1) + p["ssms.0.D"] * u[:, l])
+        ys.append((h * C[:, l, None, :]).sum(-1) + p["ssm.D"] * u[:, l])
     y = torch.stack(ys, dim=1) * F.silu(z)  # (B, L, E)
     return y @ p["out_proj.weight"].T
 
@@ -231,7 +231,7 @@ def test_cross_mamba_takes_B_and_C_from_the_mask():
         torch.testing.assert_close(y[:, :6], y2[:, :6])
         assert (y[:, 6:] - y2[:, 6:]).abs().amin(dim=-1).gt(0).all()
         # the mask enters only through B and C: with no (B, C) projection the mask stops mattering
-        layer.ssms[0].mask_x_proj.weight.zero_()
+        layer.ssm.mask_x_proj.weight.zero_()
         torch.testing.assert_close(layer(x, m), layer(x, m2))
 
 
@@ -239,14 +239,14 @@ def test_sisma_block_mask_reaches_cross_mamba_only():
     model = tiny("sisma").eval()
     block = model.blocks[0]
     seen = {}
-    for key in ("self_mamba", "cross_mamba"):
+    for key in ("self_mixer", "cross_mixer"):
         getattr(block, key).register_forward_hook(lambda mod, args, out, key=key: seen.setdefault(key, []).append(out))
     x, t, mask = inputs(model)
     with torch.no_grad():
         model(x, t, mask)
         model(x, t, random_mask(2, model.image_size, seed=1))
-    torch.testing.assert_close(*seen["self_mamba"])  # Self-Mamba of block 0 never sees the mask
-    assert not torch.allclose(*seen["cross_mamba"])
+    torch.testing.assert_close(*seen["self_mixer"])  # Self-Mamba of block 0 never sees the mask
+    assert not torch.allclose(*seen["cross_mixer"])
 
 
 # --- scan orders ------------------------------------------------------------------------------------------
@@ -309,3 +309,83 @@ def test_pos_embed_encodes_row_and_column():
     assert torch.equal(pe[:, :, 16:], pe[:1, :, 16:].expand(8, 8, 16)), "second half: the column only"
     dist = torch.cdist(pe.view(64, 32), pe.view(64, 32)).fill_diagonal_(math.inf)
     assert dist.min() > 0.1, "every position has its own code"
+
+
+# --- token mixing: what each output token can see ---------------------------------------------------------
+
+
+def top_half_changes(model, change: str) -> tuple[bool, bool]:
+    """(top half of the output changed, first token row changed) when only the bottom half of x or of the mask
+    (``change``: "x" or "mask") changes; the other input is the same."""
+    x, t, mask = inputs(model)
+    S, p = model.image_size, model.config.patch_size
+    x2, mask2 = x.clone(), mask.clone()
+    if change == "x":
+        x2[..., S // 2:, :] = torch.randn_like(x2[..., S // 2:, :])
+    else:
+        mask2[..., S // 2:, :] = random_mask(2, S, seed=5)[..., S // 2:, :]
+    with torch.no_grad():
+        y, y2 = model(x, t, mask), model(x2, t, mask2)
+    top = (y[..., : S // 2, :] - y2[..., : S // 2, :]).abs().amax().item()
+    first_row = (y[..., :p, :] - y2[..., :p, :]).abs().amax().item()
+    return top > 0, first_row > 0
+
+
+@pytest.mark.parametrize("change", ["x", "mask"])
+@pytest.mark.parametrize("scan", ["raster", "bidirectional", "zigzag"])
+@pytest.mark.parametrize("conv", ["causal1d", "grid2d"])
+def test_only_raster_with_causal_conv_leaves_the_top_blind_to_the_bottom(scan, conv, change):
+    torch.manual_seed(0)
+    model = models.create_model("sisma", preset="tiny", scan=scan, conv=conv)
+    wake_zero_layers(model)
+    top, first_row = top_half_changes(model.eval(), change)
+    assert top == (not (scan == "raster" and conv == "causal1d"))
+    if scan != "raster":  # both directions (bidirectional, or two snakes from opposite corners): the whole image
+        assert first_row
+
+
+def test_scan_orders_share_one_set_of_parameters():
+    counts = {scan: sum(p.numel() for p in models.create_model("sisma", preset="tiny", scan=scan).parameters())
+              for scan in ["raster", "bidirectional", "zigzag"]}
+    assert len(set(counts.values())) == 1, counts
+
+
+def test_grid_conv_is_a_3x3_depthwise_conv_on_the_token_grid():
+    torch.manual_seed(0)
+    layer = SelfMamba(16, d_state=4, conv="grid2d", grid=4)
+    conv = layer.ssm.conv.conv2d
+    assert conv.weight.shape == (32, 1, 3, 3) and conv.groups == 32
+    x, _ = small_mamba_inputs(L=16)
+    assert layer(x).shape == x.shape
+    with pytest.raises(ValueError, match="grid size"):
+        SelfMamba(16, conv="grid2d")
+
+
+def test_aligned_dit_adds_each_mask_token_at_its_own_position():
+    torch.manual_seed(0)
+    model = models.create_model("dit", preset="tiny", cond="add")
+    wake_zero_layers(model)
+    block = model.blocks[0]
+    assert block.adaLN_modulation[-1].out_features == 7 * model.config.width  # no shift/scale for the add
+    x, t, mask = inputs(model)
+    v = model(x, t, mask)
+    assert v.shape == x.shape
+    v.square().mean().backward()
+    assert all(p.grad is not None and p.grad.any() for p in model.parameters())
+    # the add reads mask token l at token l only: changing the mask under one token changes that token's add
+    m = model.mask_encoder(mask) + model.pos_embed
+    m2 = m.clone()
+    m2[:, 5] += 1.0
+    with torch.no_grad():
+        diff = (block.cross_mixer(None, m) - block.cross_mixer(None, m2)).abs().amax(-1)  # (B, L)
+    assert diff[:, 5].gt(0).all() and diff[:, :5].eq(0).all() and diff[:, 6:].eq(0).all()
+    with pytest.raises(ValueError, match="unknown cond"):
+        models.create_model("dit", preset="tiny", cond="concat")
+
+
+def test_aligned_dit_stays_within_a_quarter_of_sismas_parameters_at_cpu():
+    def count(name, **kw):
+        with torch.device("meta"):
+            return sum(p.numel() for p in models.create_model(name, preset="cpu", **kw).parameters())
+
+    assert abs(count("dit", cond="add") / count("sisma") - 1) < 0.25
