@@ -18,6 +18,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from bench.errors import BenchError
+from bench.io import save_torch
 
 SD_VAE = "stabilityai/sd-vae-ft-mse"  # the SD VAE (paper: "a pre-trained VAE", as in DiT)
 SD_VAE_SCALE = 0.18215  # scaling factor of the SD VAE: latents of unit variance
@@ -118,9 +119,7 @@ class LatentCache:
             fresh = self.space.encode(images[missing])
             for k, z in zip(missing, fresh):
                 z = z.cpu().clone()
-                tmp = self.path(indices[k]).with_suffix(".tmp")
-                torch.save(z, tmp)
-                os.replace(tmp, self.path(indices[k]))
+                save_torch(self.path(indices[k]), z)
                 out[k] = z
         for k, i in enumerate(indices):
             if out[k] is None:

@@ -1,7 +1,6 @@
 """Checkpoints: written atomically, read on the CPU first, with every random state a resume needs."""
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
@@ -9,18 +8,12 @@ import numpy as np
 import torch
 
 from bench.errors import BenchError
+from bench.io import save_torch
 
 
 def save_atomic(obj, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename: a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """torch.save through bench.io: a reader never sees half a file."""
+    save_torch(path, obj)
 
 
 def load(path: Path, mmap: bool = False) -> dict:

@@ -13,8 +13,8 @@ Two layouts are read:
 
 Items are dicts: ``image`` (3, S, S) float in [-1, 1], ``label`` (S, S) int64, ``mask`` (19, S, S)
 one-hot float, ``index`` int. Images are resized with antialiasing, label maps with nearest
-neighbour. ``bench data check DIR`` reports counts, resolutions, class frequencies and problems;
-``bench data preview DIR`` saves a picture of faces above their colour-coded label maps.
+neighbour. ``check_dataset`` (``bench data check DIR``) reports counts, resolutions, class frequencies and problems;
+``preview_grid`` (``bench data preview DIR``) makes a picture of faces above their colour-coded label maps.
 """
 from __future__ import annotations
 
@@ -22,18 +22,17 @@ import collections
 import hashlib
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
-import typer
 from PIL import Image
 
 from bench.errors import BenchError
+from bench.io import atomic_write
 
 NUM_CLASSES = 19
 CLASS_NAMES = ["background", "skin", "nose", "eye_g", "l_eye", "r_eye", "l_brow", "r_brow", "l_ear", "r_ear",
@@ -63,9 +62,6 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 STANDARD_TRAIN, STANDARD_TOTAL = 28000, 30000
 PART_FILE = re.compile(r"^(\d+)_([a-z_]+)\.png$")
 
-data_app = typer.Typer(help="Face data: synthetic faces in the CelebAMask-HQ layout, and checks of a data folder.",
-                       no_args_is_help=True)
-
 
 class DataError(BenchError):
     """A bad data file or folder: one line that names it and says how to fix it."""
@@ -93,19 +89,6 @@ def image_path(root: Path, index: int) -> Path:
 
 def mask_path(root: Path, index: int, part: str) -> Path:
     return Path(root) / MASK_DIRNAME / str(index // FACES_PER_MASK_FOLDER) / f"{index:05d}_{part}.png"
-
-
-def write_atomic(path: Path, write: Callable) -> None:
-    """Call ``write(binary_file)`` on a temporary file beside ``path``, then move it into place."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_image(path: Path, size: int | None = None) -> np.ndarray:
@@ -172,7 +155,7 @@ def read_label_png(path: Path) -> np.ndarray:
 def write_label_png(label: np.ndarray, path: Path) -> None:
     """Write a label map of class indices as a grayscale PNG, atomically."""
     png = Image.fromarray(np.asarray(label, dtype=np.uint8), mode="L")
-    write_atomic(Path(path), lambda f: png.save(f, "PNG"))
+    atomic_write(path, lambda f: png.save(f, "PNG"))
 
 
 def merge_parts(parts: dict[int, Path]) -> np.ndarray:
@@ -626,24 +609,6 @@ def check_dataset(root: str | os.PathLike, workers: int | None = None, progress:
     return CheckReport(root, found.layout, counts, image_sizes, mask_sizes, class_pixels, class_faces, problems)
 
 
-# Imported last: bench.cli imports this module (and bench.synth, which needs the names above) back.
-from bench.cli import app, command  # noqa: E402
-
-app.add_typer(data_app, name="data")
-
-
-@command("check", parent=data_app)
-def check_cmd(
-    root: Path = typer.Argument(..., help="Data folder: CelebAMask-HQ layout or SEAN/SDM {train,test}/{images,labels}."),
-    workers: int = typer.Option(0, "--workers", help="Worker processes (0: one per available core, up to 4)."),
-):
-    """Count faces, list resolutions and per-class pixel frequencies, and report every problem (exit 1 if any)."""
-    report = check_dataset(root, workers=workers or None)
-    typer.echo(report.tables())
-    if report.problems:
-        raise typer.Exit(1)
-
-
 def preview_grid(dataset: FaceDataset, n: int = 16, columns: int = 8) -> np.ndarray:
     """RGB uint8 picture of the first ``n`` faces: each image above its colour-coded label map."""
     tiles = []
@@ -654,17 +619,3 @@ def preview_grid(dataset: FaceDataset, n: int = 16, columns: int = 8) -> np.ndar
     tiles += [np.zeros_like(tiles[0])] * (-len(tiles) % columns)
     rows = [np.concatenate(tiles[r:r + columns], axis=1) for r in range(0, len(tiles), columns)]
     return np.concatenate(rows, axis=0)
-
-
-@command("preview", parent=data_app)
-def preview_cmd(
-    root: Path = typer.Argument(..., help="Data folder: CelebAMask-HQ layout or SEAN/SDM {train,test}/{images,labels}."),
-    out: Path = typer.Option(Path("preview.png"), "--out", help="PNG file to write."),
-    n: int = typer.Option(16, "--n", help="Number of faces to show."),
-    size: int = typer.Option(128, "--size", help="Size in pixels each face is loaded at."),
-    split: str = typer.Option("train", "--split", help="Split to show: train, test or all."),
-):
-    """Save a picture of the first faces of a split, each image above its colour-coded label map."""
-    grid = preview_grid(FaceDataset(root, split=split, size=size, flip=False), n)
-    write_atomic(out, lambda f: Image.fromarray(grid).save(f, "PNG"))
-    typer.echo(f"wrote {out}")

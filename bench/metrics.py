@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from bench.errors import BenchError, portable
+from bench.errors import BenchError
+from bench.io import display_path
 
 INCEPTION_EXTRACTOR = "inception-v3-compat"  # torch-fidelity's TF-compatible Inception-v3, the standard FID network
 LPIPS_MIN_SIZE = 64  # AlexNet's pooling stack needs >= 32 px; smaller images are upsampled to this size for LPIPS
@@ -82,8 +83,8 @@ def resolve_weights(spec: WeightSpec, explicit: Path | str | None = None) -> Pat
     path = Path(explicit) if explicit is not None else hub_checkpoint_dir() / spec.filename
     if not path.is_file():
         raise WeightsMissing(
-            f"{spec.label} weights not found at {portable(path)}; download {spec.url} to "
-            f"{portable(hub_checkpoint_dir() / spec.filename)} "
+            f"{spec.label} weights not found at {display_path(path)}; download {spec.url} to "
+            f"{display_path(hub_checkpoint_dir() / spec.filename)} "
             f"or pass {spec.option} FILE"
         )
     digest = sha256_file(path)
@@ -93,12 +94,6 @@ def resolve_weights(spec: WeightSpec, explicit: Path | str | None = None) -> Pat
             f"replace it with {spec.url} or pass {spec.option} with the right file"
         )
     return path
-
-
-# --------------------------------------------------------------------------- image conversion
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] (B, 3, H, W) -> uint8 (B, 3, H, W), the input torch-fidelity's extractors expect."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 class _Images(Dataset):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +18,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import typer
 
-from bench.cli import app, command
 from bench.data import CLASS_NAMES, FLIP_PERMUTATION, NUM_CLASSES, FaceDataset
 from bench.errors import BenchError
-from bench.metrics import confusion_matrix, miou, to_uint8
+from bench.io import save_torch, to_uint8
+from bench.metrics import confusion_matrix, miou
 
 CHECKPOINT_FORMAT = "sis-bench-face-parser/1"
 DEFAULT_DIR = Path("results/parser")
@@ -136,7 +134,7 @@ def load_split(data: Path, split: str, size: int, limit: int | None = None,
     labels = torch.empty(n, size, size, dtype=torch.uint8)
     for i in tqdm(range(n), desc=f"loading {split}", unit="face", disable=not progress):
         item = ds[i]
-        images[i] = to_uint8(item["image"])
+        images[i] = to_uint8(item["image"][None])[0]
         labels[i] = item["label"]
     return images, labels
 
@@ -218,18 +216,14 @@ def evaluate(model: FaceParser, data: Path, split: str = "test", limit: int | No
 # --------------------------------------------------------------------------- save / load
 def save_parser(model: FaceParser, path: Path, meta: dict) -> None:
     """Write the parser with its config, resolution, class names and ``meta`` (training facts) atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save({
+    save_torch(path, {
         "format": CHECKPOINT_FORMAT,
         "config": dataclasses.asdict(model.config),
         "size": model.config.size,
         "class_names": list(CLASS_NAMES),
         "state_dict": model.state_dict(),
         "meta": meta,
-    }, tmp)
-    os.replace(tmp, path)
+    })
 
 
 def load_parser(path: Path, device: torch.device | str = "cpu") -> tuple[FaceParser, dict]:
@@ -249,41 +243,19 @@ def load_parser(path: Path, device: torch.device | str = "cpu") -> tuple[FacePar
     return model.to(device).eval(), ckpt.get("meta", {})
 
 
-# --------------------------------------------------------------------------- CLI
-parser_app = typer.Typer(help="Face parser used to score mask adherence (mIoU).", no_args_is_help=True)
-app.add_typer(parser_app, name="parser")
-
-
-@command("train", parent=parser_app)
-def train_cmd(
-    data: Path = typer.Option(..., "--data", help="Data set folder (CelebAMask-HQ layout or synthetic); trains on "
-                                                  "its train split, reports mIoU on its test split."),
-    size: int = typer.Option(32, "--size", help="Resolution in px; use the image size of the runs you will evaluate "
-                                                "(32 for the cpu preset, 16 tiny, 256 paper)."),
-    steps: int = typer.Option(TrainConfig.steps, "--steps", help="Optimisation steps."),
-    batch_size: int = typer.Option(TrainConfig.batch_size, "--batch-size", help="Images per step."),
-    width: int = typer.Option(None, "--width", help="UNet channels at full resolution [default: 32 up to 32 px, "
-                                                    "16 above]."),
-    levels: int = typer.Option(None, "--levels", help="UNet downsamplings [default: down to about 8 x 8: 2 at "
-                                                      "32 px, 3 at 64, 4 at 128]."),
-    lr: float = typer.Option(TrainConfig.lr, "--lr", help="Peak learning rate (AdamW, cosine decay)."),
-    seed: int = typer.Option(TrainConfig.seed, "--seed", help="Seed for initialisation and batch order."),
-    out: Path = typer.Option(None, "--out", help="Checkpoint file (default: results/parser/parser-{size}px.pt)."),
-    device: str = typer.Option("auto", "--device", help="auto (cuda if available), cpu, cuda, cuda:N."),
-):
-    """Train the face parser on the train split and save it; prints its mIoU on real test images."""
-    out = out or default_parser_path(size)
+def train_and_save(data: Path, size: int, train: TrainConfig, out: Path | None = None, width: int | None = None,
+                   levels: int | None = None, device: torch.device | str = "cpu", progress: bool = True) -> dict:
+    """Train the parser for ``size`` px on the train split of ``data``, score it on the test split, save it to
+    ``out`` (default ``default_parser_path(size)``); returns {path, test_miou, seconds}."""
+    out = Path(out) if out is not None else default_parser_path(size)
     FaceDataset(data, split="test", size=size)  # an empty test split fails now, not after training
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     started = time.perf_counter()
     config = ParserConfig.for_size(size)
     config = dataclasses.replace(config, width=config.width if width is None else width,
                                  levels=config.levels if levels is None else levels)
-    model = train_parser(data, config,
-                         TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed), device)
+    model = train_parser(data, config, train, device, progress)
     seconds = time.perf_counter() - started
     test_miou = evaluate(model, data, "test")
-    save_parser(model, out, {"data": str(data), "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
-                             "train_seconds": round(seconds, 1), "test_miou": test_miou})
-    typer.echo(f"parser ({size} px) trained in {seconds:.0f} s; mIoU on real test images {test_miou:.4f}; saved {out}")
+    save_parser(model, out, {"data": str(data), **dataclasses.asdict(train), "train_seconds": round(seconds, 1),
+                             "test_miou": test_miou})
+    return {"path": out, "test_miou": test_miou, "seconds": seconds}

@@ -2,16 +2,17 @@
 
 Each function takes plain tables (pandas DataFrames already selected by ``bench.report``), returns a Figure
 or None when there is nothing to draw, and never computes a number the report does not also print.
-``save_png`` writes a figure atomically.
+``save_figure`` writes a figure atomically.
 """
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from bench.io import atomic_write
 
 DPI = 130
 DISPLAY_NAMES = {"sisma": "SISMA", "dit": "DiT-SIS", "sdm": "SDM"}
@@ -48,16 +49,9 @@ def plain_log_ticks(axis) -> None:
     axis.set_minor_formatter(label)
 
 
-def save_png(fig, path: Path) -> None:
-    """Write ``fig`` as a PNG at ``path`` atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    try:
-        fig.savefig(tmp, format="png", dpi=DPI)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def save_figure(fig, path: Path) -> None:
+    """Write ``fig`` as a PNG at ``path``, atomically (bench.io)."""
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=DPI))
 
 
 # ---------------------------------------------------------------------------------------------- latency

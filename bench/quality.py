@@ -1,6 +1,6 @@
 """``bench quality``: sample trained runs on test masks and score the images; one row per run in results/quality.csv.
 
-Protocol (DESIGN.md, Metrics):
+Protocol (the README's design section):
 
 - Masks: the first ``--n-masks`` label maps of the test split (all by default), at the run's image size. Each mask
   gets ``--samples-per-mask`` samples (10); the noise of sample j of mask i depends only on (seed, i, j).
@@ -28,19 +28,17 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
-import typer
 
 from bench import metrics
-from bench.cli import command
-from bench.data import write_atomic
-from bench.errors import BenchError, portable
+from bench.errors import BenchError
+from bench.io import ResultsFile, display_path, to_uint8, write_json, write_png
+from bench.rows import QualityRow
 
 DEFAULT_OUT = Path("results/quality.csv")
 RUN_ROOTS = (Path("runs"), Path("results/runs"))
@@ -76,10 +74,9 @@ def discover_runs(roots=RUN_ROOTS) -> list[Path]:
 def run_data(run_config: dict, size: int) -> Path:
     """The data folder a run trained on; its default synthetic set is generated if absent (as the trainer does)."""
     if run_config.get("synthetic"):
-        from bench.synth import ensure_synthetic
-        from bench.train import SYNTH_SEED, SYNTH_UPSCALE
+        from bench.synth import ensure_default_set
 
-        ensure_synthetic(run_config["data"], run_config["synth_n"], SYNTH_UPSCALE * size, SYNTH_SEED, progress=False)
+        ensure_default_set(run_config["data"], run_config["synth_n"], size, progress=False)
     return Path(run_config["data"])
 
 
@@ -90,14 +87,14 @@ def eval_dir(run, settings: QualitySettings) -> Path:
     st = ckpt.stat()
     key = {
         "checkpoint": {"file": ckpt.name, "step": run.step, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns},
-        "data": portable(settings.data), "split": settings.split, "size": run.image_size,
+        "data": display_path(settings.data), "split": settings.split, "size": run.image_size,
         "steps": settings.steps, "method": settings.method, "guidance": settings.guidance, "seed": settings.seed,
         "precision": settings.precision,
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     folder = run.run_dir / EVAL_DIRNAME / digest
     folder.mkdir(parents=True, exist_ok=True)
-    write_atomic(folder / "settings.json", lambda f: f.write(json.dumps(key, indent=2, sort_keys=True).encode()))
+    write_json(folder / "settings.json", key)
     return folder
 
 
@@ -125,9 +122,9 @@ def generated_images(run, labels: torch.Tensor, settings: QualitySettings, batch
         masks = onehot(labels[[i for i, _ in chunk]])
         images, _ = generate(run, masks, [i * SAMPLE_STRIDE + j for i, j in chunk], settings.seed, settings.steps,
                              settings.method, settings.guidance, batch_size, settings.precision)
-        pix = metrics.to_uint8(images).permute(0, 2, 3, 1).numpy()  # (B, S, S, 3)
+        pix = to_uint8(images).permute(0, 2, 3, 1).numpy()  # (B, S, S, 3)
         for (i, j), p in zip(chunk, pix):
-            write_atomic(sample_file(folder, i, j), lambda f, p=p: Image.fromarray(p).save(f, "PNG"))
+            write_png(sample_file(folder, i, j), p)
     S = run.image_size
     out = torch.empty(len(labels), per, 3, S, S, dtype=torch.uint8)
     for i in range(len(labels)):
@@ -171,15 +168,16 @@ def parse_require(value: str) -> set[str]:
     return names
 
 
-def get_parser(path: Optional[Path], size: int, data: Path, device: torch.device, progress: bool = True):
+def get_parser(path: Optional[Path], size: int, data: Path, device: torch.device, progress: bool = True,
+               echo=print):
     """The face parser: ``path``, or the default one for ``size``, trained there first if it does not exist."""
     from bench import parser as face_parser
 
     if path is None:
         path = face_parser.default_parser_path(size)
         if not path.exists():
-            typer.echo(f"no face parser at {path}: training one on the train split of {data} "
-                       f"(`bench parser train --data {data} --size {size}` does this ahead of time)", err=True)
+            echo(f"no face parser at {path}: training one on the train split of {data} "
+                 f"(`bench parser train --data {data} --size {size}` does this ahead of time)")
             cfg, train = face_parser.ParserConfig.for_size(size), face_parser.TrainConfig()
             model = face_parser.train_parser(data, cfg, train, device, progress)
             face_parser.save_parser(model, path, {"data": str(data), **asdict(train),
@@ -193,7 +191,8 @@ def get_parser(path: Optional[Path], size: int, data: Path, device: torch.device
 
 # --------------------------------------------------------------------------- one run
 def evaluate_run(run_dir: Path, data: Optional[Path], resources: Resources, parser_path: Optional[Path],
-                 device: torch.device, batch_size: int, progress: bool = True, **setting_overrides) -> dict:
+                 device: torch.device, batch_size: int, progress: bool = True, echo=print,
+                 **setting_overrides) -> dict:
     """Generate (or reuse) the images of one run and compute every metric; returns the result row.
 
     ``setting_overrides`` are QualitySettings fields other than ``data``."""
@@ -205,12 +204,12 @@ def evaluate_run(run_dir: Path, data: Optional[Path], resources: Resources, pars
     size = run.image_size
     data = Path(data) if data is not None else run_data(run.config, size)
     settings = QualitySettings(data=str(data), **setting_overrides)
-    model, used = get_parser(parser_path, size, data, device, progress)  # before sampling: a wrong one fails fast
+    model, used = get_parser(parser_path, size, data, device, progress, echo)  # before sampling: a wrong one fails fast
     real, labels = face_parser.load_split(data, settings.split, size,
                                           limit=settings.n_masks or None, progress=progress)
     n = len(real)
     fake, nfe, folder = generated_images(run, labels.long(), settings, batch_size, progress)
-    row = {"run": str(run_dir), "model": run.config["model"], "preset": run.config["preset"],
+    row = {"run": str(run_dir), "model": run.config.get("variant") or run.config["model"], "preset": run.config["preset"],
            "train_step": run.step, "image_size": size, "data": str(data), "split": settings.split,
            "n_masks": n, "samples_per_mask": settings.samples_per_mask, "method": settings.method,
            "guidance": settings.guidance}
@@ -247,89 +246,47 @@ def evaluate_run(run_dir: Path, data: Optional[Path], resources: Resources, pars
 
 # --------------------------------------------------------------------------- results file
 def append_rows(path: Path, rows: list[dict]) -> None:
-    """Add rows to a CSV (created with a header if new); the file is rewritten atomically, earlier rows kept,
-    new columns added (empty in older rows)."""
-    import pandas as pd
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = pd.DataFrame(rows)
-    if path.exists() and path.stat().st_size:
-        try:
-            old = pd.read_csv(path, dtype=str, keep_default_na=False)
-        except (pd.errors.ParserError, UnicodeDecodeError) as e:
-            raise BenchError(f"{path} is not a readable CSV ({type(e).__name__}); move it away or give another "
-                             f"--out") from None
-        new = pd.concat([old, new.astype(object)], ignore_index=True)[list(dict.fromkeys([*old.columns, *new.columns]))]
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    new.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    """Add rows to a quality CSV (created with its header if new), under its lock; earlier rows stay as they are."""
+    ResultsFile(path, QualityRow).append(rows)
 
 
 SUMMARY_COLUMNS = ["model", "preset", "n_masks", "fid", "kid", "lpips_diversity", "pixel_diversity", "miou",
                    "miou_ceiling"]
 
 
-@command("quality")
-def quality_cmd(
-    runs: Optional[list[Path]] = typer.Option(None, "--runs", help="Run folder (repeatable) (default: every run "
-                                              "under runs/ and results/runs/)."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Data folder for masks and real images (default: "
-                                        "the data set each run trained on)."),
-    split: str = typer.Option("test", "--split", help="Split whose masks and real images are used."),
-    n_masks: int = typer.Option(0, "--n-masks", help="Number of masks of the split (its first ones); 0: all."),
-    samples_per_mask: int = typer.Option(10, "--samples-per-mask", help="Samples per mask for the diversity "
-                                         "metrics (pairs: n(n-1)/2); sample 0 also serves FID and KID."),
-    steps: int = typer.Option(200, "--steps", help="Sampling steps (Euler: NFE = steps)."),
-    method: str = typer.Option("euler", "--method", help="euler or heun."),
-    guidance: float = typer.Option(1.0, "--guidance", help="Classifier-free guidance scale (1: off)."),
-    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Images per network call (sampling and metrics)."),
-    precision: str = typer.Option("fp32", "--precision", help="Sampling precision: fp32, bf16 or fp16."),
-    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="torch-fidelity Inception "
-                                                     f"file (default: the hub cache's {metrics.INCEPTION_WEIGHTS.filename})."),
-    alexnet_weights: Optional[Path] = typer.Option(None, "--alexnet-weights", help="torchvision AlexNet file "
-                                                   f"(default: the hub cache's {metrics.ALEXNET_WEIGHTS.filename})."),
-    parser: Optional[Path] = typer.Option(None, "--parser", help="Face parser checkpoint (default: "
-                                          "results/parser/parser-{size}px.pt, trained there first if absent)."),
-    require: str = typer.Option("", "--require", help="Comma list of metrics that must be computed "
-                                f"({','.join(REQUIRABLE)}); missing weights are then an error."),
-    out: Path = typer.Option(DEFAULT_OUT, "--out", help="CSV the rows are appended to (created with a header)."),
-    device: str = typer.Option("auto", "--device", help="auto (cuda if available), cpu, cuda, cuda:N."),
-):
-    """Score runs: FID/KID, LPIPS and pixel diversity, mask mIoU (and its ceiling); appends one row per run."""
+def check_settings(settings: QualitySettings) -> None:
+    """One-line errors for sampling settings that cannot work, naming the option and its range."""
     from bench.flow import METHODS
-    from bench.train import PRECISIONS
+    from bench.runtime import check_precision
+    from bench.sample import check_guidance
 
-    if precision not in PRECISIONS:
-        raise BenchError(f"--precision {precision}: use one of {', '.join(PRECISIONS)}")
-    if method not in METHODS:
-        raise BenchError(f"--method {method}: use one of {', '.join(METHODS)}")
-    if not 2 <= samples_per_mask <= SAMPLE_STRIDE:
-        raise BenchError(f"--samples-per-mask {samples_per_mask}: use 2 to {SAMPLE_STRIDE} (diversity needs pairs)")
-    if n_masks < 0 or steps < 1 or batch_size < 1:
-        raise BenchError(f"--n-masks must be >= 0 and --steps, --batch-size >= 1; got {n_masks}, {steps}, "
-                         f"{batch_size}")
-    needed = parse_require(require)
-    resources = find_resources(inception_weights, alexnet_weights, needed)
-    if parser is not None and not parser.is_file():
+    check_precision(settings.precision)
+    check_guidance(settings.guidance)
+    if settings.method not in METHODS:
+        raise BenchError(f"--method {settings.method}: use one of {', '.join(METHODS)}")
+    if not 2 <= settings.samples_per_mask <= SAMPLE_STRIDE:
+        raise BenchError(f"--samples-per-mask {settings.samples_per_mask}: use 2 to {SAMPLE_STRIDE} "
+                         f"(diversity needs pairs)")
+    if settings.n_masks < 0 or settings.steps < 1:
+        raise BenchError(f"--n-masks must be >= 0 and --steps >= 1; got {settings.n_masks} and {settings.steps}")
+
+
+def score_runs(runs: list[Path], data: Optional[Path], settings: dict, resources: Resources,
+               parser: Optional[Path], device: torch.device, batch_size: int, out: Path, echo=print) -> list[dict]:
+    """Score every run (``settings``: QualitySettings fields other than data); each row appended to ``out`` as soon
+    as it is computed. Bad settings, a missing parser file or a results file that is not ours fail before any work."""
+    check_settings(QualitySettings(data="", **settings))
+    if batch_size < 1:
+        raise BenchError(f"--batch-size must be at least 1, got {batch_size}")
+    results = ResultsFile(out, QualityRow)
+    results.check()
+    if parser is not None and not Path(parser).is_file():
         raise BenchError(f"no face parser at {parser}; train one with: bench parser train --data DIR --out {parser}")
     runs = runs or discover_runs()
     if not runs:
         raise BenchError("no runs found under runs/ or results/runs/; pass --runs RUN (train one with bench train)")
-    device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                          "cpu" if device == "auto" else device)
     rows = []
     for run_dir in runs:
-        rows.append(evaluate_run(run_dir, data, resources, parser, device, batch_size,
-                                 split=split, n_masks=n_masks, samples_per_mask=samples_per_mask, steps=steps,
-                                 method=method, guidance=guidance, seed=seed, precision=precision))
-        append_rows(out, rows[-1:])
-    import pandas as pd
-
-    typer.echo(pd.DataFrame(rows)[SUMMARY_COLUMNS].to_markdown(index=False, floatfmt=".4f"))
-    for row in rows:
-        for key in ("fid_status", "lpips_status"):
-            if row[key] != "ok":
-                typer.echo(f"{row['model']}: {key.removesuffix('_status')} {row[key]}", err=True)
-    typer.echo(f"appended {len(rows)} rows to {out}")
+        rows.append(evaluate_run(run_dir, data, resources, parser, device, batch_size, echo=echo, **settings))
+        results.append(rows[-1:])
+    return rows

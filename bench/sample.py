@@ -13,24 +13,25 @@ the same image whatever the batch size or the other samples of the call. Integra
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
-import typer
 from torch import Tensor
 
 from bench import flow
-from bench.cli import command
 from bench.errors import BenchError
+from bench.io import read_json, to_uint8, write_json, write_png
+from bench.runtime import autocast, check_precision
 
 GRID_CELL_PX = 128  # grid cells are enlarged (nearest neighbour) to at least this size, for viewing
 GRID_PAD_PX = 2
-MAX_GRID_ROWS = 16  # the overview grid of `bench sample` shows at most this many samples
+MAX_GRID_ROWS = 16
+GRID_SAMPLES_PER_MASK = 2  # samples per mask in the trainer's grids  # the overview grid of `bench sample` shows at most this many samples
 
 
 @dataclass
@@ -53,21 +54,27 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", checkpoint
     """The EMA weights of ``checkpoint`` (default RUN/checkpoints/last.pt), read on the CPU first, on ``device``."""
     from bench.autoencoder import load_space
     from bench.checkpoint import load
-    from bench.train import build_model
+    from bench.variants import build_model
 
     run_dir = Path(run_dir)
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         raise BenchError(f"{run_dir} is not a training run (no config.json); train one with "
                          f"`bench train MODEL --out {run_dir}`")
-    config = json.loads(config_path.read_text())
+    config = read_json(config_path, "run config")
     state = load(Path(checkpoint) if checkpoint else run_dir / "checkpoints" / "last.pt", mmap=True)
-    model = build_model(config)
+    model = build_model(config["model"], config["preset"], config["model_overrides"])
     model.load_state_dict(state["ema"])
     device = torch.device(device)
     model = model.to(device).eval().requires_grad_(False)
     space = load_space(config["space"], config.get("vae"), device)
     return Run(model, space, config, int(state["step"]), run_dir, device)
+
+
+def check_guidance(guidance: float) -> None:
+    """One-line error for a guidance scale that is not a finite number of 0 or more (1 turns guidance off)."""
+    if not math.isfinite(guidance) or guidance < 0:
+        raise BenchError(f"--guidance {guidance}: use a finite scale of 0 or more (1: no guidance)")
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -86,10 +93,8 @@ def noise_for(indices: Iterable[int], seed: int, shape: Sequence[int]) -> Tensor
 def sample_batch(model: nn.Module, space: nn.Module, masks: Tensor, noise: Tensor, steps: int,
                  method: str = "euler", guidance: float = 1.0, precision: str = "fp32") -> tuple[Tensor, int]:
     """One batch: integrate from ``noise`` given one-hot ``masks``, decode; (images (B, 3, S, S) CPU, NFE)."""
-    from bench.train import PRECISIONS
-
     device = next(model.parameters()).device
-    with torch.autocast(device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32"):
+    with autocast(device, precision):
         x, nfe = flow.integrate(flow.guided_velocity(model, masks.to(device), guidance), noise.to(device),
                                 steps, method)
     return space.decode(x.float()).cpu(), nfe
@@ -107,6 +112,7 @@ def generate(run: Run, masks: Tensor, indices: Iterable[int], seed: int = 0, ste
         raise ValueError(f"{len(masks)} masks but {len(indices)} indices")
     if method not in flow.METHODS:
         raise BenchError(f"--method {method}: use one of {', '.join(flow.METHODS)}")
+    check_guidance(guidance)
     if steps < 1 or batch_size < 1:
         raise BenchError(f"steps and batch size must be at least 1, got {steps} and {batch_size}")
     out, nfe = [], steps * flow.NFE_PER_STEP[method]
@@ -128,10 +134,9 @@ def test_labels(config: dict, size: int, n: int) -> tuple[list[str], Tensor]:
     from bench.data import FaceDataset, resize_label
 
     if config.get("synthetic"):
-        from bench.synth import ensure_synthetic
-        from bench.train import SYNTH_SEED, SYNTH_UPSCALE
+        from bench.synth import ensure_default_set
 
-        ensure_synthetic(config["data"], config["synth_n"], SYNTH_UPSCALE * size, SYNTH_SEED, progress=False)
+        ensure_default_set(config["data"], config["synth_n"], size, progress=False)
     test = FaceDataset(config["data"], "test", size=size)
     picks = [k % len(test) for k in range(n)]
     labels = [torch.from_numpy(resize_label(test.label_map(k), size).astype(np.int64)) for k in picks]
@@ -150,18 +155,13 @@ def run_masks(run: Run, n: int, folder: str | Path | None = None) -> tuple[list[
     return [names[k] for k in picks], labels[picks]
 
 
-def to_uint8(images: Tensor) -> np.ndarray:
-    """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
 def grid_picture(labels: Tensor, images: Tensor, per_mask: int) -> np.ndarray:
     """One row per mask: the mask in colour, then its ``per_mask`` samples; cells enlarged for viewing."""
     from bench.data import colorize
 
     S = labels.shape[-1]
     zoom = max(1, GRID_CELL_PX // S)
-    pix = to_uint8(images)
+    pix = to_uint8(images).permute(0, 2, 3, 1).numpy()  # (N, S, S, 3)
     rows = []
     for m, label in enumerate(labels):
         cells = [colorize(label.numpy())] + [pix[m * per_mask + j] for j in range(per_mask)]
@@ -169,16 +169,6 @@ def grid_picture(labels: Tensor, images: Tensor, per_mask: int) -> np.ndarray:
                         constant_values=255) for c in cells]
         rows.append(np.concatenate(cells, axis=1))
     return np.concatenate(rows, axis=0).astype(np.uint8)
-
-
-def save_png(array: np.ndarray, path: Path) -> None:
-    """Write an RGB uint8 picture atomically."""
-    from PIL import Image
-
-    from bench.data import write_atomic
-
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(Path(path), lambda f: Image.fromarray(array).save(f, "PNG"))
 
 
 @dataclass
@@ -195,8 +185,6 @@ class GridSpec:
 
     @classmethod
     def from_data(cls, cfg, ema: nn.Module, space: nn.Module) -> "GridSpec":
-        from bench.train import GRID_SAMPLES_PER_MASK
-
         _, labels = test_labels(dataclasses.asdict(cfg), ema.image_size, cfg.grid_masks)
         noise = noise_for(range(cfg.grid_masks * GRID_SAMPLES_PER_MASK), cfg.seed, ema.input_shape)
         return cls(ema, space, labels, noise, cfg.grid_steps, cfg.precision, GRID_SAMPLES_PER_MASK)
@@ -206,60 +194,39 @@ class GridSpec:
 
         masks = onehot(self.labels).repeat_interleave(self.per_mask, dim=0)
         images, _ = sample_batch(self.model, self.space, masks, self.noise, self.steps, precision=self.precision)
-        save_png(grid_picture(self.labels, images, self.per_mask), path)
+        write_png(path, grid_picture(self.labels, images, self.per_mask))
 
 
 # ----------------------------------------------------------------------------------------------
-# bench sample
+# Samples written to a folder (bench sample, and bench run's sample stage)
 # ----------------------------------------------------------------------------------------------
 
-@command("sample")
-def sample_cmd(
-    run_dir: Path = typer.Argument(..., metavar="RUN", help="Run folder written by `bench train`."),
-    steps: int = typer.Option(200, "--steps", help="Integration steps on t_i = i/steps (Euler: NFE = steps)."),
-    n: int = typer.Option(8, "--n", help="Number of images; sample i uses mask i (cycled)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default RUN/generated-METHOD-STEPS)."),
-    method: str = typer.Option("euler", "--method", help="euler (1 NFE per step) or heun (2 NFE per step)."),
-    guidance: float = typer.Option(1.0, "--guidance", help="Classifier-free guidance scale s (1: off)."),
-    masks: Optional[Path] = typer.Option(None, "--masks", help="Folder of label PNGs (class indices 0-18); default: "
-                                         "the run's test split."),
-    seed: int = typer.Option(0, "--seed", help="Seed; sample i's noise depends only on (seed, i)."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Samples per network call (does not change images)."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (autocast)."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint file (default RUN/checkpoints/last.pt)."),
-    device: str = typer.Option("auto", "--device", help="auto (cuda if available), cpu, cuda, cuda:N."),
-):
-    """Generate images from a run's EMA model; writes PNGs, the masks used (masks/*.png), grid.png and samples.json."""
+def write_samples(run: Run, out: Path, n: int, steps: int = 200, method: str = "euler", guidance: float = 1.0,
+                  seed: int = 0, batch_size: int = 16, precision: str = "fp32", masks: str | Path | None = None,
+                  grid: bool = True, progress: bool = False) -> dict:
+    """``n`` images of a run in ``out``: PNGs, the masks used (masks/*.png), grid.png and samples.json (returned)."""
     from bench.data import onehot, write_label_png
     from bench.provenance import provenance
-    from bench.train import PRECISIONS, save_json
 
-    if precision not in PRECISIONS:
-        raise BenchError(f"--precision {precision}: use one of {', '.join(PRECISIONS)}")
+    check_precision(precision)
     if n < 1:
         raise BenchError(f"--n must be at least 1, got {n}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    run = load_run(run_dir, device, checkpoint)
-    if guidance != 1.0 and run.config.get("p_uncond", 0) == 0:
-        typer.echo(f"warning: {run_dir} was trained without mask dropout (p_uncond 0); its unconditional "
-                   f"velocity is untrained, so guidance {guidance} extrapolates from noise", err=True)
     names, labels = run_masks(run, n, masks)
     images, nfe = generate(run, onehot(labels), range(n), seed, steps, method, guidance, batch_size, precision,
-                           progress=True)
-
-    out = out or run_dir / f"generated-{method}-{steps}"
-    (out / "masks").mkdir(parents=True, exist_ok=True)
-    pix, files = to_uint8(images), []
+                           progress=progress)
+    out = Path(out)
+    pix, files = to_uint8(images).permute(0, 2, 3, 1).numpy(), []
     for i in range(n):
-        save_png(pix[i], out / f"{i:05d}.png")
+        write_png(out / f"{i:05d}.png", pix[i])
         write_label_png(labels[i].numpy(), out / "masks" / f"{i:05d}.png")
         files.append({"index": i, "image": f"{i:05d}.png", "mask": f"masks/{i:05d}.png", "mask_source": names[i]})
-    shown = min(n, MAX_GRID_ROWS)
-    save_png(grid_picture(labels[:shown], images[:shown], 1), out / "grid.png")
-    record = {"run": str(run_dir), "model": run.config["model"], "preset": run.config["preset"],
-              "space": run.config["space"], "train_step": run.step, "method": method, "steps": steps, "nfe": nfe,
-              "guidance": guidance, "seed": seed, "n": n, "masks": str(masks) if masks else "test split",
-              "files": files, "provenance": provenance(device, precision, batch_size, steps, nfe, seed)}
-    save_json(record, out / "samples.json")
-    typer.echo(f"wrote {n} images ({method}, {steps} steps, NFE {nfe}, guidance {guidance}) to {out}")
+    if grid:
+        shown = min(n, MAX_GRID_ROWS)
+        write_png(out / "grid.png", grid_picture(labels[:shown], images[:shown], 1))
+    record = {"run": str(run.run_dir), "model": run.config.get("variant") or run.config["model"],
+              "preset": run.config["preset"], "data": run.config["data"], "space": run.config["space"],
+              "train_step": run.step, "method": method, "steps": steps, "nfe": nfe, "guidance": guidance,
+              "seed": seed, "n": n, "masks": str(masks) if masks else "test split", "files": files,
+              "provenance": provenance(run.device, precision, batch_size, steps, nfe, seed)}
+    write_json(out / "samples.json", record)
+    return record

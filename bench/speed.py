@@ -46,59 +46,36 @@ weights do not change its cost, and the ``decoder`` column says so.
 """
 from __future__ import annotations
 
-import contextlib
-import csv
-import ctypes
 import functools
-import gc
 import math
-import os
 import statistics
-import tempfile
-import threading
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import typer
 
-from bench.cli import command
 from bench.errors import BenchError
 from bench.flops import FlopCount, count_flops, equivalent_tokens, example_inputs, fit_power_law
+from bench.io import ResultsFile
 from bench.provenance import provenance
+from bench.rows import SpeedRow
+from bench.runtime import PRECISIONS, autocast, resolve_device
+from bench.timing import (free_memory, is_out_of_memory, load_average, peak_memory, probe_kernels, sdpa_enabled,
+                          set_tf32, time_calls)
+from bench.variants import build_model
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FLOPS_ONLY_SCALES = (1, 2, 4)  # default resolutions of --flops-only: the preset's image size times these
-MIB = 2 ** 20
 ERROR_CHARS = 200  # an error message is cut to this length in its CSV cell
-RSS_SAMPLE_INTERVAL_S = 1e-3
 # SD-VAE (sd-vae-ft-mse) architecture, for decoding cost when its weights are not on this machine.
 SD_VAE_ARCH = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
                    block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
                    up_block_types=("UpDecoderBlock2D",) * 4, act_fn="silu", scaling_factor=0.18215, sample_size=256)
 RANDOM_VAE_LABEL = "sd-vae-arch, random weights"
 PIXEL_DECODER_LABEL = "none (pixel space)"
-SDPA_KERNELS = {  # aten operator chosen by scaled_dot_product_attention -> kernel name
-    "_scaled_dot_product_flash_attention": "flash",
-    "_scaled_dot_product_flash_attention_for_cpu": "flash-cpu",
-    "_scaled_dot_product_efficient_attention": "mem-efficient",
-    "_scaled_dot_product_cudnn_attention": "cudnn",
-    "_scaled_dot_product_fused_attention_overrideable": "fused-overrideable",
-}
 
-COLUMNS = [
-    "mode", "status", "error", "model", "preset", "resolution", "space", "input_shape", "tokens", "tokens_equiv",
-    "params", "flops_counter", "flops_scan", "flops_per_nfe", "flops_decode", "flops_per_image",
-    "flops_exponent", "compile", "tf32", "scan_backend", "attention_kernel", "sdpa_enabled", "warmup", "repeats",
-    "latency_nfe_median_s", "latency_nfe_iqr_s", "latency_nfe_std_s", "latency_nfe_min_s",
-    "image_latency_s", "image_repeats", "image_latency_projected_s", "decode_latency_s", "decoder",
-    "images_per_s", "images_per_s_projected", "peak_cuda_allocated_mib", "peak_rss_delta_mib",
-    "loadavg_1m", "timestamp", "device", "device_name", "threads", "torch", "cuda", "precision", "batch_size", "steps", "nfe",
-    "seed", "commit", "host_os",
-]
+COLUMNS = [f for f in SpeedRow.__dataclass_fields__]
 
 
 @dataclass
@@ -153,29 +130,26 @@ class Setting:
 
 # ---------------------------------------------------------------------------------------------- the sweep
 
-def run_speed(cfg: SpeedConfig, echo=print) -> "pd.DataFrame":
+def run_speed(cfg: SpeedConfig, echo=print):
     """Run the sweep of ``cfg``: rows appended to ``cfg.out`` and returned; summary tables through ``echo``."""
-    import pandas as pd
-
     import models
+    from bench.variants import parse_models
 
-    unknown = [m for m in cfg.models if m not in models.list_models()]
-    if unknown:
-        raise BenchError(f"unknown model {', '.join(map(repr, unknown))}; available: {', '.join(models.list_models())}")
+    variants = parse_models(cfg.models)
+    cfg.models = [v.name for v in variants]
     if cfg.precision not in PRECISIONS:
         raise BenchError(f"unknown precision {cfg.precision!r}; use one of {', '.join(PRECISIONS)}")
-    for name in cfg.models:
-        if cfg.preset not in models.list_presets(name):
-            raise BenchError(f"model {name!r} has no preset {cfg.preset!r}; "
-                             f"available: {', '.join(models.list_presets(name))}")
+    for v in variants:
+        if cfg.preset not in models.list_presets(v.model):
+            raise BenchError(f"model {v.model!r} has no preset {cfg.preset!r}; "
+                             f"available: {', '.join(models.list_presets(v.model))}")
     if cfg.steps < 1 or cfg.repeats < 1 or cfg.warmup < 0 or cfg.image_repeats < 1:
         raise BenchError("--steps, --repeats and --image-repeats must be at least 1 and --warmup at least 0")
     if cfg.compile and cfg.warmup < 1:
         raise BenchError("--compile needs --warmup 1 or more: the first call compiles and must not be timed")
     if not cfg.batch_sizes or min(cfg.batch_sizes) < 1:
         raise BenchError("--batch-sizes must be positive integers, e.g. 1,4")
-    if Path(cfg.out).is_dir():
-        raise BenchError(f"--out {cfg.out} is a folder; give a CSV file path such as {Path(cfg.out) / 'speed.csv'}")
+    ResultsFile(cfg.out, SpeedRow).check()  # a file that is not ours is refused before anything is timed
     device = torch.device("meta") if cfg.flops_only else resolve_device(cfg.device)
     if cfg.threads is not None and cfg.threads < 1:
         raise BenchError(f"--threads must be at least 1, got {cfg.threads}")
@@ -188,13 +162,13 @@ def run_speed(cfg: SpeedConfig, echo=print) -> "pd.DataFrame":
         torch.set_num_threads(threads)  # a sweep run inside a larger program leaves its thread count alone
 
 
-def _sweep(cfg: SpeedConfig, device: torch.device, echo) -> "pd.DataFrame":
+def _sweep(cfg: SpeedConfig, device: torch.device, echo):
     import pandas as pd
 
     settings = plan(cfg)
     if cfg.flops_only:
         rows = [flops_row(s, cfg) for s in settings]
-        append_rows(cfg.out, rows)
+        ResultsFile(cfg.out, SpeedRow).append(rows)
         echo(flops_table(rows))
         echo("")
         echo(exponent_table(settings))
@@ -206,18 +180,6 @@ def _sweep(cfg: SpeedConfig, device: torch.device, echo) -> "pd.DataFrame":
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def resolve_device(choice: str) -> torch.device:
-    """auto: CUDA when available, else CPU; asking for CUDA without it is a one-line error."""
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise BenchError("--device cuda was asked for but no CUDA device is available "
-                         f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}); use --device cpu or auto")
-    if choice not in ("cpu", "cuda"):
-        raise BenchError(f"unknown device {choice!r}; use auto, cpu or cuda")
-    return torch.device(choice)
-
-
 def plan(cfg: SpeedConfig) -> list[Setting]:
     """Every (model, resolution) checked and counted on the meta device, in sweep order."""
     from tqdm import tqdm
@@ -225,7 +187,7 @@ def plan(cfg: SpeedConfig) -> list[Setting]:
     settings = []
     # leave=False and only on a terminal: a one-line error raised here is not preceded by a stale bar
     for name in tqdm(cfg.models, desc="counting FLOPs on meta", unit="model", leave=False, disable=None):
-        base = build_model(name, cfg.preset, {}, "meta")
+        base = eval_model(name, cfg.preset, {}, "meta")
         resolutions = cfg.resolutions or [base.image_size * k for k in
                                           (FLOPS_ONLY_SCALES if cfg.flops_only else (1,))]
         per_model = [describe_setting(name, cfg.preset, r, base) for r in resolutions]
@@ -237,13 +199,9 @@ def plan(cfg: SpeedConfig) -> list[Setting]:
     return settings
 
 
-def build_model(name: str, preset: str, overrides: dict, device: torch.device | str) -> torch.nn.Module:
-    """``models.create_model`` on ``device``, in eval mode without gradients."""
-    import models
-
-    with torch.device(device):
-        model = models.create_model(name, preset=preset, **overrides)
-    return model.eval().requires_grad_(False)
+def eval_model(name: str, preset: str, overrides: dict, device: torch.device | str) -> torch.nn.Module:
+    """The variant ``name`` with ``overrides`` on ``device``, in eval mode without gradients."""
+    return build_model(name, preset, overrides, device).eval().requires_grad_(False)
 
 
 def resolution_overrides(name: str, base: torch.nn.Module, resolution: int) -> dict:
@@ -273,7 +231,7 @@ def describe_setting(name: str, preset: str, resolution: int, base: torch.nn.Mod
         raise BenchError(f"resolution must be positive, got {resolution}")
     overrides = resolution_overrides(name, base, resolution)
     try:
-        model = build_model(name, preset, overrides, "meta")
+        model = eval_model(name, preset, overrides, "meta")
         x, t, mask = example_inputs(model, 1, "meta")
         flops = count_flops(lambda: _check_forward(model, x, t, mask))
     except (ValueError, RuntimeError, AssertionError) as e:
@@ -353,7 +311,7 @@ def timed_sweep(settings: list[Setting], cfg: SpeedConfig, device: torch.device)
             try:
                 if model is None:
                     torch.manual_seed(cfg.seed)
-                    model = build_model(s.name, cfg.preset, s.overrides, device)
+                    model = eval_model(s.name, cfg.preset, s.overrides, device)
                 row.update(measure_batch(model, decoders[s.space], s, batch_size, cfg, device))
             except Exception as e:
                 if not is_out_of_memory(e):
@@ -363,7 +321,7 @@ def timed_sweep(settings: list[Setting], cfg: SpeedConfig, device: torch.device)
                 model = None  # rebuilt for the next batch size: an OOM can leave it half-moved
                 free_memory(device)
             rows.append(row)
-            append_rows(cfg.out, [row])
+            ResultsFile(cfg.out, SpeedRow).append([row])
             bar.update()
         del model
         free_memory(device)
@@ -390,15 +348,14 @@ def measure_batch(model: torch.nn.Module, decoder: tuple, s: Setting, batch_size
     space, decoder_label = decoder
     gen = torch.Generator().manual_seed(cfg.seed)
     x, t, mask = example_inputs(model, batch_size, device, generator=gen)
-    autocast = autocast_context(device, cfg.precision)
     out = {"decoder": decoder_label}
-    with torch.no_grad(), autocast:  # not inference_mode: under it SDPA's kernel choice is not dispatched visibly
+    with torch.no_grad(), autocast(device, cfg.precision):  # not inference_mode: under it SDPA's kernel choice is not dispatched visibly
         out.update(probe_kernels(model, x, t, mask))
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), autocast(device, cfg.precision):
         out.update(peak_memory(lambda: model(x, t, mask), device))
     net = torch.compile(model) if cfg.compile else model
 
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), autocast(device, cfg.precision):
         nfe_times = time_calls(lambda: net(x, t, mask), cfg.warmup, cfg.repeats, device)
     with torch.inference_mode():  # the sampler decodes in fp32, outside autocast
         decode_times = time_calls(lambda: space.decode(x.float()), 1, cfg.repeats, device)
@@ -426,177 +383,6 @@ def measure_batch(model: torch.nn.Module, decoder: tuple, s: Setting, batch_size
     return out
 
 
-def time_calls(fn, warmup: int, repeats: int, device: torch.device) -> list[float]:
-    """Seconds per call of ``fn`` over ``repeats`` calls after ``warmup`` untimed ones.
-
-    CUDA: events recorded around each call, read after synchronising; CPU: time.perf_counter.
-    """
-    for _ in range(warmup):
-        fn()
-    times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        return times
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
-def load_average() -> float | None:
-    """The system's 1-minute load average when the row was measured: a busy machine slows CPU timings."""
-    try:
-        return os.getloadavg()[0]
-    except (OSError, AttributeError):
-        return None
-
-
-def autocast_context(device: torch.device, precision: str):
-    """bf16/fp16: torch.autocast on the device; fp32: nothing."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=PRECISIONS[precision])
-
-
-def set_tf32(device: torch.device, enabled: bool) -> None:
-    """TF32 for fp32 matmuls and convolutions on CUDA, on or off as asked (no effect on CPU)."""
-    if device.type != "cuda":
-        return
-    mode = "tf32" if enabled else "ieee"
-    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
-        torch.backends.cuda.matmul.fp32_precision = mode
-        torch.backends.cudnn.conv.fp32_precision = mode
-    else:
-        torch.backends.cuda.matmul.allow_tf32 = enabled
-        torch.backends.cudnn.allow_tf32 = enabled
-
-
-def sdpa_enabled(device: torch.device) -> str:
-    """SDPA backends enabled on CUDA (what the dispatcher may choose from); 'n/a' on CPU."""
-    if device.type != "cuda":
-        return "n/a"
-    b = torch.backends.cuda
-    flags = {"flash": b.flash_sdp_enabled(), "mem-efficient": b.mem_efficient_sdp_enabled(),
-             "cudnn": getattr(b, "cudnn_sdp_enabled", lambda: False)(), "math": b.math_sdp_enabled()}
-    return ",".join(k for k, on in flags.items() if on)
-
-
-def probe_kernels(model: torch.nn.Module, x, t, mask) -> dict:
-    """One eager forward that records which scan implementation and which SDPA kernel actually ran."""
-    import torch.nn.functional as F
-    from torch.overrides import TorchFunctionMode
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    from models.ssm import reset_used_backends, used_backends
-
-    class SdpaCalls(TorchFunctionMode):
-        calls = 0
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            if func is F.scaled_dot_product_attention:
-                self.calls += 1
-            return func(*args, **(kwargs or {}))
-
-    class AtenOps(TorchDispatchMode):
-        names: set = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.add(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-
-    reset_used_backends()
-    sdpa, ops = SdpaCalls(), AtenOps()
-    ops.names = set()
-    with sdpa, ops:
-        model(x, t, mask)
-    kernels = sorted({SDPA_KERNELS[n] for n in ops.names if n in SDPA_KERNELS})
-    # SDPA called but no fused kernel dispatched: the math fallback (decomposed into bmm + softmax).
-    attention = ",".join(kernels) if kernels else ("math" if sdpa.calls else "none")
-    scan = ",".join(sorted(used_backends())) or "none"
-    return {"scan_backend": scan, "attention_kernel": attention}
-
-
-# ---------------------------------------------------------------------------------------------- memory
-
-class PeakRSS:
-    """Highest resident set size above the starting level while the block runs, sampled every millisecond."""
-
-    STATM = Path("/proc/self/statm")
-
-    def __init__(self):
-        self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-        self.peak = 0
-        self._stop = threading.Event()
-
-    def rss(self) -> int:
-        return int(self.STATM.read_text().split()[1]) * self.page
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.rss())
-            time.sleep(RSS_SAMPLE_INTERVAL_S)
-
-    def __enter__(self):
-        gc.collect()
-        trim_heap()
-        self.start = self.peak = self.rss()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.peak = max(self.peak, self.rss())
-        self._stop.set()
-        self._thread.join()
-
-    @property
-    def delta(self) -> int:
-        return self.peak - self.start
-
-
-def trim_heap() -> None:
-    """Give freed heap back to the system (glibc), so that the RSS baseline is not inflated by cached pages."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def peak_memory(fn, device: torch.device) -> dict:
-    """Peak memory of one call of ``fn`` (see the module docstring for what each column means)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return {"peak_cuda_allocated_mib": torch.cuda.max_memory_allocated(device) / MIB}
-    if not PeakRSS.STATM.exists():
-        return {}
-    with PeakRSS() as rss:
-        fn()
-    return {"peak_rss_delta_mib": rss.delta / MIB}
-
-
-def is_out_of_memory(e: BaseException) -> bool:
-    """CUDA OOM, a failed CPU allocation, or MemoryError."""
-    if isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)):
-        return True
-    msg = str(e).lower()
-    return isinstance(e, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
-
-
-def free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 # ---------------------------------------------------------------------------------------------- rows, tables
 
 def flops_row(s: Setting, cfg: SpeedConfig) -> dict:
@@ -606,43 +392,6 @@ def flops_row(s: Setting, cfg: SpeedConfig) -> dict:
            **provenance("cpu", cfg.precision, 1, cfg.steps, cfg.steps, cfg.seed)}
     row.update(device="meta", device_name="meta (shapes only, nothing executed)")
     return row
-
-
-def append_rows(path: Path, rows: list[dict]) -> None:
-    """Append ``rows`` to the CSV at ``path`` atomically: existing rows are kept, the file is replaced whole.
-
-    Columns are COLUMNS; an existing file with other columns keeps them (their union, old ones first).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    old_rows, columns = [], list(COLUMNS)
-    if path.exists() and path.stat().st_size:
-        with path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            old_rows = list(reader)
-            old_cols = reader.fieldnames or []
-        columns = list(old_cols) + [c for c in COLUMNS if c not in old_cols]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(old_rows)
-            writer.writerows({k: _cell(v) for k, v in r.items()} for r in rows)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _cell(v):
-    """CSV text of one value: empty for None, floats to 6 significant digits."""
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    return v
 
 
 def flops_table(rows: list[dict]) -> str:
@@ -715,55 +464,3 @@ def exponent_table(settings: list[Setting], rows: list[dict] | None = None) -> s
 
 def _fmt_exp(k: float | None) -> str:
     return "-" if k is None else f"{k:.3f}"
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-
-def _int_list(text: str | None, option: str) -> list[int] | None:
-    if text is None or not text.strip():
-        return None
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise BenchError(f"{option} takes comma-separated integers, e.g. 1,4; got {text!r}") from None
-
-
-@command("speed")
-def speed_cmd(
-    models: str = typer.Option("sisma,dit,sdm", "--models", "-m", help="Comma-separated backbones to measure."),
-    preset: str = typer.Option("cpu", "--preset", "-p", help="Size preset of every model: paper, cpu or tiny."),
-    steps: int = typer.Option(200, "--steps", help="Euler steps of one whole image (1 NFE per step)."),
-    batch_sizes: str = typer.Option("1,4", "--batch-sizes", help="Comma-separated batch sizes; "
-                                    "larger ones give the images/s throughput."),
-    resolutions: str = typer.Option(None, "--resolutions", help="Comma-separated image resolutions in pixels "
-                                    "(default: the preset's; with --flops-only the preset's x1, x2, x4)."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (autocast)."),
-    warmup: int = typer.Option(3, "--warmup", help="Untimed network evaluations before timing."),
-    repeats: int = typer.Option(10, "--repeats", help="Timed network evaluations per setting."),
-    image_repeats: int = typer.Option(3, "--image-repeats", help="Timed whole images per setting "
-                                      "(fewer when the time budget is short)."),
-    device: str = typer.Option("auto", "--device", help="auto (CUDA if available), cpu or cuda."),
-    compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile every model alike."),
-    tf32: bool = typer.Option(False, "--tf32/--no-tf32", help="Allow TF32 for fp32 matmuls and convs on CUDA."),
-    flops_only: bool = typer.Option(False, "--flops-only", help="Only parameters and FLOPs, on the meta device "
-                                    "(no memory, no time): works at any preset and resolution."),
-    full_image_max_seconds: float = typer.Option(30.0, "--full-image-max-seconds", help="Time budget of a "
-                                                 "whole-image measurement; beyond it the image latency is only "
-                                                 "projected (per-NFE x steps + decode), in its own column."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the random weights and inputs."),
-    vae: str = typer.Option(None, "--vae", help="Decoder of latent models: diffusers AutoencoderKL folder or "
-                            "cached hub id (default: the SD-VAE if cached, else its architecture with random "
-                            "weights, which costs the same)."),
-    threads: int = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice)."),
-    out: Path = typer.Option(Path("results/speed.csv"), "--out", "-o", help="CSV the rows are appended to."),
-):
-    """Parameters, FLOPs, latency per NFE and per image, memory and throughput of each backbone."""
-    cfg = SpeedConfig(
-        models=[m.strip() for m in models.split(",") if m.strip()], preset=preset, steps=steps,
-        batch_sizes=_int_list(batch_sizes, "--batch-sizes") or [], resolutions=_int_list(resolutions, "--resolutions"),
-        precision=precision, warmup=warmup, repeats=repeats, image_repeats=image_repeats, device=device,
-        compile=compile, tf32=tf32, flops_only=flops_only, full_image_max_seconds=full_image_max_seconds,
-        seed=seed, vae=vae, threads=threads, out=out,
-    )
-    run_speed(cfg, echo=typer.echo)
-    typer.echo(f"\nrows appended to {out}")

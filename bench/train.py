@@ -15,14 +15,14 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
-import json
+import io
 import math
 import os
 import shutil
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -30,91 +30,69 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import typer
 
-from bench import flow
+from bench import flow, presets
 from bench.autoencoder import SD_VAE, LatentCache, load_space
 from bench.checkpoint import load, rng_state, save_atomic, set_rng_state
-from bench.cli import command
-from bench.errors import BenchError, portable
-
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-SYNTH_SEED = 0  # the default synthetic set is the same for every run, whatever the training seed
-SYNTH_UPSCALE = 2  # synthetic faces are drawn at 2x the model's image size: their masks come at half of it
-DEFAULT_DATA_ROOT = Path("data")
-DEFAULT_RUN_ROOT = Path("runs")
-
-# Defaults per size preset (data, not code paths); every entry can be overridden on the command line.
-# paper: the paper's recipe (batch 8, lr 4e-3, no weight decay, EMA 0.9999, 150k iterations); it trained
-# without mask dropout, so guidance is off there. cpu: about a second per step at batch 16 on two cores,
-# so 1500 steps take ~25 minutes per backbone. cpu/tiny: lr 1e-3 with a short warm-up, because 4e-3 over
-# so few steps at these widths makes the loss jump; the EMA decays faster (0.999 is a ~1k-step window,
-# 0.9999 would still average the random init at the end); 10% mask dropout so that guidance can be tried.
-PRESET_DEFAULTS = {
-    "paper": dict(steps=150_000, batch_size=8, lr=4e-3, warmup=0, ema_decay=0.9999, precision="bf16",
-                  p_uncond=0.0, ckpt_every=5000, keep_every=50_000, sample_every=5000, log_every=100,
-                  grid_steps=50, workers=4, synth_n=30_000),
-    "cpu": dict(steps=1500, batch_size=16, lr=1e-3, warmup=100, ema_decay=0.999, precision="fp32",
-                p_uncond=0.1, ckpt_every=250, keep_every=0, sample_every=250, log_every=10,
-                grid_steps=50, workers=1, synth_n=2000),
-    "tiny": dict(steps=20, batch_size=4, lr=1e-3, warmup=0, ema_decay=0.99, precision="fp32",
-                 p_uncond=0.1, ckpt_every=10, keep_every=0, sample_every=10, log_every=1,
-                 grid_steps=8, workers=0, synth_n=64),
-}
+from bench.errors import BenchError
+from bench.io import display_path, read_json, write_json, write_text
+from bench.presets import doc
+from bench.runtime import PRECISIONS, resolve_device
+from bench.synth import default_set_dir
+from bench.variants import build_model
 
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a run; written to RUN/config.json and into every checkpoint."""
+    """Everything that defines a run; written to RUN/config.json and into every checkpoint.
 
-    model: str
-    preset: str
-    data: Optional[str] = None  # data folder (CelebAMask-HQ or SEAN layout)
-    synthetic: bool = False  # data is the default synthetic set, generated on first use
-    synth_n: int = 2000  # faces in the default synthetic set
-    space: str = "pixel"  # "pixel" or "latent"
-    vae: Optional[str] = None  # AutoencoderKL folder or cached hub id (latent space)
-    model_overrides: dict = field(default_factory=dict)  # config fields changed to fit the space
-    steps: int = 1500
-    batch_size: int = 16  # global batch, split evenly over the processes
-    lr: float = 1e-3
-    warmup: int = 0  # linear learning-rate warm-up steps
-    ema_decay: float = 0.999
-    seed: int = 0
-    precision: str = "fp32"
-    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
-    p_uncond: float = 0.1  # probability of training a sample on the null mask (classifier-free guidance)
-    time_dist: str = "logit-normal"
-    ckpt_every: int = 250
-    keep_every: int = 0  # keep a snapshot step_N.pt every this many steps (0: only last.pt)
-    sample_every: int = 250
-    log_every: int = 10
-    grid_masks: int = 4  # test masks in the sample grid, two samples each
-    grid_steps: int = 50  # Euler steps for the sample grids
-    workers: int = 0
-    cache_latents: bool = False
+    Defaults of the optimisation and bookkeeping fields come from ``bench.presets`` (per preset and backbone);
+    each field's help text is stored with it (``bench.presets.help_text``).
+    """
+
+    model: str = doc("Registered backbone (sisma, dit, sdm, or a plugin).")
+    preset: str = doc("Size preset: paper, cpu or tiny; also picks the recipe and bookkeeping defaults.")
+    variant: str = doc("The variant's name (the backbone plus config overrides, e.g. sisma:scan=raster).",
+                       default="")
+    data: Optional[str] = doc("Data folder (CelebAMask-HQ or {train,test}/{images,labels} layout).", default=None)
+    synthetic: bool = doc("The data is the default synthetic set, generated on first use.", default=False)
+    synth_n: int = doc("Faces in the default synthetic set.", default=2000)
+    space: str = doc("pixel or latent (the SD-VAE's latents).", default="pixel")
+    vae: Optional[str] = doc("AutoencoderKL folder or cached hub id (latent space).", default=None)
+    model_overrides: dict = doc("Config fields of the backbone changed by the variant and the space.",
+                                default_factory=dict)
+    steps: int = doc(presets.help_text(presets.Recipe, "steps"), default=600)
+    batch_size: int = doc(presets.help_text(presets.Recipe, "batch_size"), default=8)
+    lr: float = doc(presets.help_text(presets.Recipe, "lr"), default=1e-3)
+    warmup: int = doc(presets.help_text(presets.Recipe, "warmup"), default=0)
+    ema_decay: float = doc(presets.help_text(presets.Recipe, "ema_decay"), default=0.999)
+    seed: int = doc("Seed of init, data order, noise and mask drops.", default=0)
+    precision: str = doc(presets.help_text(presets.Recipe, "precision"), default="fp32")
+    grad_clip: float = doc(presets.help_text(presets.Recipe, "grad_clip"), default=1.0)
+    p_uncond: float = doc(presets.help_text(presets.Recipe, "p_uncond"), default=0.1)
+    time_dist: str = doc("Training time distribution: logit-normal or uniform.", default="logit-normal")
+    ckpt_every: int = doc(presets.help_text(presets.Budget, "ckpt_every"), default=250)
+    keep_every: int = doc(presets.help_text(presets.Budget, "keep_every"), default=0)
+    sample_every: int = doc(presets.help_text(presets.Budget, "sample_every"), default=250)
+    log_every: int = doc(presets.help_text(presets.Budget, "log_every"), default=10)
+    grid_masks: int = doc(presets.help_text(presets.Budget, "grid_masks"), default=4)
+    grid_steps: int = doc(presets.help_text(presets.Budget, "grid_steps"), default=50)
+    workers: int = doc(presets.help_text(presets.Budget, "workers"), default=0)
+    cache_latents: bool = doc("Keep each image's latent in RUN/latents after its first encoding.", default=False)
 
 
 # Options that only change how a run is watched or stored, not its trajectory: free to change on resume.
 RESUME_FREE = {"steps", "ckpt_every", "keep_every", "sample_every", "log_every", "grid_masks", "grid_steps",
                "workers", "cache_latents"}
-GRID_SAMPLES_PER_MASK = 2
 
 
 # ----------------------------------------------------------------------------------------------
 # Configuration
 # ----------------------------------------------------------------------------------------------
 
-def default_data_dir(image_size: int, n: int) -> Path:
-    return DEFAULT_DATA_ROOT / f"synthetic-{SYNTH_UPSCALE * image_size}px-n{n}"
-
-
-def space_overrides(model: str, preset: str, space: str, vae: str | None) -> dict:
+def space_overrides(model: str, preset: str, space: str, vae: str | None, overrides: dict) -> dict:
     """Model config fields to change so that the preset runs in ``space`` (pixels, or the VAE's latents)."""
-    from models import create_model
-
-    with torch.device("meta"):
-        m = create_model(model, preset)
+    m = build_model(model, preset, overrides, "meta")
     adaptable = {"space", "in_channels", "input_size"} <= {f.name for f in dataclasses.fields(m.config)}
     if space != m.space and not adaptable:
         raise BenchError(f"{model} has no {space}-space variant (its config has no space/in_channels/input_size "
@@ -137,18 +115,25 @@ def space_overrides(model: str, preset: str, space: str, vae: str | None) -> dic
     return {k: v for k, v in want.items() if have[k] != v}
 
 
-def make_config(model: str, run_dir: Path, resume: bool = False, **given) -> TrainConfig:
-    """The run's config: for a new run, preset defaults then the given options; on resume, the saved config
-    with the given options, which must not change the trajectory (one-line error otherwise)."""
+def make_config(model, run_dir: Path, resume: bool = False, **given) -> TrainConfig:
+    """The run's config. ``model`` is a backbone or variant (``sisma:scan=raster``). A new run takes the preset's
+    table (``bench.presets``) for that backbone, then the given options; on resume, the saved config with the
+    given options, which must not change the trajectory (one-line error otherwise)."""
+    from bench.variants import Variant, parse_variant
+
+    variant = model if isinstance(model, Variant) else parse_variant(str(model))
     given = {k: v for k, v in given.items() if v is not None}
     config_path = Path(run_dir) / "config.json"
     if resume:
         if not config_path.is_file():
             raise BenchError(f"--resume: {run_dir} holds no run (no config.json); drop --resume to start one")
-        saved = json.loads(config_path.read_text())
-        given["model"] = model
+        saved = read_json(config_path, "run config")
+        if not isinstance(saved, dict) or set(saved) - {f.name for f in dataclasses.fields(TrainConfig)}:
+            raise BenchError(f"{config_path} is not a sis-bench run config; restore it or train into a new --out")
+        saved.setdefault("variant", saved.get("model", ""))
+        given["model"], given["variant"] = variant.model, variant.name
         if "data" in given:
-            given["data"] = portable(given["data"])
+            given["data"] = display_path(given["data"])
         for key, value in given.items():
             if key not in RESUME_FREE and key in saved and saved[key] != value:
                 raise BenchError(f"--resume: {key} = {value!r} differs from the run's {saved[key]!r} "
@@ -157,35 +142,35 @@ def make_config(model: str, run_dir: Path, resume: bool = False, **given) -> Tra
 
     if config_path.exists() or (Path(run_dir) / "checkpoints").exists():
         raise BenchError(f"{run_dir} already holds a run; add --resume to continue it or choose another --out")
-    from models import create_model, list_presets
+    import models
 
     preset = given.pop("preset", "cpu")
-    if preset not in PRESET_DEFAULTS or preset not in list_presets(model):
-        raise BenchError(f"unknown preset {preset!r} for {model}; available: "
-                         f"{', '.join(p for p in list_presets(model) if p in PRESET_DEFAULTS)}")
-    with torch.device("meta"):
-        native_space = create_model(model, preset).space
+    if preset not in presets.presets() or preset not in models.list_presets(variant.model):
+        raise BenchError(f"unknown preset {preset!r} for {variant.model}; available: "
+                         f"{', '.join(p for p in models.list_presets(variant.model) if p in presets.presets())}")
+    native_space = build_model(variant.model, preset, variant.kwargs(), "meta").space
     if given.get("space", "pixel") not in ("pixel", "latent"):
         raise BenchError(f"--space {given['space']}: use pixel or latent")
-    cfg = TrainConfig(model=model, preset=preset, **{**PRESET_DEFAULTS[preset], **given})
+    defaults = presets.train_defaults(preset, variant.model)
+    cfg = TrainConfig(model=variant.model, preset=preset, variant=variant.name, **{**defaults, **given})
     cfg.space = given.get("space", native_space)
     if cfg.space == "latent" and not cfg.vae:
         cfg.vae = SD_VAE
     if cfg.space == "pixel":
         cfg.vae = None
-    cfg.model_overrides = space_overrides(model, preset, cfg.space, cfg.vae)
+    cfg.model_overrides = {**variant.kwargs(),
+                           **space_overrides(variant.model, preset, cfg.space, cfg.vae, variant.kwargs())}
     if cfg.data is None:
-        with torch.device("meta"):
-            image_size = create_model(model, preset, **cfg.model_overrides).image_size
-        cfg.data, cfg.synthetic = portable(default_data_dir(image_size, cfg.synth_n)), True
+        image_size = build_model(variant.model, preset, cfg.model_overrides, "meta").image_size
+        cfg.data, cfg.synthetic = display_path(default_set_dir(image_size, cfg.synth_n)), True
     else:
-        cfg.data = portable(cfg.data)
+        cfg.data = display_path(cfg.data)
     check_config(cfg)
     return cfg
 
 
 def check_config(cfg: TrainConfig) -> None:
-    """One-line errors for option values that cannot work."""
+    """One-line errors for option values that cannot work, naming the option and its valid range."""
     if cfg.precision not in PRECISIONS:
         raise BenchError(f"--precision {cfg.precision}: use one of {', '.join(PRECISIONS)}")
     if cfg.time_dist not in flow.TIME_DISTS:
@@ -197,16 +182,13 @@ def check_config(cfg: TrainConfig) -> None:
     for name in ("steps", "batch_size", "ckpt_every", "sample_every", "log_every", "grid_steps"):
         if getattr(cfg, name) < 1:
             raise BenchError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.lr <= 0:
-        raise BenchError(f"--lr must be positive, got {cfg.lr}")
-
-
-def build_model(cfg: TrainConfig | dict) -> nn.Module:
-    """The run's backbone, freshly initialised (seed the RNG first for a reproducible init)."""
-    from models import create_model
-
-    c = cfg if isinstance(cfg, dict) else dataclasses.asdict(cfg)
-    return create_model(c["model"], c["preset"], **c["model_overrides"])
+    for name in ("warmup", "keep_every", "workers", "grid_masks"):
+        if getattr(cfg, name) < 0:
+            raise BenchError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(cfg, name)}")
+    if not cfg.lr > 0 or not math.isfinite(cfg.lr):
+        raise BenchError(f"--lr must be a positive number, got {cfg.lr}")
+    if not cfg.grad_clip >= 0 or not math.isfinite(cfg.grad_clip):
+        raise BenchError(f"--grad-clip must be 0 (off) or a positive number, got {cfg.grad_clip}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,13 +276,10 @@ class Distributed:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if device in (None, "auto"):
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if str(device).startswith("cuda") and not torch.cuda.is_available():
-            raise BenchError(f"--device {device}: no CUDA device is visible; use --device cpu")
-        if device == "cuda":  # each process of a job takes the GPU of its local rank
-            device = f"cuda:{local_rank}"
-        self.device = torch.device(device)
+        device = resolve_device(device)
+        if device.type == "cuda" and device.index is None:  # each process of a job takes its local rank's GPU
+            device = torch.device("cuda", local_rank)
+        self.device = device
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.owns_group = self.world > 1 and not dist.is_initialized()
@@ -376,12 +355,11 @@ class LossLog:
         if keep_until and path.exists():
             with path.open() as f:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= keep_until]
-        tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("w", newline="") as f:
-            w = csv.DictWriter(f, self.COLUMNS)
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, path)
+        text = io.StringIO()
+        w = csv.DictWriter(text, self.COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+        write_text(path, text.getvalue())
         self.file = path.open("a", newline="")
         self.writer = csv.DictWriter(self.file, self.COLUMNS)
 
@@ -416,7 +394,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ddp: Distributed, prog
 
     from bench.data import FaceDataset
     from bench.sample import GridSpec
-    from bench.synth import ensure_synthetic
+    from bench.synth import ensure_default_set
 
     check_config(cfg)
     if cfg.batch_size % ddp.world:
@@ -426,7 +404,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ddp: Distributed, prog
 
     # --- state: model, EMA, optimiser, scaler, noise generator; restored from the checkpoint on resume
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg).to(device)
+    model = build_model(cfg.model, cfg.preset, cfg.model_overrides).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
@@ -450,7 +428,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ddp: Distributed, prog
     # --- data, in the model's space
     if cfg.synthetic:
         if ddp.main:
-            ensure_synthetic(cfg.data, cfg.synth_n, SYNTH_UPSCALE * model.image_size, SYNTH_SEED, progress=progress)
+            ensure_default_set(cfg.data, cfg.synth_n, model.image_size, progress=progress)
         ddp.barrier()
     train_set = FaceDataset(cfg.data, "train", size=model.image_size)
     space = load_space(cfg.space, cfg.vae, device)
@@ -479,7 +457,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ddp: Distributed, prog
 
     if ddp.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_json(dataclasses.asdict(cfg), run_dir / "config.json")
+        write_json(run_dir / "config.json", dataclasses.asdict(cfg))
         log = LossLog(run_dir / "loss.csv", keep_until=step)
         grid = GridSpec.from_data(cfg, ema, space)
     if step >= cfg.steps:
@@ -542,74 +520,3 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ddp: Distributed, prog
     if ddp.main:
         log.close()
     return {"step": step, "loss": loss_mean, "wall_s": wall}
-
-
-def save_json(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------------------------
-# bench train
-# ----------------------------------------------------------------------------------------------
-
-@command("train")
-def train_cmd(
-    model: str = typer.Argument(..., help="Backbone to train: sisma, dit, sdm (see `bench models`)."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="Size preset: paper, cpu (default) or tiny; also sets "
-                                         "the training defaults (steps, batch, lr, EMA...)."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Data folder (CelebAMask-HQ or {train,test}/{images,labels} "
-                                        "layout). Default: a synthetic set in ./data, generated on first use."),
-    synth_n: Optional[int] = typer.Option(None, "--synth-n", help="Faces in the default synthetic set "
-                                          "(paper 30000, cpu 2000, tiny 64)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Train up to this step (on resume: extend to it)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch, split over DDP processes."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="AdamW learning rate (no weight decay)."),
-    warmup: Optional[int] = typer.Option(None, "--warmup", help="Linear learning-rate warm-up steps."),
-    ema_decay: Optional[float] = typer.Option(None, "--ema-decay", help="EMA decay of the weights used for sampling."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of init, data order, noise and mask drops."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, bf16 (autocast) or fp16 (autocast + "
-                                            "grad scaler)."),
-    grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="Max gradient norm (0: no clipping; default 1)."),
-    p_uncond: Optional[float] = typer.Option(None, "--p-uncond", help="Probability of dropping a sample's mask "
-                                             "(null mask) for classifier-free guidance."),
-    time_dist: Optional[str] = typer.Option(None, "--time-dist", help="Training time distribution: logit-normal "
-                                            "(default) or uniform."),
-    ckpt_every: Optional[int] = typer.Option(None, "--ckpt-every", help="Write checkpoints/last.pt every N steps."),
-    keep_every: Optional[int] = typer.Option(None, "--keep-every", help="Keep a snapshot step_N.pt every N steps "
-                                             "(0: none)."),
-    sample_every: Optional[int] = typer.Option(None, "--sample-every", help="Write a sample grid every N steps."),
-    log_every: Optional[int] = typer.Option(None, "--log-every", help="Append a loss.csv row every N steps."),
-    grid_steps: Optional[int] = typer.Option(None, "--grid-steps", help="Euler steps of the sample grids (cpu/paper 50, tiny 8)."),
-    space: Optional[str] = typer.Option(None, "--space", help="pixel or latent; default: the model's own (paper: "
-                                        "latent for sisma and dit, pixel for sdm; cpu and tiny: pixel)."),
-    vae: Optional[str] = typer.Option(None, "--vae", help=f"AutoencoderKL for latent space: a local diffusers "
-                                      f"folder or a hub id already in the HF cache (default {SD_VAE})."),
-    cache_latents: Optional[bool] = typer.Option(None, "--cache-latents/--no-cache-latents",
-                                                 help="Keep each image's latent in RUN/latents after its first encoding."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader worker processes."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/MODEL-PRESET)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from checkpoints/last.pt; "
-                                "options that would change its trajectory must match."),
-    device: str = typer.Option("auto", "--device", help="auto (cuda if available), cpu, cuda, cuda:N."),
-):
-    """Train a backbone with flow matching; checkpoints, loss.csv and sample grids go to the run folder.
-
-    Multi-process: `torchrun --nproc-per-node N $(which bench) train ...` (gloo on CPU, NCCL on GPU).
-    """
-    run_dir = out or DEFAULT_RUN_ROOT / f"{model}-{preset or 'cpu'}"
-    options = dict(preset=preset, data=str(data) if data else None, synth_n=synth_n, steps=steps,
-                   batch_size=batch_size, lr=lr, warmup=warmup, ema_decay=ema_decay, seed=seed, precision=precision,
-                   grad_clip=grad_clip, p_uncond=p_uncond, time_dist=time_dist, ckpt_every=ckpt_every,
-                   keep_every=keep_every, sample_every=sample_every, log_every=log_every, grid_steps=grid_steps,
-                   space=space, vae=vae, cache_latents=cache_latents, workers=workers)
-    cfg = make_config(model, run_dir, resume, **options)
-    try:
-        result = train(cfg, run_dir, resume=resume, device=device)
-    except TrainingInterrupted as e:
-        typer.echo(str(e), err=True)
-        raise typer.Exit(128 + e.signum)
-    if int(os.environ.get("RANK", "0")) == 0:
-        loss = f", last loss {result['loss']:.4f}" if result["loss"] is not None else " (nothing to do)"
-        typer.echo(f"{run_dir}: step {result['step']}{loss}, {result['wall_s']:.1f} s of training")

@@ -20,6 +20,13 @@ import torch.nn as nn
 ENTRY_POINT_GROUP = "sis_bench.backbones"
 
 
+class UnknownModel(LookupError):
+    """A backbone name or preset the registry does not know; the message lists what exists."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown model"
+
+
 @dataclass(frozen=True)
 class ModelEntry:
     """One registered backbone: its constructor and the names of its size presets."""
@@ -75,7 +82,7 @@ def get_entry(name: str) -> ModelEntry:
     """The registry entry for ``name``; a one-line error listing what exists otherwise."""
     _load_plugins()
     if name not in _REGISTRY:
-        raise KeyError(f"unknown model {name!r}; available: {', '.join(_REGISTRY) or 'none'}")
+        raise UnknownModel(f"unknown model {name!r}; available: {', '.join(_REGISTRY) or 'none'}")
     return _REGISTRY[name]
 
 
@@ -88,5 +95,5 @@ def create_model(name: str, preset: str = "paper", **overrides) -> nn.Module:
     """Build backbone ``name`` at size ``preset``; keyword overrides replace preset fields."""
     entry = get_entry(name)
     if preset not in entry.presets:
-        raise KeyError(f"unknown preset {preset!r} for model {name!r}; available: {', '.join(entry.presets)}")
+        raise UnknownModel(f"unknown preset {preset!r} for model {name!r}; available: {', '.join(entry.presets)}")
     return entry.fn(preset=preset, **overrides)

@@ -383,7 +383,7 @@ def test_check_counts_and_frequencies(synth_set):
 def test_portable_paths_carry_no_machine_layout(tmp_path, monkeypatch):
     from pathlib import Path
 
-    from bench.errors import portable
+    from bench.io import display_path as portable
 
     (tmp_path / "work" / "data").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "work")

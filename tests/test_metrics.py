@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from bench import metrics
+from bench.io import to_uint8
 from bench.errors import BenchError
 
 TINY_EXTRACTOR = "sis-bench-test-tiny"
@@ -67,7 +68,7 @@ def tiny(tmp_path_factory):
 def _images(n, seed, shift=0.0):
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(n, 3, 16, 16, generator=g) * 1.6 - 0.8 + shift
-    return metrics.to_uint8(x)
+    return to_uint8(x)
 
 
 def _scipy_frechet(f1, f2):

@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 import bench.train
 from bench.checkpoint import load
 from bench.cli import app
-from bench.pipeline import BUDGETS
+from bench.presets import BUDGETS, recipe
 
 MODELS = ["sisma", "dit", "sdm"]
-STAGES = ["data", "train:sisma", "train:dit", "train:sdm", "sample", "speed", "parser", "quality", "report"]
+STAGES = ["data", "train:sisma@0", "train:dit@0", "train:sdm@0", "sample", "speed", "parser", "quality", "report"]
 PLOTS = ["latency.png", "scaling.png", "quality_latency.png", "loss.png", "samples.png"]
 
 
@@ -63,9 +63,9 @@ def test_tiny_run_interrupted_resumed_and_skipped(workdir, monkeypatch):
     assert first.exit_code == 130, first.output
     assert calls == ["sisma", "dit"]
     state = json.loads(state_path.read_text())
-    assert state["stages"]["data"]["status"] == "done" and state["stages"]["train:sisma"]["status"] == "done"
-    assert state["stages"]["train:dit"]["status"] == "running" and "train:sdm" not in state["stages"]
-    dit_run = results / "run_tiny" / "runs" / "dit"
+    assert state["stages"]["data"]["status"] == "done" and state["stages"]["train:sisma@0"]["status"] == "done"
+    assert state["stages"]["train:dit@0"]["status"] == "running" and "train:sdm@0" not in state["stages"]
+    dit_run = results / "run_tiny" / "runs" / "dit" / "seed0"
     assert load(dit_run / "checkpoints" / "last.pt")["step"] == budget.ckpt_every
 
     # 2. The same command again: sisma not retrained, dit continues from its checkpoint, the rest runs.
@@ -80,12 +80,12 @@ def test_tiny_run_interrupted_resumed_and_skipped(workdir, monkeypatch):
     second = runner.invoke(app, args)
     assert second.exit_code == 0, second.output
     assert resumed == [("dit", True, budget.ckpt_every), ("sdm", False, 0)]
-    assert "train sisma (tiny preset, 20 steps): done on" in second.output
+    assert "train sisma, seed 0 (tiny preset, 20 steps): done on" in second.output
     state2 = json.loads(state_path.read_text())
     assert list(state2["stages"]) == STAGES and all(s["status"] == "done" for s in state2["stages"].values())
-    assert state2["stages"]["train:sisma"] == state["stages"]["train:sisma"]
+    assert state2["stages"]["train:sisma@0"] == state["stages"]["train:sisma@0"]
     with (dit_run / "loss.csv").open() as f:
-        assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, budget.train_steps + 1))
+        assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, recipe("tiny", "dit").steps + 1))
 
     report = reports / "tiny.md"
     md = report.read_text()
@@ -117,3 +117,31 @@ def test_run_rejects_bad_options(workdir):
         assert result.exit_code == 2, result.output
         assert result.output.startswith("error:") and words in result.output
     assert not (workdir / "r").exists()
+
+
+def test_dry_run_prints_each_stage_and_each_runs_recipe_and_does_nothing(workdir):
+    result = CliRunner().invoke(app, ["run", "--preset", "cpu", "--dry-run", "--results", str(workdir / "r"),
+                                      "--models", "sisma,dit:cond=add", "--seeds", "0,1"])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    for stage in ["train sisma, seed 0", "train sisma, seed 1", "train dit:cond=add, seed 1", "speed", "quality"]:
+        assert stage in out
+    cpu = recipe("cpu", "sisma")
+    assert f"lr: {cpu.lr}" in out and f"batch_size: {cpu.batch_size}" in out and f"steps: {cpu.steps}" in out
+    assert 'model_overrides: {"cond": "add"}' in out
+    assert not (workdir / "r").exists() and not (workdir / "data").exists()
+
+
+def test_train_and_run_read_the_same_recipe(workdir):
+    from bench.pipeline import Pipeline, RunOptions
+    from bench.train import make_config
+    from bench.variants import parse_variant
+
+    for model in ["sisma", "dit", "sdm"]:
+        cfg = make_config(model, workdir / "runs" / model, preset="cpu")
+        pipe = Pipeline(RunOptions(preset="cpu", models=[model], results=workdir / "r"))
+        via_run = make_config(parse_variant(model), workdir / "runs" / (model + "-run"),
+                              **pipe.train_options(pipe.variants[0], 0))
+        assert dataclasses.asdict(cfg) == dataclasses.asdict(via_run)
+        r = recipe("cpu", model)
+        assert (cfg.lr, cfg.batch_size, cfg.steps, cfg.ema_decay) == (r.lr, r.batch_size, r.steps, r.ema_decay)

@@ -136,14 +136,5 @@ def test_empty_split_is_an_error(setup, tmp_path):
                     one, "test")
 
 
-def test_append_rows_keeps_old_rows_and_adds_new_columns(tmp_path):
-    path = tmp_path / "r.csv"
-    quality.append_rows(path, [{"a": 1, "b": "x"}])
-    quality.append_rows(path, [{"a": 2, "c": 3.5}])
-    rows = pd.read_csv(path)
-    assert list(rows.columns) == ["a", "b", "c"] and rows.a.tolist() == [1, 2]
-    assert [p.name for p in tmp_path.iterdir()] == ["r.csv"]
-
-
 def test_unknown_required_metric_is_an_error(tmp_path):
     _one_line_error(_quality("--require", "fid,is", "--out", tmp_path / "q.csv"), "'is'")

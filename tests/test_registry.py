@@ -20,7 +20,7 @@ def test_built_in_backbones_and_presets():
 
 
 def test_unknown_model_is_a_one_line_error_listing_the_models():
-    with pytest.raises(KeyError) as info:
+    with pytest.raises(models.UnknownModel) as info:
         models.create_model("unet9000")
     message = info.value.args[0]
     assert "\n" not in message and "unet9000" in message
@@ -28,7 +28,7 @@ def test_unknown_model_is_a_one_line_error_listing_the_models():
 
 
 def test_unknown_preset_is_a_one_line_error_listing_the_presets():
-    with pytest.raises(KeyError) as info:
+    with pytest.raises(models.UnknownModel) as info:
         models.create_model("sisma", preset="huge")
     message = info.value.args[0]
     assert "\n" not in message and "huge" in message

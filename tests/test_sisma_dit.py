@@ -65,71 +65,11 @@ def test_interface_attributes_and_output_shape(name):
     assert not v.any(), "adaLN-Zero: the untrained model must output exactly zero velocity"
 
 
-@pytest.mark.parametrize("name", TOKEN_BACKBONES)
-def test_gradients_reach_every_parameter(name):
-    model = tiny(name)
-    x, t, mask = inputs(model)
-    model(x, t, mask).square().mean().backward()
-    dead = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
-    assert not dead, f"no gradient reaches: {dead}"
-
-
-@pytest.mark.parametrize("name", TOKEN_BACKBONES)
-def test_output_depends_on_mask_and_time(name):
-    model = tiny(name).eval()
-    x, t, mask_a = inputs(model, seed=0)
-    mask_b = random_mask(2, model.image_size, seed=1)
-    with torch.no_grad():
-        v_a, v_a2, v_b = model(x, t, mask_a), model(x, t, mask_a), model(x, t, mask_b)
-        v_t = model(x, 1 - t, mask_a)
-    assert torch.equal(v_a, v_a2), "the same inputs must give the same output"
-    # Equal inputs give bitwise-equal outputs, so a change well above fp32 rounding (~1e-7 here) is real.
-    # At init the mask's effect on SISMA is small (dt ~ 1e-3..0.1 scales the scanned, mask-selected term
-    # against the D * u skip), hence an absolute threshold rather than a fraction of the output.
-    assert (v_a - v_b).abs().max() > 1e-5, "a different mask must change the output"
-    assert (v_a - v_t).abs().max() > 1e-5, "a different time must change the output"
-
-
-@pytest.mark.parametrize("name", TOKEN_BACKBONES)
-def test_null_mask_is_accepted(name):
-    """Classifier-free guidance drops the mask as an all-zero one-hot: it must run and differ from a real mask."""
-    model = tiny(name).eval()
-    x, t, mask = inputs(model)
-    with torch.no_grad():
-        assert not torch.allclose(model(x, t, torch.zeros_like(mask)), model(x, t, mask))
-
-
-@pytest.mark.parametrize("name", TOKEN_BACKBONES)
-@pytest.mark.parametrize("bad_shape", [(2, 18, 16, 16), (2, 19, 32, 32), (2, 19, 16), (3, 19, 16, 16)])
-def test_wrong_mask_raises_with_expected_shape(name, bad_shape):
-    model = models.create_model(name, preset="tiny")
-    x, t, _ = inputs(model)
-    with pytest.raises(ValueError, match=r"\(2, 19, 16, 16\)") as info:
-        model(x, t, torch.zeros(bad_shape))
-    assert str(tuple(bad_shape)) in str(info.value)
-
-
-@pytest.mark.parametrize("name", TOKEN_BACKBONES)
-def test_wrong_input_shape_raises(name):
-    model = models.create_model(name, preset="tiny")
-    _, t, mask = inputs(model)
-    with pytest.raises(ValueError, match=r"\(B, 3, 16, 16\)"):
-        model(torch.zeros(2, 4, 16, 16), t, mask)
-
-
 # --- sizes --------------------------------------------------------------------------------------------------
 
 
 def count(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-@pytest.mark.parametrize("name", TOKEN_BACKBONES)
-@pytest.mark.parametrize("preset", ["paper", "cpu", "tiny"])
-def test_meta_device_construction(name, preset):
-    with torch.device("meta"):
-        model = models.create_model(name, preset=preset)
-    assert all(p.device.type == "meta" for p in model.parameters())
 
 
 def test_sisma_paper_parameter_count():

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from typer.testing import CliRunner
 
-from bench import speed
+from bench import speed, timing
 from bench.cli import app
 from bench.errors import BenchError
 from bench.flops import count_flops, equivalent_tokens, fit_power_law
@@ -122,8 +122,8 @@ def test_meta_count_of_a_backbone_equals_its_real_count_and_the_scan_formula():
 
 
 def test_sdm_paper_flops_at_256_px():
-    """DESIGN.md: SDM costs about 3.4 TFLOPs per forward at 256 px (multiply-add = 2)."""
-    base = speed.build_model("sdm", "paper", {}, "meta")
+    """SDM costs about 3.4 TFLOPs per forward at 256 px (multiply-add = 2)."""
+    base = speed.eval_model("sdm", "paper", {}, "meta")
     s = speed.describe_setting("sdm", "paper", 256, base)
     assert s.flops.total == pytest.approx(3.4e12, rel=0.03)
     assert s.flops.scan == 0 and s.params == pytest.approx(653.06e6, rel=0.005)
@@ -191,8 +191,8 @@ def test_out_of_memory_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
     oom = read_csv(tmp_path / "speed.csv")[1]
     assert oom["status"] == "oom" and "out of memory" in oom["error"] and oom["latency_nfe_median_s"] == ""
     assert int(oom["params"]) > 0  # what was known before the failure is still recorded
-    assert speed.is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried ..."))
-    assert not speed.is_out_of_memory(RuntimeError("shape mismatch"))
+    assert timing.is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried ..."))
+    assert not timing.is_out_of_memory(RuntimeError("shape mismatch"))
 
 
 def test_output_is_appended_never_truncated(tmp_path):
@@ -206,13 +206,14 @@ def test_output_is_appended_never_truncated(tmp_path):
     assert second.count("mode,status") == 1  # one header
 
 
-def test_existing_file_with_other_columns_keeps_its_rows(tmp_path):
+def test_a_results_file_that_is_not_ours_is_refused_before_anything_is_timed(tmp_path, monkeypatch):
     out = tmp_path / "speed.csv"
     out.write_text("model,note\nold,kept\n")
-    speed.append_rows(out, [{"model": "sdm", "status": "ok"}])
-    rows = read_csv(out)
-    assert rows[0]["model"] == "old" and rows[0]["note"] == "kept"
-    assert rows[1]["model"] == "sdm" and rows[1]["note"] == "" and "status" in rows[1]
+    timed = []
+    monkeypatch.setattr(speed, "measure_batch", lambda *a, **k: timed.append(1) or {})
+    with pytest.raises(BenchError, match="not a sis-bench SpeedRow file"):
+        speed.run_speed(quick_config(tmp_path, models=["sdm"]), echo=lambda s: None)
+    assert timed == [] and out.read_text() == "model,note\nold,kept\n"
 
 
 def test_bench_error_for_unknown_precision(tmp_path):

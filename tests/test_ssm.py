@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from models import ssm
 from models.ssm import causal_conv1d, count_scan_flops, scan_flops, selective_scan, selective_scan_ref
 
-RTOL, ATOL = 6e-4, 2e-3  # mamba-ssm's own fp32 tolerance (DESIGN.md)
+RTOL, ATOL = 6e-4, 2e-3  # mamba-ssm's own fp32 tolerance
 CPU_BACKENDS = ["cpu", "torch"]
 # length crosses the C kernel's 64-position blocks and the torch path's 16-position chunks
 BATCH, DIM, LENGTH, STATE, GROUPS = 2, 6, 70, 16, 2

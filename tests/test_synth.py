@@ -11,10 +11,12 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from bench import synth
+from bench import data
+from bench.synth import writer as synth_writer
 from bench.cli import app
 from bench.data import CLASS_NAMES, IMAGE_DIRNAME, MASK_DIRNAME, NUM_CLASSES, PART_CLASS
 from bench.errors import BenchError
+from bench.synth.geometry import HAIR_STYLES
 from bench.synth import MANIFEST_NAME, ensure_synthetic, generate_synthetic, make_face, sample_geometry
 
 
@@ -43,7 +45,7 @@ def test_layout_matches_celebamask_hq(tmp_path):
 
 
 def test_mask_folders_hold_2000_faces_each():
-    assert synth.mask_path(Path("r"), 4321, "skin") == Path("r") / MASK_DIRNAME / "2" / "04321_skin.png"
+    assert data.mask_path(Path("r"), 4321, "skin") == Path("r") / MASK_DIRNAME / "2" / "04321_skin.png"
 
 
 def test_parts_merge_into_the_generators_label_map():
@@ -73,7 +75,7 @@ def test_all_19_classes_occur_in_a_modest_set():
 
 def test_geometry_varies():
     gs = [sample_geometry(np.random.default_rng([0, i, 0])) for i in range(80)]
-    assert len({g.hair for g in gs}) == len(synth.HAIR_STYLES)
+    assert len({g.hair for g in gs}) == len(HAIR_STYLES)
     assert {g.mouth_open > 0 for g in gs} == {True, False}
     assert np.std([g.tilt for g in gs]) > 0.05 and np.std([g.scale for g in gs]) > 0.01
     assert {bool(g.glasses) for g in gs} == {True, False} and {bool(g.hat) for g in gs} == {True, False}
@@ -111,7 +113,7 @@ def test_ensure_synthetic_reuses_a_matching_set(tmp_path, monkeypatch):
     def fail(*a, **k):
         raise AssertionError("regenerated a matching set")
 
-    monkeypatch.setattr(synth, "generate_synthetic", fail)
+    monkeypatch.setattr(synth_writer, "generate_synthetic", fail)
     assert ensure_synthetic(root, n=3, size=32, seed=0) == root
     monkeypatch.undo()
     ensure_synthetic(root, n=4, size=32, seed=0, progress=False)      # another n: regenerated

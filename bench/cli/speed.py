@@ -1,0 +1,52 @@
+"""``bench speed``."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from bench.cli.common import command, int_list, split_list
+from bench.runtime import DEVICE_HELP
+
+
+@command("speed")
+def speed_cmd(
+    models: str = typer.Option("sisma,dit,sdm", "--models", "-m", help="Comma-separated backbones or variants to measure (e.g. sisma,sisma:scan=raster,dit)."),
+    preset: str = typer.Option("cpu", "--preset", "-p", help="Size preset of every model: paper, cpu or tiny."),
+    steps: int = typer.Option(200, "--steps", help="Euler steps of one whole image (1 NFE per step)."),
+    batch_sizes: str = typer.Option("1,4", "--batch-sizes", help="Comma-separated batch sizes; "
+                                    "larger ones give the images/s throughput."),
+    resolutions: str = typer.Option(None, "--resolutions", help="Comma-separated image resolutions in pixels "
+                                    "(default: the preset's; with --flops-only the preset's x1, x2, x4)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (autocast)."),
+    warmup: int = typer.Option(3, "--warmup", help="Untimed network evaluations before timing."),
+    repeats: int = typer.Option(10, "--repeats", help="Timed network evaluations per setting."),
+    image_repeats: int = typer.Option(3, "--image-repeats", help="Timed whole images per setting "
+                                      "(fewer when the time budget is short)."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile every model alike."),
+    tf32: bool = typer.Option(False, "--tf32/--no-tf32", help="Allow TF32 for fp32 matmuls and convs on CUDA."),
+    flops_only: bool = typer.Option(False, "--flops-only", help="Only parameters and FLOPs, on the meta device "
+                                    "(no memory, no time): works at any preset and resolution."),
+    full_image_max_seconds: float = typer.Option(30.0, "--full-image-max-seconds", help="Time budget of a "
+                                                 "whole-image measurement; beyond it the image latency is only "
+                                                 "projected (per-NFE x steps + decode), in its own column."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random weights and inputs."),
+    vae: str = typer.Option(None, "--vae", help="Decoder of latent models: diffusers AutoencoderKL folder or "
+                            "cached hub id (default: the SD-VAE if cached, else its architecture with random "
+                            "weights, which costs the same)."),
+    threads: int = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice)."),
+    out: Path = typer.Option(Path("results/speed.csv"), "--out", "-o", help="CSV the rows are appended to."),
+):
+    """Parameters, FLOPs, latency per NFE and per image, memory and throughput of each backbone."""
+    from bench.speed import SpeedConfig, run_speed
+
+    cfg = SpeedConfig(
+        models=split_list(models), preset=preset, steps=steps,
+        batch_sizes=int_list(batch_sizes, "--batch-sizes") or [], resolutions=int_list(resolutions, "--resolutions"),
+        precision=precision, warmup=warmup, repeats=repeats, image_repeats=image_repeats, device=device,
+        compile=compile, tf32=tf32, flops_only=flops_only, full_image_max_seconds=full_image_max_seconds,
+        seed=seed, vae=vae, threads=threads, out=out,
+    )
+    run_speed(cfg, echo=typer.echo)
+    typer.echo(f"\nrows appended to {out}")

@@ -1,0 +1,270 @@
+"""Every file the harness writes goes through here: atomic writes, locked CSV appends, paths as results show them.
+
+- ``atomic_write(path, write)`` and its typed forms (``write_text``, ``write_json``, ``write_png``, ``save_torch``):
+  the bytes go to a temporary file in the same folder, which is then renamed over ``path``, so a reader (or a
+  crash) sees the old file or the new one, never half of one; the temporary file is removed on any failure.
+- ``ResultsFile``: a results CSV declared by a row schema (a dataclass). Appends hold a file lock (the
+  ``filelock`` package) and add lines to the end without rewriting what is there, so concurrent writers lose
+  nothing; a file whose header is not ours (garbage, binary, other columns) is refused with one line, before any
+  work (``check``) and again at the append, and is never rewritten. A file written by an older version of the
+  schema (a subset of today's columns) is migrated once, under the lock, to the full header.
+- ``display_path``: a path as result files record it (relative to the working folder, or under ``~``), so that
+  committed results name no machine's layout; ``tidy`` does the same inside free text.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+from bench.errors import BenchError
+
+LOCK_TIMEOUT_S = 120  # a writer that holds a results file longer than this is stuck: give up with one line
+
+
+# ---------------------------------------------------------------------------------------------- atomic writes
+
+def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> Path:
+    """Call ``write(binary_file)`` on a temporary file beside ``path``, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    return write_bytes(path, text.encode())
+
+
+def strict_json(obj: Any) -> Any:
+    """A copy that JSON can hold strictly: NaN and infinities become None, tuples lists, paths and the rest text."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {str(k): strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    if obj is None or isinstance(obj, (str, int, bool)):
+        return obj
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return strict_json(dataclasses.asdict(obj))
+    if hasattr(obj, "item") and callable(obj.item):  # numpy and torch scalars
+        return strict_json(obj.item())
+    return str(obj)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Strict JSON (no bare NaN: such values are written as null), indented, written atomically."""
+    return write_text(path, json.dumps(strict_json(obj), indent=2, allow_nan=False) + "\n")
+
+
+def read_json(path: str | os.PathLike, what: str = "file") -> Any:
+    """Parsed JSON; a missing, unreadable or malformed file is a one-line error naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BenchError(f"{display_path(path)} does not exist ({what})") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise BenchError(f"{display_path(path)} is not a readable {what} ({type(e).__name__}); it is corrupt or "
+                         f"not written by sis-bench: move it away and redo the step that writes it") from None
+
+
+def write_png(path: str | os.PathLike, array) -> Path:
+    """An (H, W, 3) or (H, W) uint8 array as a PNG."""
+    from PIL import Image
+
+    picture = Image.fromarray(array)
+    return atomic_write(path, lambda f: picture.save(f, "PNG"))
+
+
+def save_torch(path: str | os.PathLike, obj: Any) -> Path:
+    """torch.save, atomically."""
+    import torch
+
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def to_uint8(images):
+    """Images in [-1, 1] (B, 3, H, W) tensor -> uint8 (B, 3, H, W): what PNGs and torch-fidelity take."""
+    import torch
+
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def save_images(images, paths: Iterable[str | os.PathLike]) -> None:
+    """Images in [-1, 1] (B, 3, H, W), one PNG each."""
+    pix = to_uint8(images).permute(0, 2, 3, 1).numpy()
+    for p, path in zip(pix, paths):
+        write_png(path, p)
+
+
+# ---------------------------------------------------------------------------------------------- paths
+
+def display_path(path: str | os.PathLike) -> str:
+    """A path as result files record it: relative to the working folder when inside it, else under ~ when in the
+    home folder, else absolute. Files written this way carry no machine's layout and read back from the folder the
+    commands run in (relative paths) or on any account (``~``, expanded when read)."""
+    p = Path(path).expanduser().resolve()
+    for base, prefix in ((Path.cwd().resolve(), ""), (Path.home().resolve(), "~")):
+        try:
+            rel = p.relative_to(base)
+        except ValueError:
+            continue
+        if str(base) != "/":
+            return str(Path(prefix) / rel) if prefix else (str(rel) if str(rel) != "." else ".")
+    return str(p)
+
+
+def tidy(text: Any) -> str:
+    """Free text with the working folder's path dropped and the home folder written as ~."""
+    text = str(text)
+    cwd = str(Path.cwd().resolve())
+    text = text.replace(cwd + os.sep, "").replace(cwd, ".")
+    home = str(Path.home())
+    return text.replace(home, "~") if home not in ("/", "") else text
+
+
+def contained(path: str | os.PathLike, folder: str | os.PathLike, what: str) -> Path:
+    """``path`` (relative paths taken from ``folder``) if it resolves inside ``folder``; a one-line error if not."""
+    folder = Path(folder).expanduser().resolve()
+    p = Path(path).expanduser()
+    p = (p if p.is_absolute() else folder / p).resolve()
+    if p != folder and folder not in p.parents:
+        raise BenchError(f"{what} names {path}, which is outside {display_path(folder)}; the file was edited or "
+                         f"comes from elsewhere: restore it or redo the step that writes it")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------- results CSVs
+
+def columns(schema: type) -> list[str]:
+    """Column names of a row schema (a dataclass), in declaration order."""
+    return [f.name for f in dataclasses.fields(schema)]
+
+
+def _cell(value: Any) -> str:
+    """CSV text of one value: empty for None and NaN, floats in full (repr) precision."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "" if math.isnan(value) else repr(value)
+    if hasattr(value, "item") and callable(value.item) and not isinstance(value, (str, bytes)):
+        return _cell(value.item())
+    return str(value)
+
+
+class ResultsFile:
+    """A results CSV of one row schema: locked appends, a refusal for files that are not ours."""
+
+    def __init__(self, path: str | os.PathLike, schema: type):
+        self.path = Path(path)
+        self.schema = schema
+        self.columns = columns(schema)
+
+    def _lock(self):
+        from filelock import FileLock
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(self.path.with_name(f".{self.path.name}.lock")), timeout=LOCK_TIMEOUT_S)
+
+    def header(self) -> list[str] | None:
+        """The file's header, None when the file is absent or empty; one-line error when it is not ours."""
+        if self.path.is_dir():
+            raise BenchError(f"{display_path(self.path)} is a folder; give a CSV file path such as "
+                             f"{display_path(self.path / 'results.csv')}")
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return None
+        try:
+            with self.path.open(newline="", encoding="utf-8") as f:
+                header = next(csv.reader(f), None)
+        except (OSError, UnicodeDecodeError, csv.Error) as e:
+            raise self._foreign(f"not a text CSV ({type(e).__name__})") from None
+        if not header:
+            raise self._foreign("no header line")
+        unknown = [c for c in header if c not in self.columns]
+        if unknown or len(set(header)) != len(header):
+            raise self._foreign(f"unexpected column {unknown[0]!r}" if unknown else "repeated columns")
+        return header
+
+    def _foreign(self, why: str) -> BenchError:
+        return BenchError(f"{display_path(self.path)} is not a sis-bench {self.schema.__name__} file ({why}); "
+                          f"nothing was written to it: move it away or give another --out")
+
+    def check(self) -> None:
+        """Refuse, before any work is done, a file that an append would refuse."""
+        self.header()
+
+    def append(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Add ``rows`` at the end of the file (created with the schema's header), under the file lock."""
+        rows = [dataclasses.asdict(r) if dataclasses.is_dataclass(r) else dict(r) for r in rows]
+        for row in rows:
+            unknown = set(row) - set(self.columns)
+            if unknown:
+                raise ValueError(f"{self.schema.__name__} has no column {sorted(unknown)[0]!r}")
+        with self._lock():
+            header = self.header()
+            if header is not None and header != self.columns and set(header) != set(self.columns):
+                header = self._migrate(header)
+            if header is None:
+                header = self.columns
+                text = self._lines([dict(zip(header, header))], header)
+            else:
+                text = ""
+                with self.path.open("rb") as f:  # a file cut short of its last newline gets one first
+                    f.seek(-1, os.SEEK_END)
+                    if f.read(1) not in (b"\n", b"\r"):
+                        text = "\n"
+            text += self._lines(rows, header)
+            with self.path.open("a", newline="", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+
+    def _lines(self, rows: list[Mapping[str, Any]], header: list[str]) -> str:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        for row in rows:
+            writer.writerow([_cell(row.get(c)) for c in header])
+        return buffer.getvalue()
+
+    def _migrate(self, header: list[str]) -> list[str]:
+        """Rewrite a file of an older schema (a subset of the columns) with the full header; caller holds the lock."""
+        with self.path.open(newline="", encoding="utf-8") as f:
+            old = list(csv.DictReader(f))
+        full = header + [c for c in self.columns if c not in header]
+        write_text(self.path, self._lines([dict(zip(full, full))] + old, full))
+        return full
+
+    def read(self):
+        """The rows as a pandas DataFrame with every schema column (absent ones empty)."""
+        import pandas as pd
+
+        if self.header() is None:
+            return pd.DataFrame(columns=self.columns)
+        try:
+            df = pd.read_csv(self.path, low_memory=False)
+        except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
+            raise self._foreign(f"unparseable: {type(e).__name__}") from None
+        return df.reindex(columns=self.columns)

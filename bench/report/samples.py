@@ -1,0 +1,45 @@
+"""The report's sample grid: the same test masks and noise through every model."""
+from __future__ import annotations
+
+import numpy as np
+
+from bench import plots
+from bench.report.common import GRID_MAX_ROWS, Context
+
+
+def grid_pictures(sets: list[dict], order: list[str]):
+    """(mask pictures, {model: sample pictures}, row labels) of the sample grid."""
+    from PIL import Image
+
+    from bench.data import colorize, read_label_png
+
+    sets = sorted(sets, key=lambda r: order.index(r["model"]) if r["model"] in order else len(order))
+    n = min(GRID_MAX_ROWS, min(len(r["files"]) for r in sets))
+    first = sets[0]
+    masks = [colorize(read_label_png(first["folder"] / f["mask"])) for f in first["files"][:n]]
+    columns = {}
+    for rec in sets:
+        pics = []
+        for f in rec["files"][:n]:
+            with Image.open(rec["folder"] / f["image"]) as im:
+                pics.append(np.asarray(im.convert("RGB")))
+        columns[rec["model"]] = pics
+    labels = [f["mask_source"] for f in first["files"][:n]]
+    return masks, columns, labels
+
+
+
+def section(ctx: Context) -> list[str]:
+    md = ["## Samples", ""]
+    if ctx.samples:
+        masks, columns, labels = grid_pictures(ctx.samples, ctx.order)
+        s0 = ctx.samples[0]
+        md.append(ctx.figures.add(
+            "samples.png",
+            f"mask | {' | '.join(plots.display_name(m) for m in columns)}: one sample per model for the same "
+            f"{len(masks)} test masks and the same seeds (noise of sample i from seed {s0.get('seed')}, i), "
+            f"{s0.get('method')} {s0.get('steps')} steps, EMA weights; rows labelled by test face.",
+            plots.sample_grid_figure(masks, columns, labels)))
+    else:
+        md += ["No sample folders (`samples.json`) of this preset under the results folder.", ""]
+    return md

@@ -1,0 +1,136 @@
+"""Which rows a report is made of: one preset, one speed setting, the newest row per model and setting."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+
+from bench.errors import BenchError
+from bench.io import ResultsFile
+from bench.report.common import Selection
+from bench.rows import QualityRow, SpeedRow
+
+SPEED_FILE = "speed.csv"
+QUALITY_FILE = "quality.csv"
+STATE_FILE = "state.json"
+SAMPLES_FILE = "samples.json"
+
+
+def read_results(results: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(speed rows, quality rows) of a results folder; empty frames for absent files, one line for foreign ones."""
+    return ResultsFile(results / SPEED_FILE, SpeedRow).read(), ResultsFile(results / QUALITY_FILE, QualityRow).read()
+
+
+def latest(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """The last row (newest: rows are appended) of each group of ``keys``."""
+    return df.drop_duplicates(subset=keys, keep="last") if not df.empty else df
+
+
+def model_order(names) -> list[str]:
+    """Registered backbones in registry order first, then any other names in order of appearance."""
+    names = list(dict.fromkeys(str(n) for n in names))
+    try:
+        import models
+
+        known = [m for m in models.list_models() if m in names]
+    except ImportError:
+        known = []
+    return known + [m for m in names if m not in known]
+
+
+def native_resolution(model: str, preset: str, resolutions) -> int:
+    """The image size of ``model`` at ``preset`` (counted on the meta device), or the smallest one timed."""
+    import torch
+
+    try:
+        import models
+
+        with torch.device("meta"):
+            return int(models.create_model(model, preset).image_size)
+    except (LookupError, ValueError, TypeError, ImportError):
+        return int(min(resolutions))
+
+
+def select(speed: pd.DataFrame, quality: pd.DataFrame, preset: Optional[str]) -> Selection:
+    """Pick the preset, then the rows of it the report shows (see the module docstring)."""
+    if preset is None:
+        stamps = pd.concat([speed.loc[speed["mode"] == "timed", ["timestamp", "preset"]],
+                            quality[["timestamp", "preset"]]]).dropna()
+        if stamps.empty:
+            stamps = speed[["timestamp", "preset"]].dropna()
+        if stamps.empty:
+            raise BenchError("no result rows to report: run `bench run`, or `bench speed` and `bench quality`, first "
+                             "(they write results/speed.csv and results/quality.csv)")
+        preset = str(stamps.sort_values("timestamp", kind="stable").iloc[-1]["preset"])
+    notes = []
+    timed = speed[(speed["mode"] == "timed") & (speed["preset"] == preset)]
+    if not timed.empty:
+        newest = timed.iloc[-1]
+        same = ((timed["device_name"] == newest["device_name"]) & (timed["precision"] == newest["precision"])
+                & (timed["compile"].astype(str) == str(newest["compile"])) & (timed["steps"] == newest["steps"]))
+        kept = latest(timed[same], ["model", "resolution", "batch_size"])
+        notes.append(f"speed: {len(kept)} timed rows of preset `{preset}` on {newest['device_name']}, "
+                     f"{newest['precision']}, torch.compile {'on' if str(newest['compile']) == 'True' else 'off'}, "
+                     f"{int(newest['steps'])} steps (the newest row per model, resolution and batch size; "
+                     f"{len(timed) - len(kept)} older or other-setting rows of this preset not used)")
+        timed = kept
+    flops = latest(speed[speed["mode"] == "flops-only"], ["model", "preset", "resolution"])
+    q = quality[quality["preset"] == preset]
+    kept_q = latest(q, ["model"])
+    if not q.empty:
+        notes.append(f"quality: the newest row per model of preset `{preset}` ({len(kept_q)} rows; "
+                     f"{len(q) - len(kept_q)} older rows not used)")
+    if timed.empty and kept_q.empty:
+        raise BenchError(f"no timed speed rows and no quality rows for preset {preset!r} in the results; "
+                         f"run `bench run --preset {preset}` (or `bench speed`/`bench quality`) first")
+    return Selection(preset, timed, flops, kept_q, notes)
+
+
+
+def resolve_path(text: str, results: Path) -> Path:
+    """A path written in a row: as is, or relative to the results folder's parent."""
+    p = Path(str(text))
+    if p.exists() or p.is_absolute():
+        return p
+    return results.parent / p
+
+
+def sample_sets(results: Path, preset: str) -> list[dict]:
+    """The newest group of sample folders (same masks, seed and sampler), one record per model."""
+    records = []
+    for path in sorted(results.rglob(SAMPLES_FILE)):
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if rec.get("preset") != preset or not rec.get("files"):
+            continue
+        rec["folder"] = path.parent
+        rec["key"] = json.dumps([[f["mask_source"] for f in rec["files"]], rec.get("seed"), rec.get("steps"),
+                                 rec.get("method"), rec.get("guidance"), rec.get("data")])
+        rec["stamp"] = rec.get("provenance", {}).get("timestamp", "")
+        records.append(rec)
+    if not records:
+        return []
+    groups: dict[str, dict[str, dict]] = {}
+    for rec in sorted(records, key=lambda r: r["stamp"]):
+        groups.setdefault(rec["key"], {})[rec["model"]] = rec  # the newest set per model wins
+    best = max(groups.values(), key=lambda g: (len(g), max(r["stamp"] for r in g.values())))
+    return list(best.values())
+
+
+def find_state(results: Path, preset: str) -> Optional[dict]:
+    """The newest ``bench run`` state file of this preset under the results folder."""
+    found = []
+    for path in results.glob(f"run_{preset}*/{STATE_FILE}"):
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if state.get("preset") == preset:
+            found.append((path.stat().st_mtime, state))
+    return max(found, key=lambda x: x[0])[1] if found else None
+
+

@@ -1,0 +1,60 @@
+"""The report's training section: each run's recipe, final loss and time, and the loss curves."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from bench import plots
+from bench.report.common import FINAL_LOSS_POINTS, Context, Selection, fmt, markdown, tidy
+from bench.report.select import resolve_path
+
+
+def training_runs(sel: Selection, samples: list[dict], results: Path) -> dict[str, Path]:
+    """Run folders per model: from the quality rows, else from the samples' records."""
+    runs = {}
+    for r in sel.quality.itertuples():
+        if isinstance(r.run, str):
+            runs[r.model] = resolve_path(r.run, results)
+    for rec in samples:
+        if rec["model"] not in runs and rec.get("run"):
+            runs[rec["model"]] = resolve_path(rec["run"], results)
+    return {m: p for m, p in runs.items() if (p / "config.json").is_file()}
+
+
+def training_table(runs: dict[str, Path], order: list[str]) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+    lines, curves = [], {}
+    for model in [m for m in order if m in runs]:
+        cfg = json.loads((runs[model] / "config.json").read_text())
+        log_path = runs[model] / "loss.csv"
+        log = pd.read_csv(log_path) if log_path.is_file() and log_path.stat().st_size else pd.DataFrame()
+        data = f"synthetic, {cfg.get('synth_n')} faces" if cfg.get("synthetic") else Path(str(cfg.get("data"))).name
+        line = {"model": model, "run": tidy(runs[model]), "data": data, "space": str(cfg.get("space")),
+                "batch": fmt(cfg.get("batch_size")), "lr": fmt(cfg.get("lr")), "EMA decay": fmt(cfg.get("ema_decay")),
+                "mask drop p": fmt(cfg.get("p_uncond")), "precision": str(cfg.get("precision"))}
+        if not log.empty:
+            last = log.iloc[-1]
+            line.update({"steps": fmt(int(last["step"])),
+                         f"final loss (mean of last {min(FINAL_LOSS_POINTS, len(log))} logged)":
+                             fmt(log["loss"].tail(FINAL_LOSS_POINTS).mean()),
+                         "train time (s)": fmt(float(last["wall_s"])),
+                         "steps / s": fmt(int(last["step"]) / float(last["wall_s"])) if last["wall_s"] > 0 else "-"})
+            curves[model] = log[["step", "loss"]]
+        lines.append(line)
+    return pd.DataFrame(lines).fillna("-"), curves
+
+
+
+def section(ctx: Context) -> list[str]:
+    runs = training_runs(ctx.sel, ctx.samples, ctx.results)
+    md = ["## Training", ""]
+    if runs:
+        ttable, curves = training_table(runs, ctx.order)
+        md += [markdown(ttable), ""]
+        md.append(ctx.figures.add("loss.png", "training loss (flow-matching MSE) against step of each run, as logged in its "
+                                     "loss.csv (thin: logged values, each a mean over its logging window; thick: "
+                                     "moving average).", plots.loss_figure(curves, ctx.order)))
+    else:
+        md += ["No run folders found (the quality rows name them).", ""]
+    return md

@@ -1,0 +1,106 @@
+"""The results files' row schemas: one dataclass per file, columns in declaration order.
+
+Every row carries the provenance columns (``Provenance``, filled by ``bench.provenance.provenance``), so that a
+reader can tell what was measured on what. ``bench.io.ResultsFile(path, SpeedRow)`` appends rows of a schema
+and refuses files that are not of it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass
+class Provenance:
+    """What every result row records about how and where it was measured."""
+
+    timestamp: Optional[str] = None
+    device: Optional[str] = None
+    device_name: Optional[str] = None
+    threads: Optional[int] = None
+    torch: Optional[str] = None
+    cuda: Optional[str] = None
+    precision: Optional[str] = None
+    batch_size: Optional[int] = None
+    steps: Optional[int] = None
+    nfe: Optional[int] = None
+    seed: Optional[int] = None
+    commit: Optional[str] = None
+    host_os: Optional[str] = None
+
+
+PROVENANCE_COLUMNS = [f for f in Provenance.__dataclass_fields__]
+
+
+@dataclass
+class SpeedRow(Provenance):
+    """One row of results/speed.csv: a model at one resolution and batch size (``bench speed``)."""
+
+    mode: Optional[str] = None  # timed or flops-only
+    status: Optional[str] = None  # ok or oom
+    error: Optional[str] = None
+    model: Optional[str] = None  # the variant's name
+    preset: Optional[str] = None
+    resolution: Optional[int] = None
+    space: Optional[str] = None
+    input_shape: Optional[str] = None
+    tokens: Optional[int] = None
+    tokens_equiv: Optional[float] = None
+    params: Optional[int] = None
+    flops_counter: Optional[int] = None
+    flops_scan: Optional[int] = None
+    flops_per_nfe: Optional[int] = None
+    flops_decode: Optional[int] = None
+    flops_per_image: Optional[int] = None
+    flops_exponent: Optional[float] = None
+    compile: Optional[bool] = None
+    tf32: Optional[str] = None
+    scan_backend: Optional[str] = None
+    attention_kernel: Optional[str] = None
+    sdpa_enabled: Optional[str] = None
+    warmup: Optional[int] = None
+    repeats: Optional[int] = None
+    latency_nfe_median_s: Optional[float] = None
+    latency_nfe_iqr_s: Optional[float] = None
+    latency_nfe_std_s: Optional[float] = None
+    latency_nfe_min_s: Optional[float] = None
+    image_latency_s: Optional[float] = None
+    image_repeats: Optional[int] = None
+    image_latency_projected_s: Optional[float] = None
+    decode_latency_s: Optional[float] = None
+    decoder: Optional[str] = None
+    images_per_s: Optional[float] = None
+    images_per_s_projected: Optional[float] = None
+    peak_cuda_allocated_mib: Optional[float] = None
+    peak_rss_delta_mib: Optional[float] = None
+    loadavg_1m: Optional[float] = None
+
+
+@dataclass
+class QualityRow(Provenance):
+    """One row of results/quality.csv: one checkpoint of one run, scored (``bench quality``)."""
+
+    run: Optional[str] = None
+    model: Optional[str] = None  # the variant's name
+    preset: Optional[str] = None
+    train_step: Optional[int] = None
+    image_size: Optional[int] = None
+    data: Optional[str] = None
+    split: Optional[str] = None
+    n_masks: Optional[int] = None
+    samples_per_mask: Optional[int] = None
+    method: Optional[str] = None
+    guidance: Optional[float] = None
+    fid: Optional[float] = None
+    kid: Optional[float] = None
+    kid_std: Optional[float] = None
+    fid_status: Optional[str] = None
+    kid_status: Optional[str] = None
+    pixel_diversity: Optional[float] = None
+    lpips_size: Optional[int] = None
+    lpips_diversity: Optional[float] = None
+    lpips_status: Optional[str] = None
+    miou: Optional[float] = None
+    miou_ceiling: Optional[float] = None
+    parser: Optional[str] = None
+    eval_dir: Optional[str] = None

@@ -1,0 +1,112 @@
+"""The shape of the code base: the library never imports the CLI, no import cycles, one atomic-write helper."""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("bench", "models")
+
+
+def modules() -> dict[str, Path]:
+    """Dotted name -> file of every module of the harness."""
+    out = {}
+    for pkg in PACKAGES:
+        for f in (ROOT / pkg).rglob("*.py"):
+            parts = list(f.relative_to(ROOT).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            out[".".join(parts)] = f
+    return out
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the harness modules it imports, at module level or inside functions alike."""
+    mods = modules()
+
+    def resolve(name: str) -> str | None:
+        while name and name not in mods:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {}
+    for name, path in mods.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [f"{node.module}.{a.name}" for a in node.names]
+            for target in targets:
+                found = resolve(target)
+                if found and found != name:
+                    deps.add(found)
+        graph[name] = deps
+    return graph
+
+
+def test_the_library_never_imports_typer_or_the_cli():
+    code = ("import sys, bench.train, bench.sample, bench.speed, bench.quality, bench.report, bench.pipeline, "
+            "bench.data, bench.synth, bench.parser, models; "
+            "print(sorted(m for m in sys.modules if m == 'typer' or m.startswith(('typer.', 'bench.cli'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+    graph = import_graph()
+    outside = [m for m in graph if not m.startswith("bench.cli") and any(d.startswith("bench.cli") for d in graph[m])]
+    assert outside == [], f"library modules importing the CLI: {outside}"
+    typer_users = [m for m, path in modules().items() if not m.startswith("bench.cli")
+                   and any(isinstance(n, (ast.Import, ast.ImportFrom)) and "typer" in ast.dump(n)
+                           for n in ast.walk(ast.parse(path.read_text())))]
+    assert typer_users == []
+
+
+def test_no_import_cycles_among_the_harness_modules():
+    graph = import_graph()
+    index, low, stack, on_stack, cycles = {}, {}, [], set(), []
+    counter = [0]
+
+    def visit(v):  # Tarjan's strongly connected components
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    assert cycles == [], f"import cycles: {cycles}"
+
+
+def test_atomic_replacement_lives_in_the_io_module_only():
+    allowed = {ROOT / "bench" / "io.py", ROOT / "models" / "ssm.py"}  # ssm: the compiled kernel's cache
+    offenders = [str(p.relative_to(ROOT)) for p in modules().values()
+                 if p not in allowed and ("os.replace" in p.read_text() or "os.rename" in p.read_text())]
+    assert offenders == []
+
+
+def test_readme_layout_section_names_every_module():
+    readme = (ROOT / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):]
+    layout = layout[:layout.index("\n## ", 4)]
+    missing = [str(p.relative_to(ROOT)) for p in modules().values()
+               if p.name != "__init__.py" and str(p.relative_to(ROOT)) not in layout]
+    assert missing == []
