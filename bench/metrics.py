@@ -225,6 +225,13 @@ def class_iou(conf: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
 
 
+def inter_union(conf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class intersection (true positives) and union (TP + FP + FN) of a confusion matrix, as int64 (K,)."""
+    conf = conf.long()
+    tp = conf.diag()
+    return tp, conf.sum(0) + conf.sum(1) - tp
+
+
 def miou(conf: torch.Tensor) -> float:
     """Mean IoU over the classes present in the target or the prediction (see the module docstring)."""
     iou = class_iou(conf)

@@ -197,13 +197,22 @@ def train_parser(data: Path, config: ParserConfig, train: TrainConfig, device: t
 @torch.no_grad()
 def parser_confusion(model: FaceParser, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """Confusion matrix of the parser on uint8 images (N, 3, S, S) against label maps (N, S, S)."""
+    return per_image_confusion(model, images, labels, batch_size).sum(0)
+
+
+@torch.no_grad()
+def per_image_confusion(model: FaceParser, images: torch.Tensor, labels: torch.Tensor,
+                        batch_size: int = 64) -> torch.Tensor:
+    """(N, K, K) confusion matrices of the parser, one per uint8 image (N, 3, S, S) against its label map."""
     device = next(model.parameters()).device
-    conf = torch.zeros(model.config.num_classes, model.config.num_classes, dtype=torch.long)
+    K = model.config.num_classes
+    out = torch.zeros(len(images), K, K, dtype=torch.long)
     for start in range(0, len(images), batch_size):
         x = images[start:start + batch_size].to(device).float() / 127.5 - 1
         pred = model.predict(x).cpu()
-        conf += confusion_matrix(pred, labels[start:start + batch_size], model.config.num_classes)
-    return conf
+        for k, (p_, t_) in enumerate(zip(pred, labels[start:start + batch_size])):
+            out[start + k] = confusion_matrix(p_, t_, K)
+    return out
 
 
 def evaluate(model: FaceParser, data: Path, split: str = "test", limit: int | None = None,

@@ -205,6 +205,8 @@ class Pipeline:
                                        f"{b.quality_steps} steps, {len(names) * len(o.seeds)} runs)",
                             {"models": names, "seeds": list(o.seeds), "masks": b.quality_masks,
                              "samples": b.quality_samples, "steps": b.quality_steps, "seed": SAMPLE_SEED,
+                             "fractions": list(b.quality_fractions),
+                             "guidance": {v.name: presets.recipe(o.preset, v.model).guidance for v in self.variants},
                              "inception": str(o.inception_weights or ""), "alexnet": str(o.alexnet_weights or "")},
                             (*trained, "parser"), self.stage_quality,
                             lambda out: (self.results / "quality.csv").is_file()))
@@ -288,10 +290,16 @@ class Pipeline:
             self.echo(f"   {folder}: {len(train)} train and {len(test)} test faces")
         return {"folders": folders}
 
+    def snapshot_steps(self, variant: Variant) -> list[int]:
+        """Steps of the snapshots scored besides the last one (the budget's quality fractions)."""
+        steps = self.train_steps(variant)
+        return sorted({max(1, round(f * steps)) for f in self.budget.quality_fractions if f < 1} - {steps})
+
     def train_options(self, variant: Variant, seed: int) -> dict:
-        """Trainer options of one run beyond the preset's table: steps, seed, data and VAE."""
+        """Trainer options of one run beyond the preset's table: steps, seed, snapshots, data and VAE."""
         o = self.opts
-        options = dict(preset=o.preset, steps=self.train_steps(variant), seed=seed, vae=o.vae)
+        options = dict(preset=o.preset, steps=self.train_steps(variant), seed=seed, vae=o.vae,
+                       keep_at=self.snapshot_steps(variant))
         if o.data is not None:
             options["data"] = display_path(o.data)
         return {k: v for k, v in options.items() if v is not None}
@@ -373,6 +381,7 @@ class Pipeline:
         return {"parsers": parsers}
 
     def stage_quality(self) -> dict:
+        """Every run scored at its snapshots and at its last step, with its recipe's guidance."""
         import torch
 
         from bench.quality import append_rows, evaluate_run, find_resources
@@ -382,16 +391,19 @@ class Pipeline:
         for reason in dict.fromkeys(r for r in (resources.inception_missing, resources.alexnet_missing) if r):
             self.echo(f"   note: {reason}")
         for v in self.variants:
-            size = self.sizes[v.name]
+            size, guidance = self.sizes[v.name], presets.recipe(self.opts.preset, v.model).guidance
             for seed in self.opts.seeds:
-                row = evaluate_run(self.run_dir(v, seed), self.data_dir(size), resources,
-                                   self.dir / f"parser-{size}px.pt", torch.device(self.device),
-                                   batch_size=QUALITY_BATCH, progress=True, echo=self.echo, split="test",
-                                   n_masks=b.quality_masks, samples_per_mask=b.quality_samples,
-                                   steps=b.quality_steps, seed=SAMPLE_SEED)
-                append_rows(out, [row])
-                self.echo(f"   {v.name} seed {seed}: mIoU {row['miou']:.4f} (parser ceiling "
-                          f"{row['miou_ceiling']:.4f}), pixel diversity {row['pixel_diversity']:.4f}")
+                run = self.run_dir(v, seed)
+                snapshots = [run / "checkpoints" / f"step_{k:07d}.pt" for k in self.snapshot_steps(v)]
+                for checkpoint in [c for c in snapshots if c.is_file()] + [run / "checkpoints" / "last.pt"]:
+                    row, masks = evaluate_run(run, self.data_dir(size), resources, self.dir / f"parser-{size}px.pt",
+                                              torch.device(self.device), batch_size=QUALITY_BATCH, progress=True,
+                                              echo=self.echo, checkpoint=checkpoint, split="test",
+                                              n_masks=b.quality_masks, samples_per_mask=b.quality_samples,
+                                              steps=b.quality_steps, guidance=guidance, seed=SAMPLE_SEED)
+                    append_rows(out, [row], masks)
+                    self.echo(f"   {v.name} seed {seed} step {row['train_step']}: mIoU {row['miou']:.4f} (parser "
+                              f"ceiling {row['miou_ceiling']:.4f}), pixel diversity {row['pixel_diversity']:.4f}")
         return {"csv": str(out)}
 
     def stage_report(self) -> dict:

@@ -23,7 +23,10 @@ PROJECTED_HATCH = "//"
 
 
 def display_name(model: str) -> str:
-    return DISPLAY_NAMES.get(model, model)
+    """SISMA, DiT-SIS, SDM; a variant keeps its overrides: 'SISMA (scan=raster)'."""
+    base, _, overrides = model.partition(":")
+    name = DISPLAY_NAMES.get(base, base)
+    return f"{name} ({overrides.replace(':', ', ')})" if overrides else name
 
 
 def colour(model: str, order: list[str]) -> str:
@@ -199,6 +202,37 @@ def loss_figure(curves: dict[str, pd.DataFrame], order: list[str]):
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------- quality vs training
+
+def training_quality_figure(curves: dict[str, pd.DataFrame], order: list[str]):
+    """mIoU (line) and its interval (band) against training steps and against training FLOPs, per model.
+
+    ``curves[model]`` has step, train_flops, miou, low, high.
+    """
+    curves = {m: c for m, c in curves.items() if not c.empty}
+    if not curves:
+        return None
+    has_flops = any(c["train_flops"].notna().all() for c in curves.values())
+    fig = new_figure(11.0 if has_flops else 6.0, 4.0)
+    axes = fig.subplots(1, 2 if has_flops else 1, squeeze=False)[0]
+    for ax, x, label in zip(axes, ("step", "train_flops"), ("training step", "training FLOPs (log scale)")):
+        for model in [m for m in order if m in curves]:
+            c = curves[model].sort_values("step")
+            if c[x].isna().any():
+                continue
+            col = colour(model, order)
+            ax.plot(c[x], c["miou"], color=col, marker="o", linewidth=1.8, label=display_name(model))
+            if c["low"].notna().all():
+                ax.fill_between(c[x], c["low"], c["high"], color=col, alpha=0.18, linewidth=0)
+        ax.set_xlabel(label)
+        ax.set_ylabel("mask mIoU")
+        if x == "train_flops":
+            ax.set_xscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
     return fig
 
 

@@ -8,7 +8,9 @@ trains the same way whichever command starts it; every field can be overridden o
 field's help text is stored with the field (``help_text``).
 
 A backbone without an entry of its own (a plugin, say) uses the preset's ``DEFAULT`` recipe; a variant such as
-``sisma:scan=raster`` uses its backbone's recipe.
+``sisma:scan=raster`` uses its backbone's recipe. At ``paper`` each backbone trains with its own source's recipe
+(the SISMA paper, SDM's CelebA script, the DiT paper); at ``cpu`` and ``tiny`` they share a schedule and each has the
+learning rate that a sweep (``bench tune lr``, rows in results/lr_sweep.csv) found best for it.
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ class Recipe:
     precision: str = doc("fp32, bf16 (autocast) or fp16 (autocast + grad scaler).")
     p_uncond: float = doc("Probability of training a sample on the null mask (classifier-free guidance).")
     grad_clip: float = doc("Max global gradient norm (0: no clipping).")
+    guidance: float = doc("Classifier-free guidance scale its samples are scored with (1: off).", default=1.0)
     source: str = doc("Where the recipe comes from.", default="")
 
 
@@ -66,6 +69,7 @@ class Budget:
     quality_masks: int = doc("Test masks scored (0: the whole test split).")
     quality_samples: int = doc("Samples per mask (diversity; sample 0 for FID).")
     quality_steps: int = doc("Euler steps of the scored samples.")
+    quality_fractions: tuple = doc("Checkpoints scored, as fractions of each run's steps (quality against training).")
     speed_steps: int = doc("Euler steps of one timed image (the paper's 200).")
     speed_batch_sizes: tuple = doc("Batch sizes timed: batch 1 for latency, the largest for images/s.")
     speed_scales: tuple = doc("Extra resolutions (times the preset's) timed per NFE at batch 1 (scaling).")
@@ -81,21 +85,46 @@ class Budget:
 TRAINER_FIELDS = ("synth_n", "ckpt_every", "keep_every", "sample_every", "log_every", "grid_masks", "grid_steps",
                   "workers")
 
-PAPER_SOURCE = "SISMA paper (batch 8, lr 4e-3, 150k iterations); EMA 0.9999 and bf16 as in DiT"
-SMALL_SOURCE = ("one shared small-scale recipe: lr 1e-3 with a short warm-up (4e-3 over so few steps makes the "
-                "loss jump at these widths), EMA fast enough for the short run, 10% mask drop for guidance")
+# paper: each backbone's own recipe, from its source. Every run is 150k steps (the SISMA paper's length; the
+# other sources do not fix one) in bf16 autocast (SDM's script uses fp16, which bf16 matches in speed without loss
+# scaling): precision and steps are not allowed to differ between backbones.
+PAPER = {
+    "sisma": Recipe(steps=150_000, batch_size=8, lr=4e-3, warmup=0, ema_decay=0.9999, precision="bf16", p_uncond=0.0,
+                    grad_clip=0.0, guidance=1.0,
+                    source="SISMA paper, sec. 4.2: AdamW (default betas), batch 8, lr 4e-3, no weight decay, EMA "
+                           "0.9999, 150k iterations; no mask drop or guidance, no gradient clipping mentioned"),
+    "dit": Recipe(steps=150_000, batch_size=8, lr=1e-4, warmup=0, ema_decay=0.9999, precision="bf16", p_uncond=0.0,
+                  grad_clip=0.0, guidance=1.0,
+                  source="DiT paper: AdamW, lr 1e-4, no weight decay, no warm-up, EMA 0.9999; DiT's batch is 256, "
+                         "here SISMA's batch 8 and 150k steps so that both see the same images"),
+    "sdm": Recipe(steps=150_000, batch_size=32, lr=2e-5, warmup=0, ema_decay=0.9999, precision="bf16", p_uncond=0.2,
+                  grad_clip=0.0, guidance=1.5,
+                  source="SDM repository, scripts/celeba.sh: lr 2e-5, batch 4 on each of 8 GPUs (32), fp16, "
+                         "gradient checkpointing, EMA 0.9999; its classifier-free fine-tune (mask drop 0.2) is "
+                         "trained from the start here, and sampled with guidance s = 1.5 as its test script"),
+}
+PAPER[DEFAULT] = PAPER["sisma"]
 
-_PAPER = Recipe(steps=150_000, batch_size=8, lr=4e-3, warmup=0, ema_decay=0.9999, precision="bf16", p_uncond=0.0,
-                grad_clip=1.0, source=PAPER_SOURCE)
-_CPU = Recipe(steps=600, batch_size=8, lr=1e-3, warmup=20, ema_decay=0.98, precision="fp32", p_uncond=0.1,
-              grad_clip=1.0, source=SMALL_SOURCE)
-_TINY = Recipe(steps=20, batch_size=4, lr=1e-3, warmup=0, ema_decay=0.9, precision="fp32", p_uncond=0.1,
-               grad_clip=1.0, source=SMALL_SOURCE)
+# cpu and tiny: one shared schedule (steps, batch, warm-up, EMA, 10% mask drop so guidance can be tried), and a
+# learning rate per backbone.
+SMALL_SOURCE = "shared small-scale schedule; lr {lr:g}: {why}"
+_CPU = Recipe(steps=600, batch_size=8, lr=1e-3, warmup=20, ema_decay=0.999, precision="fp32", p_uncond=0.1,
+              grad_clip=1.0)
+_TINY = Recipe(steps=20, batch_size=4, lr=1e-3, warmup=0, ema_decay=0.999, precision="fp32", p_uncond=0.1,
+               grad_clip=1.0)
 
+
+def _small(base: Recipe, lr: float, why: str) -> Recipe:
+    return dataclasses.replace(base, lr=lr, source=SMALL_SOURCE.format(lr=lr, why=why))
+
+
+UNTUNED = "not tuned (the default small-scale rate)"
 RECIPES: dict[str, dict[str, Recipe]] = {
-    "paper": {DEFAULT: _PAPER, "sisma": _PAPER, "dit": _PAPER, "sdm": _PAPER},
-    "cpu": {DEFAULT: _CPU, "sisma": _CPU, "dit": _CPU, "sdm": _CPU},
-    "tiny": {DEFAULT: _TINY, "sisma": _TINY, "dit": _TINY, "sdm": _TINY},
+    "paper": PAPER,
+    "cpu": {DEFAULT: _small(_CPU, 1e-3, UNTUNED), "sisma": _small(_CPU, 1e-3, UNTUNED),
+            "dit": _small(_CPU, 1e-3, UNTUNED), "sdm": _small(_CPU, 1e-3, UNTUNED)},
+    "tiny": {DEFAULT: _small(_TINY, 1e-3, UNTUNED), "sisma": _small(_TINY, 1e-3, UNTUNED),
+             "dit": _small(_TINY, 1e-3, UNTUNED), "sdm": _small(_TINY, 1e-3, UNTUNED)},
 }
 
 BUDGETS: dict[str, Budget] = {
@@ -105,7 +134,7 @@ BUDGETS: dict[str, Budget] = {
              "masks, 10 sampling steps; its numbers say nothing about the backbones.",
         synth_n=64, ckpt_every=10, keep_every=0, sample_every=10, log_every=1, grid_masks=4, grid_steps=8,
         workers=0, parser_steps=100, parser_batch=16, sample_masks=4, sample_steps=20, quality_masks=4,
-        quality_samples=2, quality_steps=10, speed_steps=200, speed_batch_sizes=(1, 4), speed_scales=(2,),
+        quality_samples=2, quality_steps=10, quality_fractions=(0.5, 1.0), speed_steps=200, speed_batch_sizes=(1, 4), speed_scales=(2,),
         speed_warmup=1, speed_repeats=3, speed_scale_repeats=3, speed_image_repeats=1, full_image_max_seconds=5.0,
         paper_flops=False),
     # The embedded default: about 20 minutes on two CPU cores.
@@ -115,9 +144,9 @@ BUDGETS: dict[str, Budget] = {
              "sampler, timer and protocol, not a reproduction of the paper's numbers. Quality uses fewer masks, "
              "samples and sampling steps than the paper's protocol (see the budget table).",
         synth_n=2000, ckpt_every=50, keep_every=0, sample_every=200, log_every=10, grid_masks=4, grid_steps=50,
-        workers=1, parser_steps=1000, parser_batch=32, sample_masks=6, sample_steps=50, quality_masks=24,
-        quality_samples=4, quality_steps=20, speed_steps=200, speed_batch_sizes=(1, 8), speed_scales=(2, 4),
-        speed_warmup=2, speed_repeats=10, speed_scale_repeats=3, speed_image_repeats=2, full_image_max_seconds=15.0,
+        workers=1, parser_steps=1000, parser_batch=32, sample_masks=6, sample_steps=50, quality_masks=0,
+        quality_samples=2, quality_steps=20, quality_fractions=(0.25, 0.5, 1.0), speed_steps=200, speed_batch_sizes=(1, 8), speed_scales=(2, 4),
+        speed_warmup=2, speed_repeats=20, speed_scale_repeats=5, speed_image_repeats=5, full_image_max_seconds=15.0,
         paper_flops=True),
     # The paper's experiment, with --data CelebAMask-HQ on a GPU machine: days of training.
     "paper": Budget(
@@ -125,7 +154,7 @@ BUDGETS: dict[str, Budget] = {
              "200 steps); meant for a GPU and the real CelebAMask-HQ (--data).",
         synth_n=30_000, ckpt_every=5000, keep_every=50_000, sample_every=5000, log_every=100, grid_masks=4,
         grid_steps=50, workers=4, parser_steps=3000, parser_batch=32, sample_masks=8, sample_steps=200,
-        quality_masks=0, quality_samples=10, quality_steps=200, speed_steps=200, speed_batch_sizes=(1, 8),
+        quality_masks=0, quality_samples=10, quality_steps=200, quality_fractions=(0.25, 0.5, 1.0), speed_steps=200, speed_batch_sizes=(1, 8),
         speed_scales=(2,), speed_warmup=5, speed_repeats=20, speed_scale_repeats=10, speed_image_repeats=3,
         full_image_max_seconds=120.0, paper_flops=True),
 }
@@ -153,6 +182,6 @@ def recipe(preset: str, model: str) -> Recipe:
 def train_defaults(preset: str, model: str) -> dict:
     """TrainConfig defaults of ``model`` at ``preset``: its recipe and the preset's trainer bookkeeping."""
     r, b = recipe(preset, model), budget(preset)
-    out = {f.name: getattr(r, f.name) for f in dataclasses.fields(Recipe) if f.name != "source"}
+    out = {f.name: getattr(r, f.name) for f in dataclasses.fields(Recipe) if f.name not in ("source", "guidance")}
     out.update({name: getattr(b, name) for name in TRAINER_FIELDS})
     return out

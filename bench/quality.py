@@ -38,7 +38,8 @@ import torch
 from bench import metrics
 from bench.errors import BenchError
 from bench.io import ResultsFile, display_path, to_uint8, write_json, write_png
-from bench.rows import QualityRow
+from bench.data import NUM_CLASSES
+from bench.rows import MaskScoreRow, QualityRow
 
 DEFAULT_OUT = Path("results/quality.csv")
 RUN_ROOTS = (Path("runs"), Path("results/runs"))
@@ -81,9 +82,9 @@ def run_data(run_config: dict, size: int) -> Path:
 
 
 # --------------------------------------------------------------------------- generated images
-def eval_dir(run, settings: QualitySettings) -> Path:
+def eval_dir(run, settings: QualitySettings, checkpoint: Path) -> Path:
     """RUN/eval/<hash of everything that decides the images>."""
-    ckpt = run.run_dir / "checkpoints" / "last.pt"
+    ckpt = Path(checkpoint)
     st = ckpt.stat()
     key = {
         "checkpoint": {"file": ckpt.name, "step": run.step, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns},
@@ -102,7 +103,7 @@ def sample_file(folder: Path, mask: int, sample: int) -> Path:
     return folder / f"m{mask:05d}_s{sample:02d}.png"
 
 
-def generated_images(run, labels: torch.Tensor, settings: QualitySettings, batch_size: int,
+def generated_images(run, labels: torch.Tensor, settings: QualitySettings, batch_size: int, checkpoint: Path,
                      progress: bool = True) -> tuple[torch.Tensor, int, Path]:
     """uint8 images (M, S_per, 3, S, S) for label maps (M, S, S): read from the run's eval folder, the missing
     ones generated (and written) first. Returns them, the NFE per image and the folder."""
@@ -113,7 +114,7 @@ def generated_images(run, labels: torch.Tensor, settings: QualitySettings, batch
     from bench.flow import NFE_PER_STEP
     from bench.sample import generate
 
-    folder = eval_dir(run, settings)
+    folder = eval_dir(run, settings, checkpoint)
     per = settings.samples_per_mask
     todo = [(i, j) for i in range(len(labels)) for j in range(per) if not sample_file(folder, i, j).exists()]
     for start in tqdm(range(0, len(todo), batch_size), desc=f"sampling {run.run_dir.name}", unit="batch",
@@ -192,15 +193,18 @@ def get_parser(path: Optional[Path], size: int, data: Path, device: torch.device
 # --------------------------------------------------------------------------- one run
 def evaluate_run(run_dir: Path, data: Optional[Path], resources: Resources, parser_path: Optional[Path],
                  device: torch.device, batch_size: int, progress: bool = True, echo=print,
-                 **setting_overrides) -> dict:
-    """Generate (or reuse) the images of one run and compute every metric; returns the result row.
+                 checkpoint: Optional[Path] = None, **setting_overrides) -> tuple[dict, list[dict]]:
+    """Generate (or reuse) the images of one run's checkpoint (default last.pt) and compute every metric.
 
-    ``setting_overrides`` are QualitySettings fields other than ``data``."""
+    Returns the result row (QualityRow) and one MaskScoreRow per test mask (the per-mask counts behind mIoU and the
+    diversities, from which confidence intervals are drawn). ``setting_overrides`` are QualitySettings fields
+    other than ``data``."""
     from bench import parser as face_parser
     from bench.provenance import provenance
     from bench.sample import load_run
 
-    run = load_run(run_dir, device)
+    checkpoint = Path(checkpoint) if checkpoint is not None else Path(run_dir) / "checkpoints" / "last.pt"
+    run = load_run(run_dir, device, checkpoint)
     size = run.image_size
     data = Path(data) if data is not None else run_data(run.config, size)
     settings = QualitySettings(data=str(data), **setting_overrides)
@@ -208,13 +212,15 @@ def evaluate_run(run_dir: Path, data: Optional[Path], resources: Resources, pars
     real, labels = face_parser.load_split(data, settings.split, size,
                                           limit=settings.n_masks or None, progress=progress)
     n = len(real)
-    fake, nfe, folder = generated_images(run, labels.long(), settings, batch_size, progress)
-    row = {"run": str(run_dir), "model": run.config.get("variant") or run.config["model"], "preset": run.config["preset"],
-           "train_step": run.step, "image_size": size, "data": str(data), "split": settings.split,
-           "n_masks": n, "samples_per_mask": settings.samples_per_mask, "method": settings.method,
-           "guidance": settings.guidance}
+    fake, nfe, folder = generated_images(run, labels.long(), settings, batch_size, checkpoint, progress)
+    name = run.config.get("variant") or run.config["model"]
+    row = {"run": str(run_dir), "model": name, "preset": run.config["preset"], "train_seed": run.config.get("seed"),
+           "train_step": run.step, "train_steps": run.config.get("steps"), "image_size": size, "data": str(data),
+           "split": settings.split, "n_masks": n, "samples_per_mask": settings.samples_per_mask,
+           "method": settings.method, "guidance": settings.guidance, "eval_key": folder.name}
 
     # FID/KID: real test images against the first sample of each mask.
+    row["fid_images"] = n
     if resources.inception is None or n < 2:
         status = resources.inception_missing or "missing: FID and KID need at least 2 masks"
         row.update(fid=math.nan, kid=math.nan, kid_std=math.nan, fid_status=status, kid_status=status)
@@ -224,29 +230,69 @@ def evaluate_run(run_dir: Path, data: Optional[Path], resources: Resources, pars
 
     # Diversity over the samples of each mask.
     groups01 = [f.float() / 255 for f in fake]
-    row["pixel_diversity"] = metrics.diversity(groups01, metrics.pixel_l1)
+    pixel = [metrics.pairwise_mean(g, metrics.pixel_l1) for g in groups01]
+    row["pixel_diversity"] = float(np.mean(pixel))
     row["lpips_size"] = max(size, metrics.LPIPS_MIN_SIZE)
+    lpips = [math.nan] * n
     if resources.alexnet is None:
         row.update(lpips_diversity=math.nan, lpips_status=resources.alexnet_missing)
     else:
         distance = metrics.lpips_distance(metrics.load_lpips(resources.alexnet, device), device)
-        row.update(lpips_diversity=metrics.diversity([g * 2 - 1 for g in groups01], distance, batch_size),
-                   lpips_status="ok")
+        lpips = [metrics.pairwise_mean(g * 2 - 1, distance, batch_size) for g in groups01]
+        row.update(lpips_diversity=float(np.mean(lpips)), lpips_status="ok")
 
     # Mask adherence: the parser on every generated image vs its input mask, and on the real images (ceiling).
+    per = settings.samples_per_mask
     flat = fake.flatten(0, 1)                                        # (M * S_per, 3, S, S)
-    targets = labels.long().repeat_interleave(settings.samples_per_mask, dim=0)
-    row["miou"] = metrics.miou(face_parser.parser_confusion(model, flat, targets, batch_size))
-    row["miou_ceiling"] = metrics.miou(face_parser.parser_confusion(model, real, labels.long(), batch_size))
+    targets = labels.long().repeat_interleave(per, dim=0)
+    conf = face_parser.per_image_confusion(model, flat, targets, batch_size).view(n, per, *2 * [NUM_CLASSES]).sum(1)
+    real_conf = face_parser.per_image_confusion(model, real, labels.long(), batch_size)  # (M, K, K)
+    row["miou"] = metrics.miou(conf.sum(0))
+    row["miou_ceiling"] = metrics.miou(real_conf.sum(0))
     row["parser"] = str(used)
     row["eval_dir"] = str(folder)
     row.update(provenance(device, settings.precision, batch_size, settings.steps, nfe, settings.seed))
-    return row
+
+    names = mask_sources(data, settings.split, n)
+    masks = []
+    for i in range(n):
+        inter, union = metrics.inter_union(conf[i])
+        c_inter, c_union = metrics.inter_union(real_conf[i])
+        masks.append({"eval_key": folder.name, "model": name, "preset": row["preset"],
+                      "train_seed": row["train_seed"], "train_step": run.step, "mask": i, "mask_source": names[i],
+                      "samples": per, "pixel_diversity": pixel[i], "lpips_diversity": lpips[i],
+                      "inter": counts_text(inter), "union": counts_text(union),
+                      "ceiling_inter": counts_text(c_inter), "ceiling_union": counts_text(c_union)})
+    return row, masks
+
+
+def counts_text(counts: torch.Tensor) -> str:
+    """Per-class counts as one CSV cell: space-separated integers."""
+    return " ".join(str(int(c)) for c in counts)
+
+
+def mask_sources(data: Path, split: str, n: int) -> list[str]:
+    """Names of the first ``n`` faces of a split ("test-28000"), as the sample records name them."""
+    from bench.data import FaceDataset
+
+    ds = FaceDataset(data, split=split, size=32)
+    return [f"{split}-{i}" for i in ds.indices[:n]]
 
 
 # --------------------------------------------------------------------------- results file
-def append_rows(path: Path, rows: list[dict]) -> None:
-    """Add rows to a quality CSV (created with its header if new), under its lock; earlier rows stay as they are."""
+MASKS_FILE = "quality_masks.csv"
+
+
+def masks_path(quality_csv: Path) -> Path:
+    """The per-mask scores file that goes with a quality CSV (same folder)."""
+    return Path(quality_csv).with_name(MASKS_FILE)
+
+
+def append_rows(path: Path, rows: list[dict], masks: list[dict] = ()) -> None:
+    """Add quality rows to ``path`` and their per-mask scores to the quality_masks.csv beside it, under their locks;
+    earlier rows stay as they are. The per-mask rows go first, so a quality row never lacks its masks."""
+    if masks:
+        ResultsFile(masks_path(path), MaskScoreRow).append(masks)
     ResultsFile(path, QualityRow).append(rows)
 
 
@@ -278,8 +324,8 @@ def score_runs(runs: list[Path], data: Optional[Path], settings: dict, resources
     check_settings(QualitySettings(data="", **settings))
     if batch_size < 1:
         raise BenchError(f"--batch-size must be at least 1, got {batch_size}")
-    results = ResultsFile(out, QualityRow)
-    results.check()
+    ResultsFile(out, QualityRow).check()
+    ResultsFile(masks_path(out), MaskScoreRow).check()
     if parser is not None and not Path(parser).is_file():
         raise BenchError(f"no face parser at {parser}; train one with: bench parser train --data DIR --out {parser}")
     runs = runs or discover_runs()
@@ -287,6 +333,7 @@ def score_runs(runs: list[Path], data: Optional[Path], settings: dict, resources
         raise BenchError("no runs found under runs/ or results/runs/; pass --runs RUN (train one with bench train)")
     rows = []
     for run_dir in runs:
-        rows.append(evaluate_run(run_dir, data, resources, parser, device, batch_size, echo=echo, **settings))
-        results.append(rows[-1:])
+        row, masks = evaluate_run(run_dir, data, resources, parser, device, batch_size, echo=echo, **settings)
+        append_rows(out, [row], masks)
+        rows.append(row)
     return rows

@@ -64,9 +64,12 @@ class SpeedRow(Provenance):
     latency_nfe_iqr_s: Optional[float] = None
     latency_nfe_std_s: Optional[float] = None
     latency_nfe_min_s: Optional[float] = None
+    latency_nfe_all_s: Optional[str] = None  # every timed repeat, space-separated (for intervals of ratios)
+    latency_nfe_guided_median_s: Optional[float] = None  # one guided NFE: cond and null mask in one doubled batch
     image_latency_s: Optional[float] = None
     image_repeats: Optional[int] = None
     image_latency_projected_s: Optional[float] = None
+    image_vs_projected: Optional[float] = None  # measured image / (steps x per-NFE median + decode)
     decode_latency_s: Optional[float] = None
     decoder: Optional[str] = None
     images_per_s: Optional[float] = None
@@ -83,7 +86,9 @@ class QualityRow(Provenance):
     run: Optional[str] = None
     model: Optional[str] = None  # the variant's name
     preset: Optional[str] = None
+    train_seed: Optional[int] = None
     train_step: Optional[int] = None
+    train_steps: Optional[int] = None  # the run's full length (train_step < train_steps: an earlier snapshot)
     image_size: Optional[int] = None
     data: Optional[str] = None
     split: Optional[str] = None
@@ -96,6 +101,7 @@ class QualityRow(Provenance):
     kid_std: Optional[float] = None
     fid_status: Optional[str] = None
     kid_status: Optional[str] = None
+    fid_images: Optional[int] = None  # images per side; fewer than 2048 make FID and KID unreliable
     pixel_diversity: Optional[float] = None
     lpips_size: Optional[int] = None
     lpips_diversity: Optional[float] = None
@@ -104,3 +110,44 @@ class QualityRow(Provenance):
     miou_ceiling: Optional[float] = None
     parser: Optional[str] = None
     eval_dir: Optional[str] = None
+    eval_key: Optional[str] = None  # joins the row to its per-mask scores (MaskScoreRow)
+
+
+@dataclass
+class MaskScoreRow:
+    """One row of results/quality_masks.csv: one test mask of one quality row, for confidence intervals.
+
+    ``inter`` and ``union`` hold 19 space-separated pixel counts per class (summed over the mask's samples); the
+    mIoU of any set of masks is the mean over present classes of sum(inter) / sum(union). ``ceiling_*``: the same for
+    the real image of the mask.
+    """
+
+    eval_key: Optional[str] = None
+    model: Optional[str] = None
+    preset: Optional[str] = None
+    train_seed: Optional[int] = None
+    train_step: Optional[int] = None
+    mask: Optional[int] = None
+    mask_source: Optional[str] = None
+    samples: Optional[int] = None
+    pixel_diversity: Optional[float] = None
+    lpips_diversity: Optional[float] = None
+    inter: Optional[str] = None
+    union: Optional[str] = None
+    ceiling_inter: Optional[str] = None
+    ceiling_union: Optional[str] = None
+
+
+@dataclass
+class SweepRow(Provenance):
+    """One row of results/lr_sweep.csv: one training run of the learning-rate sweep (``bench tune lr``)."""
+
+    model: Optional[str] = None
+    preset: Optional[str] = None
+    lr: Optional[float] = None
+    train_steps: Optional[int] = None
+    heldout_loss: Optional[float] = None  # flow-matching loss of the EMA weights on the test split, fixed noise
+    train_loss: Optional[float] = None
+    recipe_lr: Optional[float] = None  # the preset recipe's rate when the sweep ran
+    seconds: Optional[float] = None
+    run: Optional[str] = None

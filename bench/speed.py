@@ -10,12 +10,15 @@ What one timed row holds (one model at one resolution and batch size):
   the image, the count every model is compared on; ``flops_exponent``: k of FLOPs ~ tokens_equiv**k fitted
   over the resolutions of the sweep (see bench/flops.py).
 - ``latency_nfe_*_s``: one network evaluation of the whole batch, after ``warmup`` untimed calls, over
-  ``repeats`` timed calls: median, interquartile range, standard deviation and minimum.
+  ``repeats`` timed calls: median, interquartile range, standard deviation and minimum; ``latency_nfe_all_s``
+  every timed call (so ratios between models get intervals); ``latency_nfe_guided_median_s`` one guided
+  evaluation (classifier-free guidance: the conditional and the null-mask halves in one call on a doubled batch).
 - ``image_latency_s``: one whole batch of images at ``--steps``: the sampler of ``bench sample``
   (``bench.sample.sample_batch``: Euler, steps NFE, then decode and copy to the host), median over
   ``image_repeats`` runs. It is measured only when
   the projection ``latency_nfe_median_s * steps + decode_latency_s`` fits ``--full-image-max-seconds``;
   the projection itself always goes to ``image_latency_projected_s``, never to the measured column.
+  ``image_vs_projected`` = measured / projected: far from 1, the whole image costs more (or less) than its parts.
   ``decode_latency_s`` is the decoder alone (the identity clamp for pixel-space models).
 - ``images_per_s`` = batch / image_latency_s (measured), ``images_per_s_projected`` from the projection.
 - Peak memory of one network evaluation: on CUDA ``peak_cuda_allocated_mib`` =
@@ -66,6 +69,7 @@ from bench.timing import (free_memory, is_out_of_memory, load_average, peak_memo
                           set_tf32, time_calls)
 from bench.variants import build_model
 
+GUIDED_SCALE = 1.5  # the guidance scale of the guided per-NFE timing (any s != 1 costs the same doubled call)
 FLOPS_ONLY_SCALES = (1, 2, 4)  # default resolutions of --flops-only: the preset's image size times these
 ERROR_CHARS = 200  # an error message is cut to this length in its CSV cell
 # SD-VAE (sd-vae-ft-mse) architecture, for decoding cost when its weights are not on this machine.
@@ -342,7 +346,7 @@ def base_columns(cfg: SpeedConfig, device: torch.device, batch_size: int) -> dic
 def measure_batch(model: torch.nn.Module, decoder: tuple, s: Setting, batch_size: int, cfg: SpeedConfig,
                   device: torch.device) -> dict:
     """Kernels, memory, per-NFE latency and whole-image latency of ``model`` at ``batch_size``."""
-    from bench.flow import NFE_PER_STEP
+    from bench.flow import NFE_PER_STEP, guided_velocity
     from bench.sample import sample_batch
 
     space, decoder_label = decoder
@@ -357,6 +361,9 @@ def measure_batch(model: torch.nn.Module, decoder: tuple, s: Setting, batch_size
 
     with torch.inference_mode(), autocast(device, cfg.precision):
         nfe_times = time_calls(lambda: net(x, t, mask), cfg.warmup, cfg.repeats, device)
+        # classifier-free guidance: both halves in one call on a doubled batch (the scale does not change the cost)
+        guided = guided_velocity(net, mask, GUIDED_SCALE)
+        guided_times = time_calls(lambda: guided(x, t), cfg.warmup, cfg.repeats, device)
     with torch.inference_mode():  # the sampler decodes in fp32, outside autocast
         decode_times = time_calls(lambda: space.decode(x.float()), 1, cfg.repeats, device)
     nfe_median, decode_median = statistics.median(nfe_times), statistics.median(decode_times)
@@ -365,6 +372,8 @@ def measure_batch(model: torch.nn.Module, decoder: tuple, s: Setting, batch_size
     projected = nfe_median * nfe + decode_median
     out.update(latency_nfe_median_s=nfe_median, latency_nfe_iqr_s=float(q75 - q25),
                latency_nfe_std_s=statistics.pstdev(nfe_times), latency_nfe_min_s=min(nfe_times),
+               latency_nfe_all_s=" ".join(f"{v:.6g}" for v in nfe_times),
+               latency_nfe_guided_median_s=statistics.median(guided_times),
                decode_latency_s=decode_median, image_latency_projected_s=projected,
                images_per_s_projected=batch_size / projected, nfe=nfe)
 
@@ -379,7 +388,7 @@ def measure_batch(model: torch.nn.Module, decoder: tuple, s: Setting, batch_size
         image_times = time_calls(one_image, 0, runs, device)
         image_median = statistics.median(image_times)
         out.update(image_latency_s=image_median, image_repeats=runs, images_per_s=batch_size / image_median,
-                   nfe=counted[-1])
+                   image_vs_projected=image_median / projected, nfe=counted[-1])
     return out
 
 

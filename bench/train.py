@@ -1,7 +1,8 @@
 """The one flow-matching trainer for every backbone: ``bench train MODEL``.
 
 A run is a folder: ``config.json`` (the TrainConfig, plain data), ``loss.csv`` (step, loss, lr, grad norm,
-steps/s, wall time), ``checkpoints/last.pt`` (plus ``step_*.pt`` snapshots every ``keep_every`` steps) and
+steps/s, wall time), ``checkpoints/last.pt`` (plus ``step_*.pt`` snapshots every ``keep_every`` steps and at the
+steps of ``keep_at``) and
 ``samples/step_*.png`` grids (mask | samples from fixed noise, EMA weights). The conventions (time, path,
 target, guidance) are those of ``bench.flow``.
 
@@ -73,6 +74,8 @@ class TrainConfig:
     time_dist: str = doc("Training time distribution: logit-normal or uniform.", default="logit-normal")
     ckpt_every: int = doc(presets.help_text(presets.Budget, "ckpt_every"), default=250)
     keep_every: int = doc(presets.help_text(presets.Budget, "keep_every"), default=0)
+    keep_at: list = doc("Also keep a snapshot step_N.pt at each of these steps (quality against training).",
+                        default_factory=list)
     sample_every: int = doc(presets.help_text(presets.Budget, "sample_every"), default=250)
     log_every: int = doc(presets.help_text(presets.Budget, "log_every"), default=10)
     grid_masks: int = doc(presets.help_text(presets.Budget, "grid_masks"), default=4)
@@ -82,7 +85,7 @@ class TrainConfig:
 
 
 # Options that only change how a run is watched or stored, not its trajectory: free to change on resume.
-RESUME_FREE = {"steps", "ckpt_every", "keep_every", "sample_every", "log_every", "grid_masks", "grid_steps",
+RESUME_FREE = {"steps", "ckpt_every", "keep_every", "keep_at", "sample_every", "log_every", "grid_masks", "grid_steps",
                "workers", "cache_latents"}
 
 
@@ -182,6 +185,8 @@ def check_config(cfg: TrainConfig) -> None:
     for name in ("steps", "batch_size", "ckpt_every", "sample_every", "log_every", "grid_steps"):
         if getattr(cfg, name) < 1:
             raise BenchError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if any(not isinstance(k, int) or k < 1 for k in cfg.keep_at):
+        raise BenchError(f"keep_at must list steps of 1 or more, got {cfg.keep_at}")
     for name in ("warmup", "keep_every", "workers", "grid_masks"):
         if getattr(cfg, name) < 0:
             raise BenchError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(cfg, name)}")
@@ -255,6 +260,19 @@ def seed_worker(worker_id: int) -> None:
 # ----------------------------------------------------------------------------------------------
 # Pieces of the loop
 # ----------------------------------------------------------------------------------------------
+
+EMA_WARMUP = 10  # the decay after n updates is at most (1 + n) / (EMA_WARMUP + n)
+
+
+def ema_decay_at(updates: int, decay: float) -> float:
+    """The EMA decay of update ``updates`` (0-based): min(decay, (1 + n) / (10 + n)).
+
+    With a fixed decay d, the random initial weights keep a share d^n of the average after n updates: 0.999 over
+    1500 steps still leaves 22%. The warm-up averages the early weights evenly instead, so that share falls as
+    about 9! / n^9 (below 1e-9 after 100 updates) and short runs sample trained weights.
+    """
+    return min(decay, (1 + updates) / (EMA_WARMUP + updates))
+
 
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
@@ -447,7 +465,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ddp: Distributed, prog
                  "rng": rng_state(), "generator": gen.get_state(),
                  "sampler": {"seed": cfg.seed, "position": step * cfg.batch_size, "n": len(train_set)}}
         save_atomic(state, last)
-        if cfg.keep_every and step % cfg.keep_every == 0:
+        if (cfg.keep_every and step % cfg.keep_every == 0) or step in cfg.keep_at:
             snapshot = last.with_name(f"step_{step:07d}.pt")
             snapshot.unlink(missing_ok=True)
             try:
@@ -490,7 +508,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ddp: Distributed, prog
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
-            update_ema(ema, model, cfg.ema_decay)
+            update_ema(ema, model, ema_decay_at(step, cfg.ema_decay))
             step += 1
 
             toc = time.perf_counter()

@@ -14,9 +14,10 @@ from bench.checkpoint import load
 from bench.cli import app
 from bench.presets import BUDGETS, recipe
 
-MODELS = ["sisma", "dit", "sdm"]
-STAGES = ["data", "train:sisma@0", "train:dit@0", "train:sdm@0", "sample", "speed", "parser", "quality", "report"]
-PLOTS = ["latency.png", "scaling.png", "quality_latency.png", "loss.png", "samples.png"]
+MODELS = ["sisma", "sisma:scan=raster", "dit:cond=add"]  # a backbone, a variant of it, a variant of another
+STAGES = ["data", "train:sisma@0", "train:sisma:scan=raster@0", "train:dit:cond=add@0", "sample", "speed", "parser",
+          "quality", "report"]
+PLOTS = ["latency.png", "scaling.png", "quality_latency.png", "quality_training.png", "loss.png", "samples.png"]
 
 
 @pytest.fixture
@@ -43,16 +44,18 @@ def table_models(md: str, heading: str) -> list[str]:
 def test_tiny_run_interrupted_resumed_and_skipped(workdir, monkeypatch):
     results, reports = workdir / "res", workdir / "rep"
     # One thread: on a shared, loaded machine two intra-op threads can make tiny models 100x slower.
-    args = ["run", "--preset", "tiny", "--results", str(results), "--reports", str(reports), "--threads", "1"]
+    args = ["run", "--preset", "tiny", "--results", str(results), "--reports", str(reports), "--threads", "1",
+            "--models", ",".join(MODELS)]
     state_path = results / "run_tiny" / "state.json"
     runner = CliRunner()
     real_train = bench.train.train
     budget = BUDGETS["tiny"]
+    assert budget.quality_fractions == (0.5, 1.0) and budget.quality_masks > 0
     calls = []
 
-    # 1. sisma trains; dit is killed after its first checkpoint (as SIGKILL would: nothing saved after it).
+    # 1. sisma and its variant train; dit:cond=add is killed after its first checkpoint (as SIGKILL would).
     def killed_during_dit(cfg, run_dir, resume=False, device=None, progress=True):
-        calls.append(cfg.model)
+        calls.append(cfg.variant)
         if cfg.model == "dit":
             real_train(dataclasses.replace(cfg, steps=budget.ckpt_every), run_dir, resume, device, progress=False)
             raise KeyboardInterrupt
@@ -61,11 +64,11 @@ def test_tiny_run_interrupted_resumed_and_skipped(workdir, monkeypatch):
     monkeypatch.setattr(bench.train, "train", killed_during_dit)
     first = runner.invoke(app, args)
     assert first.exit_code == 130, first.output
-    assert calls == ["sisma", "dit"]
+    assert calls == MODELS
     state = json.loads(state_path.read_text())
     assert state["stages"]["data"]["status"] == "done" and state["stages"]["train:sisma@0"]["status"] == "done"
-    assert state["stages"]["train:dit@0"]["status"] == "running" and "train:sdm@0" not in state["stages"]
-    dit_run = results / "run_tiny" / "runs" / "dit" / "seed0"
+    assert state["stages"]["train:dit:cond=add@0"]["status"] == "running" and "sample" not in state["stages"]
+    dit_run = results / "run_tiny" / "runs" / "dit_cond-add" / "seed0"
     assert load(dit_run / "checkpoints" / "last.pt")["step"] == budget.ckpt_every
 
     # 2. The same command again: sisma not retrained, dit continues from its checkpoint, the rest runs.
@@ -73,13 +76,13 @@ def test_tiny_run_interrupted_resumed_and_skipped(workdir, monkeypatch):
 
     def recording(cfg, run_dir, resume=False, device=None, progress=True):
         start = load(run_dir / "checkpoints" / "last.pt")["step"] if resume else 0
-        resumed.append((cfg.model, resume, start))
+        resumed.append((cfg.variant, resume, start))
         return real_train(cfg, run_dir, resume, device, progress=False)
 
     monkeypatch.setattr(bench.train, "train", recording)
     second = runner.invoke(app, args)
     assert second.exit_code == 0, second.output
-    assert resumed == [("dit", True, budget.ckpt_every), ("sdm", False, 0)]
+    assert resumed == [("dit:cond=add", True, budget.ckpt_every)]
     assert "train sisma, seed 0 (tiny preset, 20 steps): done on" in second.output
     state2 = json.loads(state_path.read_text())
     assert list(state2["stages"]) == STAGES and all(s["status"] == "done" for s in state2["stages"].values())
@@ -96,8 +99,17 @@ def test_tiny_run_interrupted_resumed_and_skipped(workdir, monkeypatch):
     for name in PLOTS:
         with Image.open(reports / "tiny" / name) as im:
             assert im.format == "PNG" and min(im.size) > 100
+    assert "### SISMA's token mixing: scan order x conv" in md  # the ablation: sisma against sisma:scan=raster
     with (results / "quality.csv").open() as f:
-        assert sorted(r["model"] for r in csv.DictReader(f)) == sorted(MODELS)
+        rows = list(csv.DictReader(f))
+    steps = recipe("tiny", "sisma").steps
+    # every run scored at half and at all of its steps (budget.quality_fractions), with its per-mask scores
+    assert sorted((r["model"], int(r["train_step"])) for r in rows) == sorted(
+        (m, k) for m in MODELS for k in (steps // 2, steps))
+    with (results / "quality_masks.csv").open() as f:
+        masks = list(csv.DictReader(f))
+    assert len(masks) == len(rows) * budget.quality_masks
+    assert {m["eval_key"] for m in masks} == {r["eval_key"] for r in rows}
 
     # 3. Once more: every stage is skipped and nothing is appended or retrained.
     resumed.clear()
@@ -142,6 +154,7 @@ def test_train_and_run_read_the_same_recipe(workdir):
         pipe = Pipeline(RunOptions(preset="cpu", models=[model], results=workdir / "r"))
         via_run = make_config(parse_variant(model), workdir / "runs" / (model + "-run"),
                               **pipe.train_options(pipe.variants[0], 0))
-        assert dataclasses.asdict(cfg) == dataclasses.asdict(via_run)
+        # the same config, but for the snapshots bench run keeps to score quality against training
+        assert {**dataclasses.asdict(cfg), "keep_at": via_run.keep_at} == dataclasses.asdict(via_run)
         r = recipe("cpu", model)
         assert (cfg.lr, cfg.batch_size, cfg.steps, cfg.ema_decay) == (r.lr, r.batch_size, r.steps, r.ema_decay)

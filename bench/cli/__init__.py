@@ -8,6 +8,7 @@ no library module imports this package. Bad input (``bench.errors.BenchError`` a
 from bench.cli import models  # noqa: F401
 from bench.cli import data  # noqa: F401
 from bench.cli import train  # noqa: F401
+from bench.cli import tune  # noqa: F401
 from bench.cli import sample  # noqa: F401
 from bench.cli import speed  # noqa: F401
 from bench.cli import parser  # noqa: F401

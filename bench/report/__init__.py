@@ -26,7 +26,7 @@ from typing import Optional
 from bench import plots
 from bench.io import tidy, write_text
 from bench.report import paper, quality, samples, setup, speed, training
-from bench.report.common import SMOKE_TEST_NOTE, Context, Figures, Selection, SpeedSummary, fmt
+from bench.report.common import SMOKE_TEST_NOTE, Context, Figures, fmt
 from bench.report.paper import speed_ratio_sentence
 from bench.report.select import find_state, model_order, read_results, sample_sets, select
 
@@ -39,14 +39,15 @@ def build_report(results: Path = DEFAULT_RESULTS, reports: Path = DEFAULT_REPORT
                  preset: Optional[str] = None) -> Path:
     """Write ``reports/<name>.md`` and its plots in ``reports/<name>/``; returns the Markdown file's path."""
     results, reports = Path(results), Path(reports)
-    speed_rows, quality_rows = read_results(results)
-    sel = select(speed_rows, quality_rows, preset)
+    speed_rows, quality_rows, mask_rows = read_results(results)
+    sel = select(speed_rows, quality_rows, preset, mask_rows)
     name = name or sel.preset
     ctx = Context(sel=sel, order=model_order([*sel.timed["model"], *sel.quality["model"]]), results=results,
                   figures=Figures(name), state=find_state(results, sel.preset),
                   samples=sample_sets(results, sel.preset))
     ctx.speed = speed.speed_summary(sel, ctx.order)
-    md = header(ctx) + at_a_glance(sel, ctx.speed, ctx.order)
+    ctx.final = quality.final_scores(ctx)
+    md = header(ctx) + at_a_glance(ctx)
     for section in SECTIONS:
         md += section(ctx)
     text = "\n".join(md).rstrip() + "\n"
@@ -69,20 +70,26 @@ def header(ctx: Context) -> list[str]:
     return md
 
 
-def at_a_glance(sel: Selection, speed: Optional[SpeedSummary], order: list[str]) -> list[str]:
-    """A few lines with the headline numbers of the tables below."""
-    lines = []
+def at_a_glance(ctx: Context) -> list[str]:
+    """A few lines with the headline numbers of the sections below."""
+    from bench.report.estimates import fmt_estimate, verdict
+    from bench.report.quality import REFERENCE, paired
+
+    lines, speed = [], ctx.speed
     if speed is not None and not speed.latency.empty:
-        parts = [f"{plots.display_name(r.model)} {fmt(r.latency_s)} s{' (projected)' if r.projected else ''}"
-                 for r in speed.latency.itertuples()]
-        lines.append(f"- Seconds per image at {speed.steps} steps, batch 1, {speed.device}: {', '.join(parts)}.")
+        parts = [f"{plots.display_name(r.model)} {fmt(r.nfe_s * 1e3)} ms" for r in speed.latency.itertuples()]
+        lines.append(f"- Time per network evaluation (median, batch 1, {speed.device}): {', '.join(parts)}.")
         lines.append(f"- {speed_ratio_sentence(speed)}")
-    q = sel.quality.set_index("model") if not sel.quality.empty else None
-    if q is not None:
-        parts = [f"{plots.display_name(m)} {fmt(q.loc[m, 'miou'])}" for m in order if m in q.index]
-        ceiling = ", ".join(dict.fromkeys(fmt(v) for v in q["miou_ceiling"]))
-        lines.append(f"- Mask mIoU of generated images: {', '.join(parts)} (the parser on real test images: "
-                     f"{ceiling}).")
+    final = ctx.final
+    if final:
+        parts = [f"{plots.display_name(m)} {fmt_estimate(s.figures.get('miou'))}" for m, s in final.items()]
+        lines.append(f"- Mask mIoU of generated images (mean over seeds, 95% interval): {', '.join(parts)}.")
+        ceilings = [s.figures["miou_ceiling"] for s in final.values() if "miou_ceiling" in s.figures]
+        if ceilings:
+            lines.append(f"- The parser on the real test images (the ceiling): {fmt_estimate(ceilings[0])}.")
+        if REFERENCE in final:
+            diffs = [f"{plots.display_name(m)} {verdict(paired(s, final[REFERENCE]).get('miou'))}"
+                     for m, s in final.items() if m != REFERENCE and paired(s, final[REFERENCE])]
+            if diffs:
+                lines.append(f"- mIoU minus SISMA's (paired): {'; '.join(diffs)}.")
     return ["## At a glance", "", *lines, ""] if lines else []
-
-

@@ -56,8 +56,10 @@ class Selection:
     preset: str
     timed: pd.DataFrame     # timed speed rows, one device/precision/compile/steps, latest per setting
     flops: pd.DataFrame     # flops-only rows, latest per model, preset and resolution
-    quality: pd.DataFrame   # latest quality row per model
+    quality: pd.DataFrame   # latest quality row per model at the end of its training
     notes: list[str]
+    quality_all: pd.DataFrame = field(default_factory=pd.DataFrame)  # latest per model, seed and training step
+    masks: pd.DataFrame = field(default_factory=pd.DataFrame)  # per-mask scores of those rows
 
 
 
@@ -104,3 +106,4 @@ class Context:
     state: Optional[dict] = None
     samples: list[dict] = field(default_factory=list)
     speed: Optional[SpeedSummary] = None
+    final: dict = field(default_factory=dict)  # model -> bench.report.estimates.Scores at the end of training

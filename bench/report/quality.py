@@ -1,69 +1,248 @@
-"""The report's quality section: FID, KID, LPIPS and pixel diversity, mask mIoU, against latency."""
+"""The report's quality section: every figure with its 95% interval, paired differences, the ablations, and quality
+against training.
+
+Intervals come from a two-way bootstrap over training seeds and test masks (bench.stats); FID and KID, which have
+no per-mask parts, get an interval over seeds only. A difference is paired (same seeds, masks and noise) and called
+a difference only when its interval excludes 0.
+"""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
 import pandas as pd
 
 from bench import plots
-from bench.report.common import Context, Selection, Footnotes, fmt, markdown
+from bench.report.common import Context, Footnotes, fmt, markdown
+from bench.report.estimates import Scores, estimate_all, fmt_estimate, paired, scores, steps_of, verdict
+
+FID_RELIABLE_IMAGES = 2048  # Inception's feature size: fewer images per side make FID's covariance rank-deficient
+REFERENCE = "sisma"  # the backbone every other is compared with
+TRAIN_FLOPS_PER_NFE = 3  # a training step's forward and backward cost about 3 forward passes
 
 
-def quality_table(sel: Selection, order: list[str], notes: Footnotes) -> pd.DataFrame:
+def final_scores(ctx: Context) -> dict[str, Scores]:
+    """Per model, its runs at the end of training with every figure's interval."""
+    out = {}
+    for model in ctx.order:
+        s = scores(ctx.sel, model)
+        if s is not None:
+            out[model] = estimate_all(s)
+    return out
+
+
+def quality_table(ctx: Context, final: dict[str, Scores], notes: Footnotes) -> pd.DataFrame:
     lines = []
-    for model in order:
-        rows = sel.quality[sel.quality["model"] == model]
-        if rows.empty:
-            continue
-        r = rows.iloc[-1]
+    for model, s in final.items():
+        r = s.rows.iloc[-1]
 
-        def metric(column, status_column=None, digits=4, fallback="no value in the row"):
-            value = r[column]
-            if pd.notna(value):
-                return fmt(float(value), digits)
-            reason = r[status_column] if status_column and pd.notna(r.get(status_column)) else fallback
+        def figure(metric: str, status: Optional[str] = None, fallback: str = "no value in the row") -> str:
+            e = s.figures.get(metric)
+            if e is not None:
+                return fmt_estimate(e)
+            reason = r[status] if status and pd.notna(r.get(status)) else fallback
             return notes.missing(str(reason))
 
+        fid = figure("fid", "fid_status")
+        images = r.get("fid_images")
+        if "fid" in s.figures and pd.notna(images) and images < FID_RELIABLE_IMAGES:
+            fid += f" (unreliable: n = {int(images)} < {FID_RELIABLE_IMAGES})"
         sampling = f"{r['method']} {fmt(r['steps'])} steps (NFE {fmt(r['nfe'])})"
         if pd.notna(r["guidance"]) and float(r["guidance"]) != 1.0:
             sampling += f", guidance {fmt(float(r['guidance']))}"
         lines.append({
-            "model": model, "train steps": fmt(r["train_step"]), "px": fmt(r["image_size"]),
+            "model": model, "train steps": fmt(s.step), "seeds": ",".join(map(str, s.seeds)),
             "masks x samples": f"{fmt(r['n_masks'])} x {fmt(r['samples_per_mask'])}", "sampling": sampling,
-            "FID": metric("fid", "fid_status"), "KID": metric("kid", "kid_status"),
-            "LPIPS diversity": metric("lpips_diversity", "lpips_status"),
-            "mask mIoU": metric("miou"), "parser ceiling (real)": metric("miou_ceiling"),
-            "pixel diversity": metric("pixel_diversity", fallback="pixel diversity needs 2 or more samples per mask"),
+            "mask mIoU": figure("miou"), "parser ceiling (real)": figure("miou_ceiling"),
+            "pixel diversity": figure("pixel_diversity"),
+            "LPIPS diversity": figure("lpips_diversity", "lpips_status"),
+            "FID": fid, "KID": figure("kid", "kid_status"),
         })
     return pd.DataFrame(lines)
 
 
+def differences_table(final: dict[str, Scores], reference: str) -> pd.DataFrame:
+    """Each model minus the reference: paired differences with their intervals."""
+    lines = []
+    for model, s in final.items():
+        if model == reference:
+            continue
+        d = paired(s, final[reference])
+        if not d:
+            continue
+        lines.append({"model": model, f"mIoU - {reference}": verdict(d["miou"]),
+                      f"pixel diversity - {reference}": verdict(d["pixel_diversity"]),
+                      f"LPIPS diversity - {reference}": verdict(d.get("lpips_diversity"))})
+    return pd.DataFrame(lines)
+
+
+def model_config(model: str, preset: str) -> Optional[object]:
+    """A variant's effective config (built on the meta device), None if it cannot be built here."""
+    from bench.errors import BenchError
+    from bench.variants import build_model
+
+    try:
+        return build_model(model, preset, None, "meta").config
+    except (BenchError, LookupError, ValueError):
+        return None
+
+
+def ablation_table(ctx: Context, final: dict[str, Scores], base: str, fields: tuple[str, ...]) -> pd.DataFrame:
+    """The variants of one backbone: their config fields, parameters, mIoU and difference from the default."""
+    variants = [m for m in final if m == base or m.startswith(base + ":")]
+    if len(variants) < 2:
+        return pd.DataFrame()
+    reference = base if base in variants else variants[0]
+    lines = []
+    for model in variants:
+        cfg = model_config(model, ctx.sel.preset)
+        line = {"model": model}
+        for f in fields:
+            line[f] = str(getattr(cfg, f, "-"))
+        if {"scan", "conv"} <= set(fields) and cfg is not None:
+            line["causal"] = "yes" if (cfg.scan, cfg.conv) == ("raster", "causal1d") else "no"
+        timed = ctx.sel.timed[(ctx.sel.timed["model"] == model)] if not ctx.sel.timed.empty else ctx.sel.timed
+        if not timed.empty:
+            one = timed.loc[timed["batch_size"].idxmin()]
+            line["params (M)"] = fmt(one["params"] / 1e6)
+            line["ms / NFE"] = fmt(one["latency_nfe_median_s"] * 1e3, 3)
+        line["mask mIoU"] = fmt_estimate(final[model].figures.get("miou"))
+        line[f"mIoU - {reference}"] = "(reference)" if model == reference else \
+            verdict(paired(final[model], final[reference]).get("miou"))
+        lines.append(line)
+    return pd.DataFrame(lines)
+
+
+def training_curves(ctx: Context) -> dict[str, pd.DataFrame]:
+    """Per model: mIoU with its interval at every scored step, and the training FLOPs spent up to it."""
+    curves = {}
+    for model in ctx.order:
+        points = []
+        for step in steps_of(ctx.sel, model):
+            s = scores(ctx.sel, model, step)
+            if s is None:
+                continue
+            e = estimate_all(s).figures.get("miou")
+            if e is not None:
+                points.append({"step": step, "miou": e.value, "low": e.low, "high": e.high, "seeds": len(s.seeds)})
+        if points:
+            df = pd.DataFrame(points)
+            flops = train_flops_per_step(ctx, model)
+            df["train_flops"] = df["step"] * flops if flops else np.nan
+            curves[model] = df
+    return curves
+
+
+def train_flops_per_step(ctx: Context, model: str) -> Optional[float]:
+    """FLOPs of one training step: TRAIN_FLOPS_PER_NFE x FLOPs of one NFE per image (speed rows) x the run's batch."""
+    timed = ctx.sel.timed[ctx.sel.timed["model"] == model] if not ctx.sel.timed.empty else ctx.sel.timed
+    if timed.empty:
+        return None
+    per_nfe = float(timed.loc[timed["resolution"].idxmin(), "flops_per_nfe"])
+    rows = ctx.sel.quality[ctx.sel.quality["model"] == model]
+    if rows.empty:
+        return None
+    from bench.report.select import resolve_path
+
+    config = resolve_path(rows.iloc[-1]["run"], ctx.results) / "config.json"
+    try:
+        batch = json.loads(Path(config).read_text())["batch_size"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return TRAIN_FLOPS_PER_NFE * per_nfe * batch
 
 
 def section(ctx: Context) -> list[str]:
     md = ["## Quality", ""]
     notes = Footnotes()
-    qtable = quality_table(ctx.sel, ctx.order, notes)
+    final = ctx.final or final_scores(ctx)
+    qtable = quality_table(ctx, final, notes)
     if qtable.empty:
-        md += ["No quality rows for this preset (run `bench quality`).", ""]
-    else:
-        md += [markdown(qtable), ""]
-        if notes.reasons:
-            md += ["Missing values, and why:", "", notes.render(), ""]
-        md.append("FID and KID: torch-fidelity's Inception, the real test images of the masks against one sample per "
-                  "mask, at the run's resolution. LPIPS diversity (AlexNet) and pixel diversity (mean absolute "
-                  "difference of images in [0, 1], no weights; not a substitute for LPIPS): the mean over the pairs of "
-                  "a mask's samples, averaged over masks. Mask mIoU: the face parser on the generated images against "
-                  "their input masks; the parser ceiling is the same parser on the real test images.")
-        md.append("")
-        if ctx.speed is not None:
-            points = ctx.speed.latency.merge(ctx.sel.quality[["model", "miou", "fid", "lpips_diversity", "pixel_diversity"]],
-                                           on="model", how="inner")
-            metric_cols = [("miou", "mask mIoU (higher: follows the mask better)"),
-                           ("fid", "FID (lower is better)"), ("lpips_diversity", "LPIPS diversity"),
-                           ("pixel_diversity", "pixel diversity (no weights)")]
-            shown = [lab for col, lab in metric_cols if col in points and points[col].notna().any()]
-            md.append(ctx.figures.add(
-                "quality_latency.png",
-                f"quality against seconds per image ({ctx.speed.steps} steps, batch 1, {ctx.speed.device}; hollow markers "
-                f"are projected latencies). Panels: {'; '.join(shown) or 'none'}; metrics without values are left out.",
-                plots.quality_latency_figure(points, metric_cols, ctx.order, f"seconds per image ({ctx.speed.steps} steps)")))
+        return md + ["No quality rows for this preset (run `bench quality`).", ""]
+    md += [markdown(qtable), ""]
+    if notes.reasons:
+        md += ["Missing values, and why:", "", notes.render(), ""]
+    md.append("Each figure is the mean over the training seeds listed, with its 95% interval in brackets: a two-way "
+              "bootstrap over seeds and test masks (mIoU and the diversities, from the per-mask scores in "
+              "`quality_masks.csv`), over seeds only for FID and KID. Mask mIoU: the face parser on the generated "
+              "images against their input masks; the parser ceiling is the same parser on the real test images. "
+              "LPIPS diversity (AlexNet) and pixel diversity (mean absolute difference of images in [0, 1], no "
+              "weights; not a substitute for LPIPS): the mean over the pairs of a mask's samples. FID and KID: "
+              f"torch-fidelity's Inception, real test images against one sample per mask; with fewer than "
+              f"{FID_RELIABLE_IMAGES} images per side they are marked unreliable.")
+    md.append("")
+    reference = REFERENCE if REFERENCE in final else next(iter(final))
+    diffs = differences_table(final, reference)
+    if not diffs.empty:
+        md += [f"### Differences from {plots.display_name(reference)}", "", markdown(diffs), "",
+               "Paired differences (the same seeds, masks and noise for both), with their 95% bootstrap intervals; "
+               "an interval that contains 0 is written \"no detectable difference\".", ""]
+    ablation = ablation_table(ctx, final, "sisma", ("scan", "conv"))
+    if not ablation.empty:
+        md += ["### SISMA's token mixing: scan order x conv", "", markdown(ablation), "",
+               "raster + causal1d is strictly causal (a token never sees the tokens after it in raster order, so "
+               "the top of the image never sees the bottom); the other settings let every token see the whole "
+               "image. The default (the `sisma` row) is the setting this ablation chose.", ""]
+    dit = ablation_table(ctx, final, "dit", ("cond",))
+    if not dit.empty:
+        md += ["### DiT-SIS: cross-attention against the aligned mask", "", markdown(dit), "",
+               "cond=cross: image tokens attend to the mask tokens and must learn where each belongs (position "
+               "embeddings only); cond=add: the mask token of each position is added at that position in every "
+               "block (what cross-attention restricted to its own position computes), aligned as Cross-Mamba and "
+               "SPADE are.", ""]
+    curves = training_curves(ctx)
+    if any(len(c) > 1 for c in curves.values()):
+        table = pd.DataFrame([{"model": m, **{f"step {int(p.step)}": fmt_estimate_row(p) for p in c.itertuples()}}
+                              for m, c in curves.items()]).fillna("-")
+        md += ["### Quality against training", "", markdown(table), ""]
+        md.append(ctx.figures.add(
+            "quality_training.png",
+            "mask mIoU (mean over seeds, 95% interval shaded) against training steps (left) and training FLOPs "
+            f"(right: {TRAIN_FLOPS_PER_NFE} x FLOPs per NFE x batch x steps). A ranking that still changes between "
+            "the last two checkpoints is not settled.", plots.training_quality_figure(curves, ctx.order)))
+        md += rising_note(curves, ctx)
+    if ctx.speed is not None:
+        points = ctx.speed.latency.merge(ctx.sel.quality[["model", "miou", "fid", "lpips_diversity",
+                                                          "pixel_diversity"]], on="model", how="inner")
+        for metric in ("miou", "pixel_diversity", "lpips_diversity", "fid"):  # the means over seeds
+            points[metric] = [final[m].figures[metric].value if m in final and metric in final[m].figures
+                              else np.nan for m in points["model"]]
+        metric_cols = [("miou", "mask mIoU (higher: follows the mask better)"),
+                       ("fid", "FID (lower is better)"), ("lpips_diversity", "LPIPS diversity"),
+                       ("pixel_diversity", "pixel diversity (no weights)")]
+        shown = [lab for col, lab in metric_cols if col in points and points[col].notna().any()]
+        md.append(ctx.figures.add(
+            "quality_latency.png",
+            f"quality (mean over seeds) against seconds per image ({ctx.speed.steps} steps, batch 1, "
+            f"{ctx.speed.device}; hollow markers are projected latencies). Panels: {'; '.join(shown) or 'none'}; "
+            "metrics without values are left out.",
+            plots.quality_latency_figure(points, metric_cols, ctx.order,
+                                         f"seconds per image ({ctx.speed.steps} steps)")))
     return md
+
+
+def fmt_estimate_row(p) -> str:
+    if not np.isfinite(p.low):
+        return f"{p.miou:.3f}"
+    return f"{p.miou:.3f} [{p.low:.3f}, {p.high:.3f}]"
+
+
+def rising_note(curves: dict[str, pd.DataFrame], ctx: Context) -> list[str]:
+    """Which models are still improving at the end, and whether each reaches half the parser's ceiling."""
+    lines = []
+    ceiling = ctx.sel.quality["miou_ceiling"].astype(float).mean() if not ctx.sel.quality.empty else np.nan
+    for model, c in curves.items():
+        if len(c) < 2:
+            continue
+        last, before = c.iloc[-1], c.iloc[-2]
+        rising = last.low > before.high if np.isfinite(last.low) else last.miou > before.miou
+        half = last.miou >= ceiling / 2 if np.isfinite(ceiling) else None
+        text = f"- {plots.display_name(model)}: mIoU {last.miou:.3f} at step {int(last.step)}"
+        text += (", still rising (its interval lies above the previous checkpoint's)" if rising
+                 else ", not detectably higher than at the previous checkpoint")
+        if half is not None:
+            text += f"; {'at least' if half else 'below'} half the parser ceiling ({ceiling / 2:.3f})"
+        lines.append(text + ".")
+    return lines + [""] if lines else []

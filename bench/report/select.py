@@ -10,17 +10,20 @@ import pandas as pd
 from bench.errors import BenchError
 from bench.io import ResultsFile
 from bench.report.common import Selection
-from bench.rows import QualityRow, SpeedRow
+from bench.rows import MaskScoreRow, QualityRow, SpeedRow
 
 SPEED_FILE = "speed.csv"
 QUALITY_FILE = "quality.csv"
+MASKS_FILE = "quality_masks.csv"
 STATE_FILE = "state.json"
 SAMPLES_FILE = "samples.json"
 
 
-def read_results(results: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(speed rows, quality rows) of a results folder; empty frames for absent files, one line for foreign ones."""
-    return ResultsFile(results / SPEED_FILE, SpeedRow).read(), ResultsFile(results / QUALITY_FILE, QualityRow).read()
+def read_results(results: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(speed, quality, per-mask) rows of a results folder; empty frames for absent files, one line for foreign
+    ones."""
+    return (ResultsFile(results / SPEED_FILE, SpeedRow).read(), ResultsFile(results / QUALITY_FILE, QualityRow).read(),
+            ResultsFile(results / MASKS_FILE, MaskScoreRow).read())
 
 
 def latest(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
@@ -29,15 +32,17 @@ def latest(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 
 
 def model_order(names) -> list[str]:
-    """Registered backbones in registry order first, then any other names in order of appearance."""
-    names = list(dict.fromkeys(str(n) for n in names))
-    try:
-        import models
+    """Backbones in registry order, each followed by its variants (in order of appearance); unknown names last."""
+    import models
 
-        known = [m for m in models.list_models() if m in names]
-    except ImportError:
-        known = []
-    return known + [m for m in names if m not in known]
+    names = list(dict.fromkeys(str(n) for n in names))
+    registered = models.list_models()
+
+    def key(name: str):
+        base = name.partition(":")[0]
+        return (registered.index(base) if base in registered else len(registered), name != base, names.index(name))
+
+    return sorted(names, key=key)
 
 
 def native_resolution(model: str, preset: str, resolutions) -> int:
@@ -53,7 +58,8 @@ def native_resolution(model: str, preset: str, resolutions) -> int:
         return int(min(resolutions))
 
 
-def select(speed: pd.DataFrame, quality: pd.DataFrame, preset: Optional[str]) -> Selection:
+def select(speed: pd.DataFrame, quality: pd.DataFrame, preset: Optional[str],
+           masks: Optional[pd.DataFrame] = None) -> Selection:
     """Pick the preset, then the rows of it the report shows (see the module docstring)."""
     if preset is None:
         stamps = pd.concat([speed.loc[speed["mode"] == "timed", ["timestamp", "preset"]],
@@ -78,14 +84,21 @@ def select(speed: pd.DataFrame, quality: pd.DataFrame, preset: Optional[str]) ->
         timed = kept
     flops = latest(speed[speed["mode"] == "flops-only"], ["model", "preset", "resolution"])
     q = quality[quality["preset"] == preset]
-    kept_q = latest(q, ["model"])
+    q = q.assign(train_seed=q["train_seed"].fillna(0))
+    q_all = latest(q, ["model", "train_seed", "train_step"])
+    final = q_all["train_step"] == q_all["train_steps"].fillna(
+        q_all.groupby(["model", "train_seed"])["train_step"].transform("max"))
+    kept_q = latest(q_all[final], ["model"])
     if not q.empty:
-        notes.append(f"quality: the newest row per model of preset `{preset}` ({len(kept_q)} rows; "
-                     f"{len(q) - len(kept_q)} older rows not used)")
+        notes.append(f"quality: the newest row per model, training seed and checkpoint of preset `{preset}` "
+                     f"({len(q_all)} rows, {len(q_all[final])} of them at the end of training; "
+                     f"{len(q) - len(q_all)} older rows not used)")
     if timed.empty and kept_q.empty:
         raise BenchError(f"no timed speed rows and no quality rows for preset {preset!r} in the results; "
                          f"run `bench run --preset {preset}` (or `bench speed`/`bench quality`) first")
-    return Selection(preset, timed, flops, kept_q, notes)
+    masks = masks if masks is not None else pd.DataFrame(columns=["eval_key"])
+    masks = masks[masks["eval_key"].isin(q_all["eval_key"].dropna())] if not q_all.empty else masks.iloc[:0]
+    return Selection(preset, timed, flops, kept_q, notes, q_all, masks)
 
 
 

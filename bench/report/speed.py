@@ -10,6 +10,9 @@ from bench.report.common import Context, Selection, SpeedSummary, fmt, markdown
 from bench.report.paper import PAPER_FIGURES, PAPER_HARDWARE
 from bench.report.select import latest, native_resolution
 
+MIN_IMAGE_REPEATS = 5  # fewer timed whole images are not shown as measured
+IMAGE_FLAG = 0.15  # a measured image this far from steps x per-NFE + decode is flagged
+
 
 def speed_summary(sel: Selection, order: list[str]) -> Optional[SpeedSummary]:
     timed = sel.timed
@@ -34,13 +37,23 @@ def speed_summary(sel: Selection, order: list[str]) -> Optional[SpeedSummary]:
             line[f"s / image ({steps} steps)"] = f"{one['status']} at batch {int(one['batch_size'])}"
             lines.append(line)
             continue
-        measured = pd.notna(one["image_latency_s"])
+        repeats = int(one["image_repeats"]) if pd.notna(one["image_repeats"]) else 0
+        measured = pd.notna(one["image_latency_s"]) and repeats >= MIN_IMAGE_REPEATS
         seconds = one["image_latency_s"] if measured else one["image_latency_projected_s"]
         line[f"s / image ({steps} steps)"] = fmt(seconds)
-        line["how"] = (f"measured (median of {int(one['image_repeats'])})" if measured
-                       else "projected (NFE x steps + decode)")
+        if measured:
+            line["how"] = f"measured (median of {repeats})"
+            ratio = float(one["image_latency_s"]) / float(one["image_latency_projected_s"])
+            if abs(ratio - 1) > IMAGE_FLAG:
+                line["how"] += f"; flag: {ratio:.2f} x steps x per-NFE + decode"
+        elif repeats:
+            line["how"] = f"projected (NFE x steps + decode; {repeats} whole images < {MIN_IMAGE_REPEATS})"
+        else:
+            line["how"] = "projected (NFE x steps + decode)"
         line["ms / NFE"] = fmt(one["latency_nfe_median_s"] * 1e3)
         line["IQR (ms)"] = fmt(one["latency_nfe_iqr_s"] * 1e3)
+        if pd.notna(one.get("latency_nfe_guided_median_s")):
+            line["ms / guided NFE"] = fmt(one["latency_nfe_guided_median_s"] * 1e3)
         if pd.notna(one["peak_cuda_allocated_mib"]):
             line["peak memory (MiB)"] = f"{fmt(one['peak_cuda_allocated_mib'])} (CUDA allocated)"
         elif pd.notna(one["peak_rss_delta_mib"]):
@@ -58,10 +71,35 @@ def speed_summary(sel: Selection, order: list[str]) -> Optional[SpeedSummary]:
         lines.append(line)
         iqr = one["latency_nfe_iqr_s"] * steps if not measured else float("nan")
         latency.append({"model": model, "latency_s": float(seconds), "projected": not measured, "iqr_s": iqr,
-                        "params": one["params"]})
+                        "params": one["params"], "nfe_s": float(one["latency_nfe_median_s"]),
+                        "nfe_all": str(one["latency_nfe_all_s"]) if pd.notna(one.get("latency_nfe_all_s")) else ""})
     table = pd.DataFrame(lines).fillna("-")
-    return SpeedSummary(table, pd.DataFrame(latency, columns=["model", "latency_s", "projected", "iqr_s", "params"]),
+    return SpeedSummary(table, pd.DataFrame(latency, columns=["model", "latency_s", "projected", "iqr_s", "params",
+                                                              "nfe_s", "nfe_all"]),
                         steps, str(timed["device_name"].iloc[-1]))
+
+
+def sdm_shape_note(ctx: Context) -> list[str]:
+    """SDM's attention sits at fixed feature-map sizes, so its architecture changes with the image size."""
+    sdm = [m for m in ctx.order if m == "sdm" or m.startswith("sdm:")]
+    rows = ctx.sel.timed[ctx.sel.timed["model"].isin(sdm)] if sdm and not ctx.sel.timed.empty else None
+    if rows is None or rows.empty:
+        return []
+    from bench.report.quality import model_config
+
+    cfg = model_config(sdm[0], ctx.sel.preset)
+    if cfg is None or not hasattr(cfg, "attention_resolutions"):
+        return []
+    parts = []
+    for px in sorted({int(r) for r in rows["resolution"]}):
+        sizes = [px // 2 ** level for level in range(len(cfg.channel_mult))]
+        attn = [f for f in sizes if f in cfg.attention_resolutions]
+        parts.append(f"{px} px: attention at {', '.join(f'{f} px' for f in attn) or 'no level'} "
+                     f"({len(attn)} of {len(sizes)} levels)")
+    return [f"SDM changes shape with the image size: its self-attention runs at feature maps of "
+            f"{', '.join(f'{a} px' for a in cfg.attention_resolutions)} only (as in ADM), so at each resolution a "
+            f"different share of its levels attend ({'; '.join(parts)}); its fitted exponent mixes that change with "
+            "the growth of each layer.", ""]
 
 
 def scaling_panels(sel: Selection, order: list[str]) -> tuple[list[dict], pd.DataFrame]:
@@ -114,9 +152,11 @@ def section(ctx: Context) -> list[str]:
     else:
         md += [markdown(ctx.speed.table), ""]
         md.append(f"One image at batch 1 and {ctx.speed.steps} Euler steps (1 NFE per step) plus decoding, "
-                  f"median over repeats after warm-up; 'projected' is the per-NFE median times the steps plus the "
-                  "decoder's time, given where a whole image was not timed. ms / NFE and its IQR: one network "
-                  "evaluation at batch 1. Peak memory: CUDA bytes allocated during one evaluation, or on CPU the rise "
+                  f"median over at least {MIN_IMAGE_REPEATS} timed images after warm-up; 'projected' is the per-NFE "
+                  "median times the steps plus the decoder's time, given where fewer whole images were timed; a "
+                  f"flag marks a measured image more than {IMAGE_FLAG:.0%} away from its projection. ms / NFE and "
+                  "its IQR: one network evaluation at batch 1; ms / guided NFE: one classifier-free-guided "
+                  "evaluation (conditional and null mask in one call on a doubled batch). Peak memory: CUDA bytes allocated during one evaluation, or on CPU the rise "
                   "of the resident set during one (a lower bound). images / s: at the largest batch timed. "
                   "scan / attention: the kernels that ran.")
         md.append("")
@@ -139,6 +179,7 @@ def section(ctx: Context) -> list[str]:
                    "tokens): 1 is linear, 2 quadratic. Least squares on log-log axes.", ""]
         titles = "; ".join(p["title"].replace("`", "") for p in panels)
         where = f" Latency measured on {ctx.speed.device}." if ctx.speed is not None else ""
+        md += sdm_shape_note(ctx)
         md.append(ctx.figures.add("scaling.png", f"cost against image resolution on log-log axes, with fitted power laws "
                                         f"(dashed) and exponents k in the legends. Panels: {titles}.{where}",
                          plots.scaling_figure(panels, ctx.order)))

@@ -45,16 +45,63 @@ def training_table(runs: dict[str, Path], order: list[str]) -> tuple[pd.DataFram
     return pd.DataFrame(lines).fillna("-"), curves
 
 
+def recipe_table(ctx: Context) -> pd.DataFrame:
+    """Each model's recipe with its source, as `bench run` recorded it in its state file."""
+    recipes = (ctx.state or {}).get("recipes", {})
+    lines = []
+    for model in [m for m in ctx.order if m in recipes] + [m for m in recipes if m not in ctx.order]:
+        r = recipes[model]
+        lines.append({"model": model, "steps": fmt(r.get("steps")), "batch": fmt(r.get("batch_size")),
+                      "lr": fmt(r.get("lr")), "warm-up": fmt(r.get("warmup")), "EMA decay": fmt(r.get("ema_decay")),
+                      "precision": str(r.get("precision")), "mask drop p": fmt(r.get("p_uncond")),
+                      "grad clip": fmt(r.get("grad_clip")), "guidance": fmt(r.get("guidance")),
+                      "source": str(r.get("source", ""))})
+    return pd.DataFrame(lines)
+
+
+def sweep_table(ctx: Context) -> pd.DataFrame:
+    """The learning-rate sweep of this preset (results/lr_sweep.csv): held-out loss per model and rate."""
+    from bench.io import ResultsFile
+    from bench.rows import SweepRow
+
+    path = ctx.results / "lr_sweep.csv"
+    if not path.is_file():
+        return pd.DataFrame()
+    rows = ResultsFile(path, SweepRow).read()
+    rows = rows[rows["preset"] == ctx.sel.preset].drop_duplicates(["model", "lr", "train_steps"], keep="last")
+    if rows.empty:
+        return pd.DataFrame()
+    lines = []
+    for (model, steps), g in rows.groupby(["model", "train_steps"], sort=False):
+        best = g.loc[g["heldout_loss"].idxmin(), "lr"]
+        line = {"model": model, "steps": fmt(int(steps))}
+        for r in g.sort_values("lr").itertuples():
+            line[f"lr {r.lr:g}"] = f"{r.heldout_loss:.5f}" + (" (best)" if r.lr == best else "")
+        lines.append(line)
+    return pd.DataFrame(lines).fillna("-")
+
 
 def section(ctx: Context) -> list[str]:
     runs = training_runs(ctx.sel, ctx.samples, ctx.results)
     md = ["## Training", ""]
+    recipes = recipe_table(ctx)
+    if not recipes.empty:
+        md += ["### Recipes", "", markdown(recipes), "",
+               "Each backbone's recipe at this preset and where it comes from (`bench/presets.py`). The EMA decay "
+               "is warmed up: update n uses min(decay, (1 + n) / (10 + n)), so the sampled weights keep no visible "
+               "share of the random initialisation even in short runs.", ""]
+    sweep = sweep_table(ctx)
+    if not sweep.empty:
+        md += ["### Learning-rate sweep", "", markdown(sweep), "",
+               "Held-out flow-matching loss of each sweep run's EMA weights (`bench tune lr`: the test images at "
+               "fixed times and noise, so runs differ only by their weights); the recipes above use the best rate.",
+               ""]
     if runs:
         ttable, curves = training_table(runs, ctx.order)
-        md += [markdown(ttable), ""]
-        md.append(ctx.figures.add("loss.png", "training loss (flow-matching MSE) against step of each run, as logged in its "
-                                     "loss.csv (thin: logged values, each a mean over its logging window; thick: "
-                                     "moving average).", plots.loss_figure(curves, ctx.order)))
+        md += ["### Runs", "", markdown(ttable), ""]
+        md.append(ctx.figures.add("loss.png", "training loss (flow-matching MSE) against step of each run, as logged "
+                                  "in its loss.csv (thin: logged values, each a mean over its logging window; thick: "
+                                  "moving average).", plots.loss_figure(curves, ctx.order)))
     else:
         md += ["No run folders found (the quality rows name them).", ""]
     return md
