@@ -1,6 +1,7 @@
 """Metrics: FID/KID through torch-fidelity (with a tiny registered extractor), diversity arithmetic, LPIPS loading,
 mIoU and weight-file checks."""
 import dataclasses
+import hashlib
 import itertools
 import math
 
@@ -219,7 +220,7 @@ def test_weights_found_in_the_hub_cache_when_the_hash_matches(hub):
     hub.mkdir(parents=True)
     (hub / "w.pth").write_bytes(b"weights")
     spec = dataclasses.replace(metrics.INCEPTION_WEIGHTS, filename="w.pth",
-                               sha256=metrics.hashlib.sha256(b"weights").hexdigest())
+                               sha256=hashlib.sha256(b"weights").hexdigest())
     assert metrics.resolve_weights(spec) == hub / "w.pth"
 
 
