@@ -146,6 +146,19 @@ def test_weights_that_cannot_be_fetched_are_missing_with_the_reason(setup, tmp_p
     assert sorted(p.name for p in empty_hub.iterdir()) == []  # nothing partial, no temporary or lock file
 
 
+def test_offline_flag_fetches_nothing(setup, tmp_path, empty_hub, monkeypatch):
+    from bench import weights
+
+    data, run, parser = setup
+    monkeypatch.delenv("SIS_BENCH_OFFLINE", raising=False)
+    monkeypatch.setattr(weights, "open_url", lambda *a, **k: pytest.fail("fetched while --offline"))
+    result = _quality("--runs", run, "--data", data, "--steps", 2, "--samples-per-mask", 3, "--parser", parser,
+                      "--out", tmp_path / "q.csv", "--offline")
+    assert result.exit_code == 0, result.output
+    row = pd.read_csv(tmp_path / "q.csv").iloc[0]
+    assert "downloads are off (--offline)" in row.fid_status and "downloads are off" in row.lpips_status
+
+
 def test_weights_with_the_wrong_hash_are_an_error(setup, tmp_path, empty_hub):
     data, run, parser = setup
     bad = tmp_path / "inception.pth"

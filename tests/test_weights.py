@@ -1,5 +1,6 @@
 """bench.weights: fetching on first use from a local HTTP server on 127.0.0.1 (right hash, wrong hash, a transfer cut
-short, a server gone or silent), offline by choice, failures remembered, the hub cache's hash checks."""
+short, a server gone or silent), offline by choice, failures remembered, the hub cache's hash checks, and
+`bench weights list | fetch`."""
 import dataclasses
 import hashlib
 import shutil
@@ -10,8 +11,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from bench import weights
+from bench.cli import app
 from bench.errors import BenchError
 
 BODY = bytes(range(256)) * 4096  # 1 MiB: more than one read chunk
@@ -230,3 +233,61 @@ def test_a_hub_that_cannot_be_reached_is_missing_fast_and_tried_once(empty_cache
     monkeypatch.setattr(weights, "_hub_download", lambda *a: pytest.fail("tried the hub again"))
     with pytest.raises(weights.WeightsMissing):
         load_vae(weights.SD_VAE.repo_id)
+
+
+# --------------------------------------------------------------------------- bench weights list | fetch
+def _bench(*args):
+    return CliRunner().invoke(app, [*map(str, args)])
+
+
+def test_weights_list_shows_each_file_missing_with_where_it_was_looked_for(empty_caches, tmp_path):
+    result = _bench("weights", "list")
+    assert result.exit_code == 0, result.output
+    lines = {line.split("|")[1].strip(): line for line in result.output.splitlines() if line.startswith("| ")}
+    for name, where in (("inception", empty_caches / weights.INCEPTION.filename),
+                        ("alexnet", empty_caches / weights.ALEXNET.filename),
+                        ("sd-vae", tmp_path / "hf" / "models--stabilityai--sd-vae-ft-mse")):
+        cells = [c.strip() for c in lines[name].split("|")]
+        assert str(where) in cells and cells[5] == "no", lines[name]
+    assert "downloads are off (SIS_BENCH_OFFLINE=1)" in result.output
+
+
+def test_weights_fetch_dest_fills_a_folder_for_machines_without_internet(server, monkeypatch, empty_caches, tmp_path):
+    inception, alexnet = b"inception stand-in" * 1000, b"alexnet stand-in" * 1000
+    for key, body in (("inception", inception), ("alexnet", alexnet)):
+        spec = dataclasses.replace(weights.REGISTRY[key], sha256=hashlib.sha256(body).hexdigest())
+        monkeypatch.setitem(weights.REGISTRY, key, spec)
+        _serve(server, monkeypatch, spec.filename, body)
+    dest = tmp_path / "prefetched"
+    result = _bench("weights", "fetch", "inception", "alexnet", "--dest", dest)
+    assert result.exit_code == 0, result.output
+    folder = dest / "torch" / "hub" / "checkpoints"
+    assert (folder / weights.INCEPTION.filename).read_bytes() == inception
+    assert (folder / weights.ALEXNET.filename).read_bytes() == alexnet
+    assert _leftovers(folder) == sorted([weights.INCEPTION.filename, weights.ALEXNET.filename])
+    assert f"TORCH_HOME={dest / 'torch'}" in result.output and _leftovers(empty_caches) == []
+
+    # Where TORCH_HOME points at that folder, the files are found with no network.
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(dest / "torch" / "hub"))
+    monkeypatch.setenv("SIS_BENCH_OFFLINE", "1")
+    assert weights.resolve(weights.REGISTRY["alexnet"]) == folder / weights.ALEXNET.filename
+
+
+def test_weights_fetch_that_fails_ends_in_one_error_line(monkeypatch, empty_caches):
+    monkeypatch.delenv("SIS_BENCH_OFFLINE", raising=False)
+    monkeypatch.setenv(weights.URL_ENV, f"http://127.0.0.1:{_dead_port()}")
+    tic = time.perf_counter()
+    result = _bench("weights", "fetch", "inception", "alexnet")
+    assert time.perf_counter() - tic < FAST_S
+    assert result.exit_code == 2
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("error: could not fetch inception, alexnet")
+    assert _bench("weights", "fetch", "nothing").output.startswith("error: unknown weights 'nothing'")
+    monkeypatch.setenv("SIS_BENCH_OFFLINE", "1")
+    assert "downloads are off" in _bench("weights", "fetch").output
+
+
+@pytest.mark.parametrize("command", ["quality", "run", "train", "sample", "speed"])
+def test_every_command_that_may_fetch_has_an_offline_flag(command):
+    result = _bench(command, "--help")
+    assert result.exit_code == 0 and "--offline" in result.output
