@@ -3,13 +3,12 @@
 Latents are the posterior mean times the VAE's scaling factor (0.18215 for the SD VAE, read from its
 config): the mean is deterministic, so a latent can be cached per image and a resumed run sees the same
 data, and the SD VAE's posterior standard deviation is small next to the spread of the means.
-Weights never come from the network at run time: ``--vae`` names a local diffusers folder, or a hub id
-already in the Hugging Face cache.
+``--vae`` names a local diffusers folder, or a hub id: that one is taken from the Hugging Face cache, where
+``bench.weights`` fetches it on first use (unless downloads are off) and checks every file's hash before use.
 """
 from __future__ import annotations
 
 import hashlib
-import os
 import warnings
 from pathlib import Path
 
@@ -60,41 +59,36 @@ class LatentSpace(nn.Module):
 
 
 def load_vae(name_or_path: str):
-    """A diffusers AutoencoderKL from a local folder or a hub id in the local cache; one-line error if absent."""
+    """A diffusers AutoencoderKL from a local folder, or a hub id from the Hugging Face cache (fetched there on first
+    use); ``bench.weights.WeightsMissing`` (one line, with the reason) when it is absent and cannot be fetched."""
     from diffusers import AutoencoderKL
 
+    from bench import weights
+
     path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        try:
-            return AutoencoderKL.from_pretrained(path, low_cpu_mem_usage=False)
-        except (OSError, ValueError) as e:
-            raise BenchError(f"{path} is not a diffusers AutoencoderKL folder (config.json + "
-                             f"diffusion_pytorch_model.safetensors): {str(e).splitlines()[0]}") from None
-    looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1
-    if looks_like_path:
-        raise BenchError(f"VAE folder {name_or_path} does not exist; pass --vae with a diffusers AutoencoderKL "
-                         f"folder or a hub id such as {SD_VAE} that is in the Hugging Face cache")
+    if not path.is_dir():
+        looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1
+        if looks_like_path:
+            raise BenchError(f"VAE folder {name_or_path} does not exist; pass --vae with a diffusers AutoencoderKL "
+                             f"folder or a hub id such as {SD_VAE}")
+        path = weights.resolve_snapshot(weights.hub_snapshot_for(name_or_path))
     try:
-        with warnings.catch_warnings():  # huggingface_hub's deprecation chatter on a cache miss is not news
+        with warnings.catch_warnings():  # diffusers' deprecation chatter is not news
             warnings.simplefilter("ignore")
-            return AutoencoderKL.from_pretrained(name_or_path, local_files_only=True, low_cpu_mem_usage=False)
-    except (OSError, ValueError):
-        cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
-        raise BenchError(
-            f"VAE weights for {name_or_path!r} are not available offline: copy the diffusers folder "
-            f"(config.json + diffusion_pytorch_model.safetensors) to this machine and pass --vae FOLDER, or put "
-            f"the hub snapshot in the Hugging Face cache ({cache}, e.g. `huggingface-cli download "
-            f"{name_or_path}` where there is internet)") from None
+            return AutoencoderKL.from_pretrained(path, low_cpu_mem_usage=False)
+    except (OSError, ValueError) as e:
+        raise BenchError(f"{path} is not a diffusers AutoencoderKL folder (config.json + "
+                         f"diffusion_pytorch_model.safetensors): {str(e).splitlines()[0]}") from None
 
 
 def load_space(space: str, vae: str | None = None, device: torch.device | str = "cpu") -> nn.Module:
-    """PixelSpace, or the LatentSpace of the VAE ``vae`` (local folder or cached hub id), on ``device``."""
+    """PixelSpace, or the LatentSpace of the VAE ``vae`` (local folder or hub id), on ``device``."""
     if space == "pixel":
         return PixelSpace().to(device)
     if space != "latent":
         raise BenchError(f"unknown space {space!r}; use pixel or latent")
     if not vae:
-        raise BenchError(f"latent space needs a VAE: pass --vae FOLDER or a cached hub id (e.g. {SD_VAE})")
+        raise BenchError(f"latent space needs a VAE: pass --vae FOLDER or a hub id (e.g. {SD_VAE})")
     return LatentSpace(load_vae(vae), vae).to(device)
 
 

@@ -1,9 +1,10 @@
 """Image-quality metrics: FID/KID (torch-fidelity), LPIPS and pixel diversity, mIoU, and the weight files they need.
 
-Weight files are never downloaded. Each comes from torch's hub cache (``torch.hub.get_dir()/checkpoints``) or an
-explicit path, and its SHA-256 must match the published file. A missing file raises ``WeightsMissing`` so the caller
-can record the metric as missing (with the reason) instead of silently substituting a proxy; a file with the wrong
-hash is always an error.
+Weight files come from an explicit path or torch's hub cache (``torch.hub.get_dir()/checkpoints``), where
+``bench.weights`` fetches them on first use unless downloads are off; their SHA-256 must match the published file
+before they are used. A file that is missing and cannot be fetched raises ``WeightsMissing`` (with the reason) so the
+caller can record the metric as missing instead of silently substituting a proxy; a file with the wrong hash is
+always an error.
 
 mIoU is defined over an accumulated confusion matrix: IoU_c = TP_c / (TP_c + FP_c + FN_c) for every class c that
 occurs in the target or the prediction (anywhere in the evaluated set), and mIoU is their unweighted mean. Classes
@@ -11,9 +12,7 @@ absent from both are left out, so a perfect parser scores exactly 1.
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -22,78 +21,26 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from bench import weights
 from bench.errors import BenchError
-from bench.io import display_path
+from bench.weights import ALEXNET, INCEPTION, WeightFile, WeightsMissing, hub_checkpoint_dir, sha256_file  # noqa: F401
 
 INCEPTION_EXTRACTOR = "inception-v3-compat"  # torch-fidelity's TF-compatible Inception-v3, the standard FID network
 LPIPS_MIN_SIZE = 64  # AlexNet's pooling stack needs >= 32 px; smaller images are upsampled to this size for LPIPS
 KID_MAX_SUBSET = 1000  # torch-fidelity's default subset size, capped at the number of images available
 KID_SUBSETS = 100  # torch-fidelity's default number of subsets
-HASH_CHUNK = 1 << 20
 
 
 # --------------------------------------------------------------------------- weight files
-@dataclass(frozen=True)
-class WeightSpec:
-    """A published weight file: its hub-cache name, full SHA-256 and the CLI option that overrides its location."""
-
-    label: str
-    filename: str
-    sha256: str
-    option: str
-    url: str
-
-
-INCEPTION_WEIGHTS = WeightSpec(
-    label="Inception-v3 (FID/KID)",
-    filename="weights-inception-2015-12-05-6726825d.pth",
-    sha256="6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2",
-    option="--inception-weights",
-    url="https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth",
-)
-ALEXNET_WEIGHTS = WeightSpec(
-    label="AlexNet (LPIPS)",
-    filename="alexnet-owt-7be5be79.pth",
-    sha256="7be5be791159472b1fbf3c69796f7cb30dca7ad8466c2df70058c37116cdee02",
-    option="--alexnet-weights",
-    url="https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
-)
-
-
-class WeightsMissing(BenchError):
-    """A weight file is not where it was looked for; the message says where to put it."""
-
-
-def hub_checkpoint_dir() -> Path:
-    """torch's hub cache folder for checkpoints (honours $TORCH_HOME)."""
-    return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(HASH_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
+WeightSpec = WeightFile  # the registry's record of a published file (bench.weights)
+INCEPTION_WEIGHTS = INCEPTION
+ALEXNET_WEIGHTS = ALEXNET
 
 
 def resolve_weights(spec: WeightSpec, explicit: Path | str | None = None) -> Path:
-    """Path of ``spec``'s file (``explicit`` or the hub cache) after checking its SHA-256; never downloads."""
-    path = Path(explicit) if explicit is not None else hub_checkpoint_dir() / spec.filename
-    if not path.is_file():
-        raise WeightsMissing(
-            f"{spec.label} weights not found at {display_path(path)}; download {spec.url} to "
-            f"{display_path(hub_checkpoint_dir() / spec.filename)} "
-            f"or pass {spec.option} FILE"
-        )
-    digest = sha256_file(path)
-    if digest != spec.sha256:
-        raise BenchError(
-            f"{path} has SHA-256 {digest[:16]}..., not the {spec.label} weights ({spec.sha256[:16]}...); "
-            f"replace it with {spec.url} or pass {spec.option} with the right file"
-        )
-    return path
+    """Path of ``spec``'s file (``explicit``, or the hub cache, fetched there on first use) after checking its
+    SHA-256; ``WeightsMissing`` with the reason when it is absent and cannot be fetched."""
+    return weights.resolve(spec, explicit)
 
 
 class _Images(Dataset):

@@ -43,8 +43,8 @@ Resolution scaling changes only the image-size fields of a backbone's config (``
 ``input_size`` for latent and patch models, keeping the preset's image-to-input factor); widths, depth and
 SDM's attention resolutions (feature-map sizes in pixels, as in ADM) stay the preset's.
 
-Latent models decode with the SD-VAE (``--vae``, from a local folder or the Hugging Face cache). When no
-weights are reachable, a randomly initialised AutoencoderKL with the SD-VAE architecture decodes instead:
+Latent models decode with the SD-VAE (``--vae``, from a local folder or the Hugging Face cache, fetched
+there on first use unless downloads are off: ``bench.weights``). When no weights are reachable, a randomly initialised AutoencoderKL with the SD-VAE architecture decodes instead:
 weights do not change its cost, and the ``decoder`` column says so.
 """
 from __future__ import annotations
@@ -282,6 +282,7 @@ def sd_vae_architecture() -> torch.nn.Module:
 def load_decoder(space: str, vae: str | None, device: torch.device) -> tuple[torch.nn.Module, str]:
     """(module with .decode, label) for a model space: identity for pixels, the SD-VAE (or its architecture)."""
     from bench.autoencoder import SD_VAE, LatentSpace, PixelSpace, load_vae
+    from bench.weights import WeightsMissing
 
     if space != "latent":
         return PixelSpace().to(device), PIXEL_DECODER_LABEL
@@ -289,7 +290,7 @@ def load_decoder(space: str, vae: str | None, device: torch.device) -> tuple[tor
         with warnings.catch_warnings():  # the hub client's deprecation notices are not the user's concern
             warnings.simplefilter("ignore")
             return LatentSpace(load_vae(vae or SD_VAE), vae or SD_VAE).to(device), vae or SD_VAE
-    except BenchError:
+    except WeightsMissing:  # not cached and not fetched (offline, no network); a wrong file is still an error
         if vae:  # weights the user asked for by name must exist
             raise
     return LatentSpace(sd_vae_architecture(), RANDOM_VAE_LABEL).to(device), RANDOM_VAE_LABEL

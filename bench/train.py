@@ -59,7 +59,8 @@ class TrainConfig:
     synthetic: bool = doc("The data is the default synthetic set, generated on first use.", default=False)
     synth_n: int = doc("Faces in the default synthetic set.", default=2000)
     space: str = doc("pixel or latent (the SD-VAE's latents).", default="pixel")
-    vae: Optional[str] = doc("AutoencoderKL folder or cached hub id (latent space).", default=None)
+    vae: Optional[str] = doc("AutoencoderKL folder or hub id (latent space; fetched into the HF cache on first use).",
+                             default=None)
     model_overrides: dict = doc("Config fields of the backbone changed by the variant and the space.",
                                 default_factory=dict)
     steps: int = doc(presets.help_text(presets.Recipe, "steps"), default=600)

@@ -10,3 +10,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def no_downloads(monkeypatch):
+    """No test reaches the network: downloads are off unless a test turns them back on (tests/test_weights.py serves
+    files from 127.0.0.1); the offline choice and remembered failures do not leak between tests."""
+    from bench import weights
+
+    monkeypatch.setenv("SIS_BENCH_OFFLINE", "1")
+    monkeypatch.delenv(weights.URL_ENV, raising=False)
+    weights.reset()
+    yield
+    weights.reset()

@@ -1,6 +1,7 @@
 """Metrics: FID/KID through torch-fidelity (with a tiny registered extractor), diversity arithmetic, LPIPS loading,
 mIoU and weight-file checks."""
 import dataclasses
+import hashlib
 import itertools
 import math
 
@@ -103,6 +104,35 @@ def test_fid_agrees_with_scipy_frechet_distance(tiny):
     with torch.no_grad():
         f1, f2 = (net(x)[0].numpy() for x in (real, fake))
     assert out["fid"] == pytest.approx(_scipy_frechet(f1, f2), rel=1e-5, abs=1e-9)
+
+
+def test_fid_and_kid_equal_torch_fidelitys_own_on_image_folders(tiny, tmp_path):
+    """The harness's FID/KID are torch-fidelity's: the same two PNG folders through its own calculate_metrics."""
+    import torch_fidelity
+    from PIL import Image
+
+    from bench.io import write_png
+
+    _, weights = tiny
+    for name, images in (("real", _images(64, seed=5)), ("fake", _images(48, seed=6, shift=0.1))):
+        for i, image in enumerate(images):
+            write_png(tmp_path / name / f"{i:04d}.png", image.permute(1, 2, 0).numpy())
+
+    def read(folder):
+        return torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1)
+                            for p in sorted(folder.glob("*.png"))])
+
+    ours = metrics.fid_kid(read(tmp_path / "real"), read(tmp_path / "fake"), weights, extractor=TINY_EXTRACTOR, seed=0)
+    theirs = torch_fidelity.calculate_metrics(
+        input1=str(tmp_path / "real"), input2=str(tmp_path / "fake"), fid=True, kid=True,
+        feature_extractor=TINY_EXTRACTOR, feature_extractor_weights_path=str(weights),
+        kid_subset_size=48,  # its default (1000) needs 1000 images; the harness takes min(1000, n)
+        rng_seed=0,  # the harness passes its sampling seed (0 here) where torch-fidelity defaults to 2020
+        cuda=False, cache=False, save_cpu_ram=True, verbose=False)  # no feature cache, no worker processes
+    for key, theirs_key in (("fid", "frechet_inception_distance"), ("kid", "kernel_inception_distance_mean"),
+                            ("kid_std", "kernel_inception_distance_std")):
+        assert ours[key] > 0
+        assert abs(ours[key] - theirs[theirs_key]) <= 1e-6 * abs(theirs[theirs_key]), key
 
 
 def test_fid_refuses_inception_without_a_local_file():
@@ -219,7 +249,7 @@ def test_weights_found_in_the_hub_cache_when_the_hash_matches(hub):
     hub.mkdir(parents=True)
     (hub / "w.pth").write_bytes(b"weights")
     spec = dataclasses.replace(metrics.INCEPTION_WEIGHTS, filename="w.pth",
-                               sha256=metrics.hashlib.sha256(b"weights").hexdigest())
+                               sha256=hashlib.sha256(b"weights").hexdigest())
     assert metrics.resolve_weights(spec) == hub / "w.pth"
 
 

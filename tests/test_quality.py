@@ -112,6 +112,53 @@ def test_require_turns_missing_weights_into_an_error(setup, tmp_path, empty_hub)
     assert not (tmp_path / "q.csv").exists()
 
 
+def test_weights_that_cannot_be_fetched_are_missing_with_the_reason(setup, tmp_path, empty_hub, monkeypatch):
+    """Downloads on, but the server is gone: each file is tried once, quickly, and its metrics are missing."""
+    import socket
+    import time
+
+    from bench import weights
+
+    data, run, parser = setup
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.delenv("SIS_BENCH_OFFLINE", raising=False)
+    monkeypatch.setenv(weights.URL_ENV, f"http://127.0.0.1:{port}")
+    opened = []
+    real_open = weights.open_url
+    monkeypatch.setattr(weights, "open_url", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
+    out = tmp_path / "q.csv"
+    args = ["--runs", run, "--data", data, "--steps", 2, "--samples-per-mask", 3, "--parser", parser, "--out", out]
+    tic = time.perf_counter()
+    result = _quality(*args, "--require", "fid")
+    _one_line_error(result, "--require fid", "fetching", metrics.INCEPTION_WEIGHTS.filename)
+    assert time.perf_counter() - tic < 5
+    weights.reset()  # a new process: the failures are forgotten
+    opened.clear()
+    result = _quality(*args)
+    assert result.exit_code == 0, result.output
+    row = pd.read_csv(out).iloc[0]
+    assert row.fid_status.startswith("missing: ") and f"127.0.0.1:{port}" in row.fid_status
+    assert "fetching" in row.lpips_status and "--alexnet-weights" in row.lpips_status
+    assert sorted(opened) == sorted(f"http://127.0.0.1:{port}/{w.filename}"
+                                    for w in (metrics.INCEPTION_WEIGHTS, metrics.ALEXNET_WEIGHTS))
+    assert sorted(p.name for p in empty_hub.iterdir()) == []  # nothing partial, no temporary or lock file
+
+
+def test_offline_flag_fetches_nothing(setup, tmp_path, empty_hub, monkeypatch):
+    from bench import weights
+
+    data, run, parser = setup
+    monkeypatch.delenv("SIS_BENCH_OFFLINE", raising=False)
+    monkeypatch.setattr(weights, "open_url", lambda *a, **k: pytest.fail("fetched while --offline"))
+    result = _quality("--runs", run, "--data", data, "--steps", 2, "--samples-per-mask", 3, "--parser", parser,
+                      "--out", tmp_path / "q.csv", "--offline")
+    assert result.exit_code == 0, result.output
+    row = pd.read_csv(tmp_path / "q.csv").iloc[0]
+    assert "downloads are off (--offline)" in row.fid_status and "downloads are off" in row.lpips_status
+
+
 def test_weights_with_the_wrong_hash_are_an_error(setup, tmp_path, empty_hub):
     data, run, parser = setup
     bad = tmp_path / "inception.pth"

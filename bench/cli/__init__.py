@@ -7,6 +7,7 @@ no library module imports this package. Bad input (``bench.errors.BenchError`` a
 # Importing a command module registers its commands; this order is the order of `bench --help`.
 from bench.cli import models  # noqa: F401
 from bench.cli import data  # noqa: F401
+from bench.cli import weights  # noqa: F401
 from bench.cli import train  # noqa: F401
 from bench.cli import tune  # noqa: F401
 from bench.cli import sample  # noqa: F401

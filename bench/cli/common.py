@@ -63,6 +63,21 @@ def command(name: str, parent: typer.Typer = app, **kw):
     return deco
 
 
+def _go_offline(offline: bool) -> bool:
+    if offline:
+        from bench.weights import set_offline
+
+        set_offline(True)
+    return offline
+
+
+def offline_option():
+    """``--offline``: weights come only from the caches (and explicit paths), nothing is fetched in this command."""
+    return typer.Option(False, "--offline", callback=_go_offline,
+                        help="Fetch no weights: use only what is in the caches or given by path (the same as "
+                        "SIS_BENCH_OFFLINE=1 or HF_HUB_OFFLINE=1); a missing file leaves its metric missing.")
+
+
 def field_help(cls: type, name: str) -> str:
     """A config field's help text, as stored with the field."""
     return help_text(cls, name)

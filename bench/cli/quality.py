@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from bench.cli.common import command
+from bench.cli.common import command, offline_option
 from bench.metrics import ALEXNET_WEIGHTS, INCEPTION_WEIGHTS
 from bench.quality import DEFAULT_OUT, REQUIRABLE
 from bench.runtime import DEVICE_HELP
@@ -31,13 +31,14 @@ def quality_cmd(
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="torch-fidelity Inception "
                                                      f"file (default: the hub cache's {INCEPTION_WEIGHTS.filename})."),
     alexnet_weights: Optional[Path] = typer.Option(None, "--alexnet-weights", help="torchvision AlexNet file "
-                                                   f"(default: the hub cache's {ALEXNET_WEIGHTS.filename})."),
+                                                   f"(default: the hub cache's {ALEXNET_WEIGHTS.filename}, fetched there on first use)."),
     parser: Optional[Path] = typer.Option(None, "--parser", help="Face parser checkpoint (default: "
                                           "results/parser/parser-{size}px.pt, trained there first if absent)."),
     require: str = typer.Option("", "--require", help="Comma list of metrics that must be computed "
                                 f"({','.join(REQUIRABLE)}); missing weights are then an error."),
     out: Path = typer.Option(DEFAULT_OUT, "--out", help="CSV the rows are appended to (created with a header)."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    offline: bool = offline_option(),
 ):
     """Score runs: FID/KID, LPIPS and pixel diversity, mask mIoU (and its ceiling); appends one row per run."""
     import pandas as pd

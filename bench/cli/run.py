@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from bench.cli.common import command, int_list, split_list
+from bench.cli.common import command, int_list, offline_option, split_list
 from bench.runtime import DEVICE_HELP
 
 
@@ -35,11 +35,12 @@ def run_cmd(
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads of torch for every stage (default: "
                                           "torch's choice); recorded in the result rows."),
     vae: Optional[str] = typer.Option(None, "--vae", help="AutoencoderKL for latent-space models (paper preset): "
-                                      "a local diffusers folder or a hub id in the HF cache."),
+                                      "a local diffusers folder or a hub id (from the HF cache, fetched there on first use)."),
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="Inception file for FID/KID "
-                                                     "(default: torch's hub cache)."),
+                                                     "(default: torch's hub cache, fetched there on first use)."),
+    offline: bool = offline_option(),
     alexnet_weights: Optional[Path] = typer.Option(None, "--alexnet-weights", help="AlexNet file for LPIPS "
-                                                   "(default: torch's hub cache)."),
+                                                   "(default: torch's hub cache, fetched there on first use)."),
 ):
     """The whole comparison: data, training of each backbone, samples, speed, quality, report in reports/.
 

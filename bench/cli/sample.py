@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from bench.cli.common import command
+from bench.cli.common import command, offline_option
 from bench.runtime import DEVICE_HELP
 
 
@@ -26,6 +26,7 @@ def sample_cmd(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint file (default "
                                               "RUN/checkpoints/last.pt)."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    offline: bool = offline_option(),
 ):
     """Generate images from a run's EMA model; writes PNGs, the masks used (masks/*.png), grid.png and samples.json."""
     from bench.runtime import check_precision, resolve_device

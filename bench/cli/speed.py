@@ -5,7 +5,7 @@ from pathlib import Path
 
 import typer
 
-from bench.cli.common import command, int_list, split_list
+from bench.cli.common import command, int_list, offline_option, split_list
 from bench.runtime import DEVICE_HELP
 
 
@@ -33,10 +33,11 @@ def speed_cmd(
                                                  "projected (per-NFE x steps + decode), in its own column."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random weights and inputs."),
     vae: str = typer.Option(None, "--vae", help="Decoder of latent models: diffusers AutoencoderKL folder or "
-                            "cached hub id (default: the SD-VAE if cached, else its architecture with random "
-                            "weights, which costs the same)."),
+                            "hub id (default: the SD-VAE, fetched on first use; when it cannot be had, its "
+                            "architecture with random weights, which costs the same)."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice)."),
     out: Path = typer.Option(Path("results/speed.csv"), "--out", "-o", help="CSV the rows are appended to."),
+    offline: bool = offline_option(),
 ):
     """Parameters, FLOPs, latency per NFE and per image, memory and throughput of each backbone."""
     from bench.speed import SpeedConfig, run_speed

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from bench.cli.common import command
+from bench.cli.common import command, offline_option
 from bench.presets import help_text
 from bench.runtime import DEVICE_HELP
 from bench.train import TrainConfig
@@ -52,6 +52,7 @@ def train_cmd(
                                 "options that would change its trajectory must match."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads of torch (default: torch's choice)."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    offline: bool = offline_option(),
 ):
     """Train a backbone with flow matching; checkpoints, loss.csv and sample grids go to the run folder.
 
