@@ -1,30 +1,102 @@
-"""Checkpoints: written atomically, read on the CPU first, with every random state a resume needs."""
+"""Checkpoints: written atomically with a SHA-256 digest beside them, verified when read, read on the CPU first,
+with every random state a resume needs.
+
+torch does not check a checkpoint's bytes (a zip's CRC is not verified on load), so a file damaged in the middle
+would load and resume training from a corrupt optimiser state. Each checkpoint ``X.pt`` therefore has ``X.pt.sha256``
+(written after it, atomically); ``load`` recomputes the digest and refuses a file that does not match, naming the
+newest intact snapshot to resume from.
+"""
 from __future__ import annotations
 
+import hashlib
+import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from bench.errors import BenchError
-from bench.io import save_torch
+from bench.io import display_path, save_torch, write_text
+
+DIGEST_SUFFIX = ".sha256"
+HASH_CHUNK = 1 << 22
+
+
+def digest_path(path: Path) -> Path:
+    return Path(path).with_name(Path(path).name + DIGEST_SUFFIX)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(HASH_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def save_atomic(obj, path: Path) -> None:
-    """torch.save through bench.io: a reader never sees half a file."""
+    """torch.save through bench.io (a reader never sees half a file), then its digest beside it."""
     save_torch(path, obj)
+    write_text(digest_path(path), file_sha256(path) + "\n")
+
+
+def snapshot(path: Path, target: Path) -> None:
+    """Keep a copy of checkpoint ``path`` (and its digest) as ``target``: a hard link where possible."""
+    for src, dst in ((path, target), (digest_path(path), digest_path(target))):
+        dst.unlink(missing_ok=True)
+        try:
+            os.link(src, dst)  # no copy, and it survives the next save of last.pt (a new file replaces it)
+        except OSError:
+            shutil.copyfile(src, dst)
+
+
+def verified(path: Path) -> bool:
+    """True when the checkpoint's bytes match its digest (a checkpoint without a digest counts as intact)."""
+    digest = digest_path(path)
+    if not digest.is_file():
+        return True
+    try:
+        return digest.read_text().split()[0] == file_sha256(path)
+    except (OSError, IndexError):
+        return False
+
+
+def newest_intact(folder: Path, exclude: Path) -> Path | None:
+    """The snapshot step_N.pt with the highest N in ``folder`` whose digest verifies."""
+    for candidate in sorted(Path(folder).glob("step_*.pt"), reverse=True):
+        if candidate != exclude and verified(candidate):
+            return candidate
+    return None
+
+
+def clean_stale_temporaries(folder: Path) -> None:
+    """Remove the temporary files an interrupted save (a killed process) may have left in a checkpoint folder."""
+    for tmp in Path(folder).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def load(path: Path, mmap: bool = False) -> dict:
-    """A checkpoint on the CPU; ``mmap`` maps it instead of reading it (for read-only use of large files)."""
+    """A checkpoint on the CPU, its digest verified; ``mmap`` maps it instead of reading it (read-only use)."""
     path = Path(path)
     if not path.is_file():
-        raise BenchError(f"no checkpoint at {path}; train first (bench train ... --out {path.parent.parent})")
+        raise BenchError(f"no checkpoint at {display_path(path)}; train first (bench train ... --out "
+                         f"{display_path(path.parent.parent)})")
+    if not verified(path):
+        intact = newest_intact(path.parent, path)
+        fix = (f"the newest intact snapshot is {display_path(intact)}: copy it (and its {DIGEST_SUFFIX}) over "
+               f"{path.name} to resume from it" if intact else "no intact snapshot is left: train again")
+        raise BenchError(f"checkpoint {display_path(path)} is damaged (its SHA-256 does not match "
+                         f"{digest_path(path).name}); {fix}")
     try:
-        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+        state = torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+        if not isinstance(state, dict):
+            raise TypeError(f"a {type(state).__name__}, not a checkpoint")
+        return state
     except Exception as e:  # any unreadable file is bad input, not a crash
-        raise BenchError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0]}); "
+        reason = (str(e).splitlines() or [""])[0][:200]
+        raise BenchError(f"cannot read checkpoint {display_path(path)} ({type(e).__name__}: {reason}); "
                          f"it is corrupt or from another program: restore it or train again") from None
 
 

@@ -31,7 +31,8 @@ from typing import Callable, Optional
 
 from bench import presets
 from bench.errors import BenchError
-from bench.io import display_path, write_json
+from bench.io import display_path, read_json, write_json
+from bench.provenance import machine_fingerprint
 from bench.variants import Variant, parse_models
 
 STATE_VERSION = 2
@@ -122,7 +123,13 @@ class Pipeline:
         return f"run_{self.opts.preset}_{slug}-{hashlib.sha1(path.encode()).hexdigest()[:6]}"
 
     def run_dir(self, variant: Variant, seed: int) -> Path:
-        return self.dir / "runs" / variant.slug / f"seed{seed}"
+        """runs/<variant>/seed<k>-<hash of the settings that decide the trajectory>: runs of other settings live
+        side by side, and a longer --steps continues the same folder."""
+        key = {k: v for k, v in self.train_options(variant, seed).items() if k not in ("steps", "keep_at")}
+        key["recipe"] = dataclasses.asdict(presets.recipe(self.opts.preset, variant.model))
+        key["recipe"].pop("steps")
+        digest = hashlib.sha1(json.dumps(plain(key), sort_keys=True).encode()).hexdigest()[:8]
+        return self.dir / "runs" / variant.slug / f"seed{seed}-{digest}"
 
     def image_sizes(self) -> dict[str, int]:
         """Image size of each variant at the preset (counted on the meta device)."""
@@ -144,15 +151,16 @@ class Pipeline:
 
     # ------------------------------------------------------------------ state
     def load_state(self) -> dict:
-        if self.state_path.is_file():
-            try:
-                state = json.loads(self.state_path.read_text())
-                if state.get("version") == STATE_VERSION:
-                    return state
-            except (OSError, ValueError):
-                pass
-            self.echo(f"note: {self.state_path} is unreadable or from another version; every stage runs again")
-        return {"version": STATE_VERSION, "preset": self.opts.preset, "created": now(), "stages": {}}
+        fresh = {"version": STATE_VERSION, "preset": self.opts.preset, "created": now(), "stages": {}}
+        if self.state_path.exists():
+            state = read_json(self.state_path, "bench run state file")
+            if not isinstance(state, dict) or not isinstance(state.get("stages", {}), dict):
+                raise BenchError(f"{display_path(self.state_path)} is not a bench run state file; move it away (every "
+                                 f"stage then runs again) or give another --results")
+            if state.get("version") == STATE_VERSION:
+                return state
+            self.echo(f"note: {self.state_path} is from another version of sis-bench; every stage runs again")
+        return fresh
 
     def save_state(self, state: dict) -> None:
         state["budget"] = plain(dataclasses.asdict(self.budget))
@@ -192,7 +200,8 @@ class Pipeline:
                             lambda out: all((Path(p) / "samples.json").is_file() for p in out.get("folders", []))))
         stages.append(Stage("speed", f"speed ({b.speed_steps} steps, batches {list(b.speed_batch_sizes)}, "
                                      f"{self.device})",
-                            {"models": names, "device": self.device, **{k: getattr(b, k) for k in (
+                            {"models": names, "device": self.device, "machine": machine_fingerprint(),
+                             **{k: getattr(b, k) for k in (
                                 "speed_steps", "speed_batch_sizes", "speed_scales", "speed_warmup", "speed_repeats",
                                 "speed_scale_repeats", "speed_image_repeats", "full_image_max_seconds",
                                 "paper_flops")}},
@@ -291,9 +300,10 @@ class Pipeline:
         return {"folders": folders}
 
     def snapshot_steps(self, variant: Variant) -> list[int]:
-        """Steps of the snapshots scored besides the last one (the budget's quality fractions)."""
+        """Steps of the snapshots kept: the budget's quality fractions, the last step included, so that a quality
+        row's checkpoint stays as it was measured even when a longer --steps continues the run."""
         steps = self.train_steps(variant)
-        return sorted({max(1, round(f * steps)) for f in self.budget.quality_fractions if f < 1} - {steps})
+        return sorted({max(1, round(f * steps)) for f in self.budget.quality_fractions if f <= 1} | {steps})
 
     def train_options(self, variant: Variant, seed: int) -> dict:
         """Trainer options of one run beyond the preset's table: steps, seed, snapshots, data and VAE."""
@@ -310,21 +320,12 @@ class Pipeline:
         run_dir = self.run_dir(variant, seed)
         last = run_dir / "checkpoints" / "last.pt"
         options = self.train_options(variant, seed)
-        if run_dir.exists() and (self.opts.force or not last.is_file()):
-            # --force, or a run stopped before its first checkpoint: nothing to continue from.
+        if run_dir.exists() and self.opts.force:  # --force: asked to train from scratch
             shutil.rmtree(run_dir)
         resume = last.is_file()
         if resume:
-            try:
-                cfg = make_config(variant, run_dir, resume=True, **options)
-            except BenchError as e:
-                self.echo(f"   the run in {run_dir} has other settings ({e}); training from scratch")
-                shutil.rmtree(run_dir)
-                resume = False
-        if resume:
             self.echo(f"   continuing {run_dir} from its last checkpoint")
-        else:
-            cfg = make_config(variant, run_dir, **options)
+        cfg = make_config(variant, run_dir, resume=resume, **options)
         result = train(cfg, run_dir, resume=resume, device=self.device, progress=True)
         return {"run": str(run_dir), "checkpoint": str(last), "step": result["step"], "wall_s": result["wall_s"]}
 
@@ -395,7 +396,10 @@ class Pipeline:
             for seed in self.opts.seeds:
                 run = self.run_dir(v, seed)
                 snapshots = [run / "checkpoints" / f"step_{k:07d}.pt" for k in self.snapshot_steps(v)]
-                for checkpoint in [c for c in snapshots if c.is_file()] + [run / "checkpoints" / "last.pt"]:
+                found = [c for c in snapshots if c.is_file()]
+                if snapshots[-1] not in found:  # a run trained without its final snapshot: its last checkpoint
+                    found.append(run / "checkpoints" / "last.pt")
+                for checkpoint in found:
                     row, masks = evaluate_run(run, self.data_dir(size), resources, self.dir / f"parser-{size}px.pt",
                                               torch.device(self.device), batch_size=QUALITY_BATCH, progress=True,
                                               echo=self.echo, checkpoint=checkpoint, split="test",

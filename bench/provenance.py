@@ -43,6 +43,18 @@ def device_name(device: torch.device | str) -> str:
     return f"{name} ({threads} thread{'s' if threads != 1 else ''})"
 
 
+def machine_fingerprint() -> str:
+    """A short hash of what makes timings comparable: this host, its CPU or GPU, torch's version and threads.
+
+    It names no machine (only the hash is kept); a stage keyed by it runs again on another machine.
+    """
+    import hashlib
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    text = "|".join([platform.node(), device_name(device), torch.__version__, str(torch.version.cuda)])
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
 def provenance(device: torch.device | str, precision: str, batch_size: int | None = None,
                steps: int | None = None, nfe: int | None = None, seed: int | None = None) -> dict:
     """The provenance columns of one result row."""

@@ -214,7 +214,8 @@ def evaluate_run(run_dir: Path, data: Optional[Path], resources: Resources, pars
     n = len(real)
     fake, nfe, folder = generated_images(run, labels.long(), settings, batch_size, checkpoint, progress)
     name = run.config.get("variant") or run.config["model"]
-    row = {"run": str(run_dir), "model": name, "preset": run.config["preset"], "train_seed": run.config.get("seed"),
+    row = {"run": display_path(run_dir), "checkpoint": display_path(checkpoint), "model": name,
+           "preset": run.config["preset"], "train_seed": run.config.get("seed"),
            "train_step": run.step, "train_steps": run.config.get("steps"), "image_size": size, "data": str(data),
            "split": settings.split, "n_masks": n, "samples_per_mask": settings.samples_per_mask,
            "method": settings.method, "guidance": settings.guidance, "eval_key": folder.name}

@@ -84,6 +84,7 @@ class QualityRow(Provenance):
     """One row of results/quality.csv: one checkpoint of one run, scored (``bench quality``)."""
 
     run: Optional[str] = None
+    checkpoint: Optional[str] = None  # the checkpoint file measured (a step_N.pt snapshot stays as it was)
     model: Optional[str] = None  # the variant's name
     preset: Optional[str] = None
     train_seed: Optional[int] = None

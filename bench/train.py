@@ -19,7 +19,6 @@ import dataclasses
 import io
 import math
 import os
-import shutil
 import signal
 import threading
 import time
@@ -34,7 +33,7 @@ import torch.nn as nn
 
 from bench import flow, presets
 from bench.autoencoder import SD_VAE, LatentCache, load_space
-from bench.checkpoint import load, rng_state, save_atomic, set_rng_state
+from bench.checkpoint import clean_stale_temporaries, load, rng_state, save_atomic, set_rng_state, snapshot
 from bench.errors import BenchError
 from bench.io import display_path, read_json, write_json, write_text
 from bench.presets import doc
@@ -144,8 +143,11 @@ def make_config(model, run_dir: Path, resume: bool = False, **given) -> TrainCon
                                  f"({config_path}); drop the option or train into a new --out")
         return TrainConfig(**{**saved, **given})
 
-    if config_path.exists() or (Path(run_dir) / "checkpoints").exists():
+    if Path(run_dir).exists() and not Path(run_dir).is_dir():
+        raise BenchError(f"--out {run_dir} is a file; give a folder for the run")
+    if any((Path(run_dir) / "checkpoints").glob("*.pt")):
         raise BenchError(f"{run_dir} already holds a run; add --resume to continue it or choose another --out")
+    # A folder with a config but no checkpoint is a run that stopped before its first one: it starts again there.
     import models
 
     preset = given.pop("preset", "cpu")
@@ -372,8 +374,12 @@ class LossLog:
         self.path = path
         rows = []
         if keep_until and path.exists():
-            with path.open() as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= keep_until]
+            try:
+                with path.open(newline="") as f:
+                    rows = [r for r in csv.DictReader(f) if int(r["step"]) <= keep_until]
+            except (OSError, UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError) as e:
+                raise BenchError(f"{display_path(path)} is not a readable loss log ({type(e).__name__}); move it "
+                                 f"away to resume without the earlier rows") from None
         text = io.StringIO()
         w = csv.DictWriter(text, self.COLUMNS, extrasaction="ignore")
         w.writeheader()
@@ -420,6 +426,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ddp: Distributed, prog
         raise BenchError(f"--batch-size {cfg.batch_size} is not divisible by the {ddp.world} processes; "
                          f"the global batch is split evenly")
     device, last = ddp.device, run_dir / "checkpoints" / "last.pt"
+    if ddp.main and last.parent.is_dir():
+        clean_stale_temporaries(last.parent)
 
     # --- state: model, EMA, optimiser, scaler, noise generator; restored from the checkpoint on resume
     torch.manual_seed(cfg.seed)
@@ -467,17 +475,12 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ddp: Distributed, prog
                  "sampler": {"seed": cfg.seed, "position": step * cfg.batch_size, "n": len(train_set)}}
         save_atomic(state, last)
         if (cfg.keep_every and step % cfg.keep_every == 0) or step in cfg.keep_at:
-            snapshot = last.with_name(f"step_{step:07d}.pt")
-            snapshot.unlink(missing_ok=True)
-            try:
-                os.link(last, snapshot)  # a hard link: no copy, and it survives the next save of last.pt
-            except OSError:
-                shutil.copyfile(last, snapshot)
+            snapshot(last, last.with_name(f"step_{step:07d}.pt"))
 
     if ddp.main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        log = LossLog(run_dir / "loss.csv", keep_until=step)  # first: a damaged log stops before anything is written
         write_json(run_dir / "config.json", dataclasses.asdict(cfg))
-        log = LossLog(run_dir / "loss.csv", keep_until=step)
         grid = GridSpec.from_data(cfg, ema, space)
     if step >= cfg.steps:
         if ddp.main:

@@ -68,7 +68,7 @@ def test_tiny_run_interrupted_resumed_and_skipped(workdir, monkeypatch):
     state = json.loads(state_path.read_text())
     assert state["stages"]["data"]["status"] == "done" and state["stages"]["train:sisma@0"]["status"] == "done"
     assert state["stages"]["train:dit:cond=add@0"]["status"] == "running" and "sample" not in state["stages"]
-    dit_run = results / "run_tiny" / "runs" / "dit_cond-add" / "seed0"
+    dit_run, = (results / "run_tiny" / "runs" / "dit_cond-add").glob("seed0-*")  # seed0-<hash of its settings>
     assert load(dit_run / "checkpoints" / "last.pt")["step"] == budget.ckpt_every
 
     # 2. The same command again: sisma not retrained, dit continues from its checkpoint, the rest runs.

@@ -4,6 +4,8 @@ from __future__ import annotations
 import numpy as np
 
 from bench import plots
+from bench.errors import BenchError
+from bench.io import display_path
 from bench.report.common import GRID_MAX_ROWS, Context
 
 
@@ -21,8 +23,13 @@ def grid_pictures(sets: list[dict], order: list[str]):
     for rec in sets:
         pics = []
         for f in rec["files"][:n]:
-            with Image.open(rec["folder"] / f["image"]) as im:
-                pics.append(np.asarray(im.convert("RGB")))
+            path = rec["folder"] / f["image"]
+            try:
+                with Image.open(path) as im:
+                    pics.append(np.asarray(im.convert("RGB")))
+            except (OSError, ValueError) as e:
+                raise BenchError(f"{display_path(path)} is not a readable image ({type(e).__name__}); redo the "
+                                 f"samples (bench sample, or bench run --force)") from None
         columns[rec["model"]] = pics
     labels = [f["mask_source"] for f in first["files"][:n]]
     return masks, columns, labels

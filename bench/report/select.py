@@ -8,7 +8,7 @@ from typing import Optional
 import pandas as pd
 
 from bench.errors import BenchError
-from bench.io import ResultsFile
+from bench.io import ResultsFile, contained, display_path, read_json
 from bench.report.common import Selection
 from bench.rows import MaskScoreRow, QualityRow, SpeedRow
 
@@ -103,24 +103,27 @@ def select(speed: pd.DataFrame, quality: pd.DataFrame, preset: Optional[str],
 
 
 def resolve_path(text: str, results: Path) -> Path:
-    """A path written in a row: as is, or relative to the results folder's parent."""
-    p = Path(str(text))
-    if p.exists() or p.is_absolute():
-        return p
-    return results.parent / p
+    """A run folder named in a results row, relative to the folder the commands ran in (the results folder's
+    parent); one-line error if it points outside that folder."""
+    return contained(str(text), Path(results).resolve().parent, f"a row of {display_path(results)}")
 
 
 def sample_sets(results: Path, preset: str) -> list[dict]:
     """The newest group of sample folders (same masks, seed and sampler), one record per model."""
     records = []
     for path in sorted(results.rglob(SAMPLES_FILE)):
-        try:
-            rec = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if rec.get("preset") != preset or not rec.get("files"):
+        rec = read_json(path, "sample record")
+        if not isinstance(rec, dict) or rec.get("preset") != preset or not rec.get("files"):
             continue
         rec["folder"] = path.parent
+        try:
+            for f in rec["files"]:  # every picture named must lie in the record's own folder
+                f["image"] = contained(f["image"], path.parent, display_path(path))
+                f["mask"] = contained(f["mask"], path.parent, display_path(path))
+                f.setdefault("mask_source", "")
+        except (KeyError, TypeError):
+            raise BenchError(f"{display_path(path)} is not a sis-bench sample record (its files lack image or mask); "
+                             f"move it away or redo `bench sample`") from None
         rec["key"] = json.dumps([[f["mask_source"] for f in rec["files"]], rec.get("seed"), rec.get("steps"),
                                  rec.get("method"), rec.get("guidance"), rec.get("data")])
         rec["stamp"] = rec.get("provenance", {}).get("timestamp", "")
@@ -138,11 +141,8 @@ def find_state(results: Path, preset: str) -> Optional[dict]:
     """The newest ``bench run`` state file of this preset under the results folder."""
     found = []
     for path in results.glob(f"run_{preset}*/{STATE_FILE}"):
-        try:
-            state = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if state.get("preset") == preset:
+        state = read_json(path, "bench run state file")
+        if isinstance(state, dict) and state.get("preset") == preset:
             found.append((path.stat().st_mtime, state))
     return max(found, key=lambda x: x[0])[1] if found else None
 

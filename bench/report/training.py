@@ -1,12 +1,13 @@
 """The report's training section: each run's recipe, final loss and time, and the loss curves."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 
 from bench import plots
+from bench.errors import BenchError
+from bench.io import display_path, read_json
 from bench.report.common import FINAL_LOSS_POINTS, Context, Selection, fmt, markdown, tidy
 from bench.report.select import resolve_path
 
@@ -26,9 +27,15 @@ def training_runs(sel: Selection, samples: list[dict], results: Path) -> dict[st
 def training_table(runs: dict[str, Path], order: list[str]) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
     lines, curves = [], {}
     for model in [m for m in order if m in runs]:
-        cfg = json.loads((runs[model] / "config.json").read_text())
+        cfg = read_json(runs[model] / "config.json", "run config")
         log_path = runs[model] / "loss.csv"
-        log = pd.read_csv(log_path) if log_path.is_file() and log_path.stat().st_size else pd.DataFrame()
+        try:
+            log = pd.read_csv(log_path) if log_path.is_file() and log_path.stat().st_size else pd.DataFrame()
+            if not log.empty and not {"step", "loss", "wall_s"} <= set(log.columns):
+                raise ValueError("other columns")
+        except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as e:
+            raise BenchError(f"{display_path(log_path)} is not a sis-bench loss log ({type(e).__name__}); move it "
+                             f"away or retrain the run") from None
         data = f"synthetic, {cfg.get('synth_n')} faces" if cfg.get("synthetic") else Path(str(cfg.get("data"))).name
         line = {"model": model, "run": tidy(runs[model]), "data": data, "space": str(cfg.get("space")),
                 "batch": fmt(cfg.get("batch_size")), "lr": fmt(cfg.get("lr")), "EMA decay": fmt(cfg.get("ema_decay")),

@@ -1,0 +1,288 @@
+"""Fault injection: bad input and damaged files give one line (no traceback), exit 2, and change no existing file.
+
+One or more cases per category: nothing deleted that the user did not ask to delete; concurrent writers lose
+nothing; checkpoints verified; paths read from files stay inside their folder; options validated and files parsed
+safely; a run's state belongs to the machine that made it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from bench.cli import app
+from bench.synth import ensure_synthetic
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+BENCH = [sys.executable, "-c", "from bench.cli import app; app()"]
+
+
+def tree(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` with the SHA-256 of its bytes."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def one_line_error(result, *words):
+    """The command failed with exit 2 and one line starting with 'error:' that contains ``words``."""
+    text = result.output.strip()
+    assert result.exit_code == 2, text
+    assert text.startswith("error:") and len(text.splitlines()) == 1, text
+    assert "Traceback" not in text
+    for w in words:
+        assert w in text, (w, text)
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return ensure_synthetic(tmp_path_factory.mktemp("faces"), n=24, size=32, seed=0, progress=False)
+
+
+@pytest.fixture
+def run(tmp_path, data):
+    """A tiny sdm run of 4 steps: checkpoints at 2 and 4, snapshots kept at both."""
+    out = tmp_path / "run"
+    result = invoke("train", "sdm", "--preset", "tiny", "--data", data, "--steps", 4, "--ckpt-every", 2,
+                    "--keep-every", 2, "--sample-every", 100, "--grid-steps", 1, "--out", out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+# --- 1. nothing is deleted that the user did not ask to delete -------------------------------------------------
+
+def test_runs_of_other_settings_live_side_by_side(tmp_path, monkeypatch):
+    from bench import presets
+    from bench.pipeline import Pipeline, RunOptions
+
+    def folder(**kw):
+        pipe = Pipeline(RunOptions(preset="cpu", models=["sisma"], results=tmp_path / "r", **kw))
+        return pipe.run_dir(pipe.variants[0], pipe.opts.seeds[0])
+
+    base = folder()
+    assert folder(seeds=[1]) != base  # another seed: another folder
+    assert folder(steps=900) == base  # a longer run continues the same one
+    changed = {**presets.RECIPES["cpu"], "sisma": presets.Recipe(**{**presets.RECIPES["cpu"]["sisma"].__dict__,
+                                                                     "lr": 5e-4})}
+    monkeypatch.setitem(presets.RECIPES, "cpu", changed)
+    assert folder() != base  # another recipe: another folder, the earlier run untouched
+
+
+def test_bench_run_never_deletes_a_run_without_force(tmp_path, monkeypatch, data):
+    from bench.pipeline import Pipeline, RunOptions
+
+    removed = []
+    monkeypatch.setattr(shutil, "rmtree", lambda p, *a, **k: removed.append(p))
+    pipe = Pipeline(RunOptions(preset="tiny", models=["sdm"], results=tmp_path / "r", data=data))
+    v = pipe.variants[0]
+    pipe.run_dir(v, 0).mkdir(parents=True)
+    (pipe.run_dir(v, 0) / "config.json").write_text("{}")  # a first run that died before its first checkpoint
+    monkeypatch.setattr("bench.train.train", lambda cfg, run_dir, **k: {"step": 0, "wall_s": 0.0})
+    pipe.stage_train(v, 0)  # starts again in place
+    assert removed == []
+
+
+def test_a_failed_first_run_can_be_retried_in_its_folder(tmp_path, data):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"model": "sdm"}))  # what a crash before step 1 leaves
+    result = invoke("train", "sdm", "--preset", "tiny", "--data", data, "--steps", 1, "--grid-steps", 1, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert (out / "checkpoints" / "last.pt").is_file()
+
+
+# --- 2. concurrent writers lose nothing; foreign results files are refused before any work ---------------------
+
+def test_three_speed_processes_on_one_file_keep_every_row(tmp_path):
+    out = tmp_path / "speed.csv"
+    first = subprocess.run(BENCH + ["speed", "--flops-only", "--preset", "tiny", "--models", "sdm",
+                                    "--resolutions", "16", "--out", str(out)], capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    before = out.read_text().splitlines()
+    procs = [subprocess.Popen(BENCH + ["speed", "--flops-only", "--preset", "tiny", "--models", model,
+                                       "--resolutions", "16,32", "--out", str(out)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for model in ("sisma", "dit", "sdm")]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read()
+    lines = out.read_text().splitlines()
+    assert lines[: len(before)] == before  # earlier rows untouched, in place
+    import csv
+
+    rows = list(csv.DictReader(lines))
+    assert sorted((r["model"], r["resolution"]) for r in rows) == sorted(
+        [("sdm", "16")] + [(m, r) for m in ("sisma", "dit", "sdm") for r in ("16", "32")])
+
+
+def test_a_foreign_quality_file_is_refused_before_any_work(tmp_path, run, data):
+    out = tmp_path / "q.csv"
+    out.write_bytes(b"\x89PNG not a csv at all")
+    before = tree(tmp_path)
+    one_line_error(invoke("quality", "--runs", run, "--data", data, "--out", out, "--steps", 1, "--n-masks", 1),
+                   "q.csv", "not a sis-bench QualityRow file")
+    assert tree(tmp_path) == before  # nothing sampled into the run, nothing written
+
+
+# --- 3. checkpoints are verified -----------------------------------------------------------------------------
+
+def test_a_damaged_checkpoint_is_refused_naming_the_newest_intact_snapshot(run, data):
+    last = run / "checkpoints" / "last.pt"
+    raw = bytearray(last.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # one flipped byte in the middle: torch would load it without a complaint
+    last.write_bytes(bytes(raw))
+    before = tree(run)
+    result = invoke("train", "sdm", "--out", run, "--resume", "--steps", 6)
+    # step_0000004.pt is a hard link to the same bytes as last.pt (damaged with it): step 2 is the newest intact
+    one_line_error(result, "last.pt is damaged", "step_0000002.pt")
+    assert tree(run) == before
+    one_line_error(invoke("sample", run, "--n", 1, "--steps", 1, "--out", run / "s"), "damaged")
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated zip", b"\x00" * 64])
+def test_unreadable_checkpoints_of_any_size_are_one_line_errors(run, content):
+    last = run / "checkpoints" / "last.pt"
+    last.write_bytes(content)
+    (run / "checkpoints" / "last.pt.sha256").unlink()  # no digest: the file itself is checked
+    before = tree(run)
+    one_line_error(invoke("sample", run, "--n", 1, "--steps", 1, "--out", run / "s"), "last.pt")
+    assert tree(run) == before
+
+
+def test_an_interrupted_save_leaves_no_temporary_file(run, data):
+    stale = run / "checkpoints" / ".last.pt.abc123.tmp"  # what a process killed while saving leaves
+    stale.write_bytes(b"half a checkpoint")
+    result = invoke("train", "sdm", "--out", run, "--resume", "--steps", 5, "--grid-steps", 1)
+    assert result.exit_code == 0, result.output
+    assert not stale.exists() and not list((run / "checkpoints").glob(".*.tmp"))
+
+
+# --- 4. paths read from files stay inside their folder ---------------------------------------------------------
+
+def test_a_sample_record_pointing_outside_its_folder_is_refused(tmp_path, run):
+    res = tmp_path / "results"
+    folder = res / "run_cpu" / "samples" / "sdm"
+    (folder / "masks").mkdir(parents=True)
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"not for the report")
+    (folder / "samples.json").write_text(json.dumps({
+        "model": "sdm", "preset": "cpu", "files": [{"index": 0, "image": "../../../../secret.png",
+                                                    "mask": "masks/00000.png", "mask_source": "test-1"}]}))
+    from bench.io import ResultsFile
+    from bench.rows import QualityRow
+
+    ResultsFile(res / "quality.csv", QualityRow).append([{"model": "sdm", "preset": "cpu", "train_step": 4,
+                                                           "run": str(run), "miou": 0.5, "timestamp": "2025"}])
+    before = tree(tmp_path)
+    one_line_error(invoke("report", "--results", res, "--reports", tmp_path / "rep"), "outside", "samples.json")
+    assert tree(tmp_path) == before
+
+
+def test_a_results_row_naming_a_folder_outside_is_refused(tmp_path):
+    from bench.io import ResultsFile
+    from bench.rows import QualityRow
+
+    res = tmp_path / "project" / "results"
+    ResultsFile(res / "quality.csv", QualityRow).append([{"model": "sdm", "preset": "cpu", "train_step": 4,
+                                                           "run": "/etc", "miou": 0.5, "timestamp": "2025"}])
+    one_line_error(invoke("report", "--results", res, "--reports", tmp_path / "rep"), "outside")
+
+
+# --- 5. every option validated, every file parsed safely -------------------------------------------------------
+
+@pytest.mark.parametrize("option, value, words", [
+    ("--warmup", -5, ["--warmup", "0 or more"]),
+    ("--grad-clip", -1.0, ["--grad-clip", "0 (off)"]),
+    ("--keep-every", -2, ["--keep-every", "0 or more"]),
+    ("--workers", -1, ["--workers", "0 or more"]),
+    ("--lr", "nan", ["--lr", "positive"]),
+    ("--p-uncond", 1.5, ["--p-uncond", "[0, 1)"]),
+])
+def test_training_options_out_of_range(tmp_path, data, option, value, words):
+    out = tmp_path / "run"
+    one_line_error(invoke("train", "sdm", "--preset", "tiny", "--data", data, option, value, "--out", out), *words)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("value, words", [("nan", ["--guidance", "finite"]), ("-1", ["--guidance", "0 or more"])])
+def test_guidance_out_of_range(run, value, words):
+    before = tree(run)
+    one_line_error(invoke("sample", run, "--guidance", value, "--n", 1, "--steps", 1), *words)
+    assert tree(run) == before
+
+
+def test_a_file_where_a_folder_is_expected(tmp_path, data):
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    one_line_error(invoke("train", "sdm", "--preset", "tiny", "--data", data, "--out", afile), "--out", "is a file")
+    one_line_error(invoke("run", "--preset", "tiny", "--data", afile, "--results", tmp_path / "r"), "not a folder")
+    one_line_error(invoke("speed", "--flops-only", "--preset", "tiny", "--models", "sdm", "--out", tmp_path),
+                   "is a folder")
+    assert afile.read_text() == "x"
+
+
+@pytest.mark.parametrize("name, content, words", [
+    ("config.json", "{not json", ["config.json", "not a readable run config"]),
+    ("config.json", json.dumps({"model": "sdm", "nonsense": 1}), ["config.json", "not a sis-bench run config"]),
+    ("loss.csv", "\x00\x01garbage\nmore", ["loss.csv", "not a readable loss log"]),
+])
+def test_damaged_run_files_on_resume(run, name, content, words):
+    (run / name).write_text(content)
+    before = tree(run)
+    one_line_error(invoke("train", "sdm", "--out", run, "--resume", "--steps", 6), *words)
+    assert tree(run) == before
+
+
+def test_a_damaged_state_file_stops_bench_run_in_one_line(tmp_path):
+    state = tmp_path / "r" / "run_tiny" / "state.json"
+    state.parent.mkdir(parents=True)
+    state.write_text('{"version": 2, "stages": ')
+    one_line_error(invoke("run", "--preset", "tiny", "--results", tmp_path / "r", "--reports", tmp_path / "rep"),
+                   "state.json")
+    assert state.read_text() == '{"version": 2, "stages": '
+
+
+def test_an_error_is_not_glued_to_a_progress_bar(capsys):
+    from tqdm import tqdm
+
+    from bench.cli.common import one_line_errors
+    from bench.errors import BenchError
+
+    @one_line_errors
+    def failing():
+        bar = tqdm(total=10, desc="work")
+        bar.update(3)
+        raise BenchError("something is wrong")
+
+    with pytest.raises(SystemExit):
+        failing()
+    err = capsys.readouterr().err
+    assert "\nerror: something is wrong" in err or err.startswith("error: something is wrong")
+
+
+def test_json_written_by_the_harness_is_strict(run):
+    for path in list(run.rglob("*.json")):
+        json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{path} holds {c}"))
+
+
+# --- 7. a run's state belongs to the machine that made it --------------------------------------------------------
+
+def test_a_speed_stage_done_on_another_machine_runs_again(tmp_path, monkeypatch):
+    from bench import pipeline
+    from bench.pipeline import Pipeline, RunOptions
+
+    pipe = Pipeline(RunOptions(preset="tiny", models=["sdm"], results=tmp_path / "r"))
+    speed = next(s for s in pipe.stages() if s.name == "speed")
+    monkeypatch.setattr(pipeline, "machine_fingerprint", lambda: "another-machine")
+    elsewhere = next(s for s in pipe.stages() if s.name == "speed")
+    assert speed.settings["machine"] != elsewhere.settings["machine"]  # so the recorded stage is not "done" here
+    train = next(s for s in pipe.stages() if s.name.startswith("train:"))
+    assert "machine" not in train.settings  # training results do not depend on the machine: not redone for it
