@@ -276,6 +276,8 @@ class _Kernel:
             else:
                 lib.ss_scratch_floats.restype = ctypes.c_int64
                 lib.ss_scratch_floats.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int32]
+                lib.ss_partial_floats.restype = ctypes.c_int64
+                lib.ss_partial_floats.argtypes = [ctypes.c_int64] * 4
                 lib.ss_forward.argtypes = [ctypes.POINTER(_ScanArgs), ctypes.c_void_p, ctypes.c_void_p]
                 lib.ss_backward.argtypes = [ctypes.POINTER(_ScanArgs), ctypes.POINTER(_ScanGrads)]
                 self._lib = lib
@@ -344,17 +346,17 @@ class _CpuScan(torch.autograd.Function):
         args, _scratch = _kernel_args(*tensors, ctx.softplus, backward=True)
         du, ddelta = torch.empty_like(u), torch.empty_like(u)
         dz = torch.empty_like(u) if z is not None else None
-        dA, dD, dbias = u.new_empty(batch, dim, state), u.new_empty(batch, dim), u.new_empty(batch, dim)
+        dA, dD, dbias = u.new_zeros(dim, state), u.new_zeros(dim), u.new_zeros(dim)  # the kernel sums over the batch
         dB, dC = torch.empty_like(Bt), torch.empty_like(Ct)
-        partial = u.new_zeros(args.threads, 2, groups, length, state)  # per-thread sums over channels
+        partial = u.new_empty(_KERNEL.load().ss_partial_floats(dim, groups, length, state))  # channel blocks' sums
         dlast = _fp32(dlast)  # kept referenced: the kernel reads it through a raw pointer
         grads = _ScanGrads(*map(_ptr, (dout, dlast, du, ddelta, dz, dA, dD, dbias, dB, dC, partial)))
         _KERNEL.load().ss_backward(ctypes.byref(args), ctypes.byref(grads))
         dB, dC = dB.transpose(-1, -2), dC.transpose(-1, -2)  # (B, G, N, L)
         if not ctx.grouped:
             dB, dC = dB.squeeze(1), dC.squeeze(1)
-        result = [du, ddelta, dA.sum(0), dB, dC, dD.sum(0) if D is not None else None, dz,
-                  dbias.sum(0) if delta_bias is not None else None]
+        result = [du, ddelta, dA, dB, dC, dD if D is not None else None, dz,
+                  dbias if delta_bias is not None else None]
         result = [g if g is None else g.to(dtype) for g, dtype in zip(result, ctx.dtypes)]
         return (*result, None)
 

@@ -2,8 +2,10 @@
 
 Run with ``pytest --benchmark-enable tests/test_bench_ssm.py``; each group holds one shape and one
 pass (forward, or forward plus backward) for every implementation, so the table's ratios read as
-speedups over ``ref``. The ``exp-bound`` group times exponentials alone, single-threaded, for the
-bound the kernel is measured against (extra_info ``exponentials`` / median = exponentials per second).
+speedups over ``ref``. The ``kernel threads`` groups time the C kernel on one thread and on all of
+torch's threads (its results are the same bits on both; the ratio is its parallel speedup). The
+``exp-bound`` group times exponentials alone, single-threaded, for the bound the kernel is measured
+against (extra_info ``exponentials`` / median = exponentials per second).
 """
 import pytest
 import torch
@@ -56,6 +58,33 @@ def test_scan_speed(benchmark, mode, shape, impl):
 
     benchmark.pedantic(forward if mode == "fwd" else forward_backward,
                        rounds=ROUNDS[impl], iterations=1, warmup_rounds=WARMUP[impl])
+
+
+@pytest.mark.parametrize("threads", ["1", "all"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+def test_kernel_thread_scaling(benchmark, mode, shape, threads):
+    """The C kernel on one thread against all threads, forward or forward plus backward."""
+    if benchmark.disabled:
+        pytest.skip("a timing only: run with --benchmark-enable")
+    x = scan_inputs(*SHAPES[shape], requires_grad=mode == "fwd+bwd")
+    grad_out = torch.randn(SHAPES[shape][:3])
+    previous = torch.get_num_threads()
+    n = 1 if threads == "1" else previous
+    benchmark.group = f"kernel threads {mode} {shape}"
+    benchmark.extra_info["threads"] = n
+
+    def call():
+        if mode == "fwd":
+            with torch.no_grad():
+                return ssm.selective_scan_cpu(**x, delta_softplus=True)
+        return torch.autograd.grad(ssm.selective_scan_cpu(**x, delta_softplus=True), list(x.values()), grad_out)
+
+    torch.set_num_threads(n)
+    try:
+        benchmark.pedantic(call, rounds=ROUNDS["cpu"], iterations=1, warmup_rounds=WARMUP["cpu"])
+    finally:
+        torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("what", ["torch.exp", "cpu-kernel-fwd"])

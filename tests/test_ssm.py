@@ -133,22 +133,41 @@ def test_keeps_no_batch_dim_length_state_tensor_for_backward(backend):
     assert sizes and max(sizes) < full / 2
 
 
-def test_kernel_gradients_do_not_depend_on_thread_count(monkeypatch):
-    """Per-thread partial sums of dB/dC are reduced without races: 1 and 3 threads agree."""
+# 150 channels per group: the backward's channel blocks (16 channels, the last one 6) are several per thread at every
+# thread count below, and so are the forward's rows; 70 positions x 16 states span several reduction tiles.
+THREADS_SHAPE = dict(batch=3, dim=2 * 150, length=LENGTH)
+
+
+@pytest.mark.parametrize("state", [STATE, 5], ids=["N16", "N5"])
+def test_kernel_is_bit_identical_at_any_thread_count(monkeypatch, state):
+    """Forward and backward give the same bits on 1, 2, 3 and 4 threads (no sum depends on the scheduling)."""
     monkeypatch.setenv(ssm.BACKEND_ENV, "cpu")
-    x = make_inputs(grouped=True, dim=12, seed=7)
+    x = make_inputs(grouped=True, state=state, seed=7, **THREADS_SHAPE)
     threads = torch.get_num_threads()
-    results = []
+    results = {}
     try:
-        for n in (1, 3):
+        for n in (1, 2, 3, 4):
             torch.set_num_threads(n)
-            results.append(run(selective_scan, x, torch.float32, True, True))
+            results[n] = run(selective_scan, x, torch.float32, True, True)
     finally:
         torch.set_num_threads(threads)
-    (y1, _, g1), (y3, _, g3) = results
-    assert torch.equal(y1, y3)  # each row is scanned by one thread: bit-identical
-    for name in g1:
-        torch.testing.assert_close(g1[name], g3[name], rtol=1e-5, atol=1e-5, msg=name)
+    y1, last1, g1 = results[1]
+    for n, (y, last, grads) in results.items():
+        assert torch.equal(y, y1) and torch.equal(last, last1), f"forward differs on {n} threads"
+        for name in g1:
+            assert torch.equal(grads[name], g1[name]), f"d{name} differs on {n} threads"
+
+
+def test_kernel_with_many_channels_per_block_matches_reference(monkeypatch):
+    """Several channel blocks per group, the last one short (the thread-count test's shape): the reference's values."""
+    monkeypatch.setenv(ssm.BACKEND_ENV, "cpu")
+    x = make_inputs(grouped=True, seed=16, **THREADS_SHAPE)
+    y_ref, last_ref, g_ref = run(selective_scan_ref, x, torch.float64, True, True)
+    y, last, grads = run(selective_scan, x, torch.float32, True, True)
+    torch.testing.assert_close(y.double(), y_ref, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(last.double(), last_ref, rtol=RTOL, atol=ATOL)
+    for name in grads:
+        torch.testing.assert_close(grads[name].double(), g_ref[name], rtol=RTOL, atol=ATOL, msg=name)
 
 
 def test_auto_picks_the_c_kernel_on_cpu_and_torch_for_float64(monkeypatch):
