@@ -8,7 +8,6 @@ newest intact snapshot to resume from.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import shutil
@@ -18,28 +17,19 @@ import numpy as np
 import torch
 
 from bench.errors import BenchError
-from bench.io import display_path, save_torch, write_text
+from bench.io import display_path, save_torch, sha256_file, write_text
 
 DIGEST_SUFFIX = ".sha256"
-HASH_CHUNK = 1 << 22
 
 
 def digest_path(path: Path) -> Path:
     return Path(path).with_name(Path(path).name + DIGEST_SUFFIX)
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(HASH_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save_atomic(obj, path: Path) -> None:
     """torch.save through bench.io (a reader never sees half a file), then its digest beside it."""
     save_torch(path, obj)
-    write_text(digest_path(path), file_sha256(path) + "\n")
+    write_text(digest_path(path), sha256_file(path) + "\n")
 
 
 def snapshot(path: Path, target: Path) -> None:
@@ -58,7 +48,7 @@ def verified(path: Path) -> bool:
     if not digest.is_file():
         return True
     try:
-        return digest.read_text().split()[0] == file_sha256(path)
+        return digest.read_text().split()[0] == sha256_file(path)
     except (OSError, IndexError):
         return False
 

@@ -120,6 +120,17 @@ def save_images(images, paths: Iterable[str | os.PathLike]) -> None:
         write_png(path, p)
 
 
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 # ---------------------------------------------------------------------------------------------- paths
 
 def display_path(path: str | os.PathLike) -> str:

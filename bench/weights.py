@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 
 from bench.errors import BenchError
-from bench.io import atomic_write, display_path
+from bench.io import atomic_write, display_path, sha256_file
 
 OFFLINE_ENV = ("SIS_BENCH_OFFLINE", "HF_HUB_OFFLINE")
 URL_ENV = "SIS_BENCH_WEIGHTS_URL"  # a mirror's base URL for the torch files (and the tests' local server)
@@ -157,15 +157,6 @@ def hf_cache_dir() -> Path:
     if os.environ.get("HF_HOME"):
         return Path(os.environ["HF_HOME"]).expanduser() / "hub"
     return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "huggingface" / "hub"
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def git_blob_sha1(path: Path) -> str:
