@@ -128,6 +128,9 @@ class Pipeline:
         key = {k: v for k, v in self.train_options(variant, seed).items() if k not in ("steps", "keep_at")}
         key["recipe"] = dataclasses.asdict(presets.recipe(self.opts.preset, variant.model))
         key["recipe"].pop("steps")
+        from bench.train import model_config
+
+        key["model"] = model_config(variant.model, self.opts.preset, variant.kwargs())  # defaults included
         digest = hashlib.sha1(json.dumps(plain(key), sort_keys=True).encode()).hexdigest()[:8]
         return self.dir / "runs" / variant.slug / f"seed{seed}-{digest}"
 

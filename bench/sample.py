@@ -63,7 +63,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", checkpoint
                          f"`bench train MODEL --out {run_dir}`")
     config = read_json(config_path, "run config")
     state = load(Path(checkpoint) if checkpoint else run_dir / "checkpoints" / "last.pt", mmap=True)
-    model = build_model(config["model"], config["preset"], config["model_overrides"])
+    model = build_model(config["model"], config["preset"], config.get("model_config") or config["model_overrides"])
     model.load_state_dict(state["ema"])
     device = torch.device(device)
     model = model.to(device).eval().requires_grad_(False)

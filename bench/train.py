@@ -62,6 +62,8 @@ class TrainConfig:
                              default=None)
     model_overrides: dict = doc("Config fields of the backbone changed by the variant and the space.",
                                 default_factory=dict)
+    model_config: dict = doc("Every field of the backbone's config as built, so that a later change of a preset or a "
+                             "default cannot change what this run builds.", default_factory=dict)
     steps: int = doc(presets.help_text(presets.Recipe, "steps"), default=600)
     batch_size: int = doc(presets.help_text(presets.Recipe, "batch_size"), default=8)
     lr: float = doc(presets.help_text(presets.Recipe, "lr"), default=1e-3)
@@ -166,13 +168,20 @@ def make_config(model, run_dir: Path, resume: bool = False, **given) -> TrainCon
         cfg.vae = None
     cfg.model_overrides = {**variant.kwargs(),
                            **space_overrides(variant.model, preset, cfg.space, cfg.vae, variant.kwargs())}
+    cfg.model_config = model_config(variant.model, preset, cfg.model_overrides)
     if cfg.data is None:
-        image_size = build_model(variant.model, preset, cfg.model_overrides, "meta").image_size
+        image_size = cfg.model_config["image_size"]
         cfg.data, cfg.synthetic = display_path(default_set_dir(image_size, cfg.synth_n)), True
     else:
         cfg.data = display_path(cfg.data)
     check_config(cfg)
     return cfg
+
+
+def model_config(model: str, preset: str, overrides: dict) -> dict:
+    """Every field of the backbone's config at ``preset`` with ``overrides`` (plain JSON values)."""
+    config = build_model(model, preset, overrides, "meta").config
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -431,7 +440,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ddp: Distributed, prog
 
     # --- state: model, EMA, optimiser, scaler, noise generator; restored from the checkpoint on resume
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, cfg.preset, cfg.model_overrides).to(device)
+    model = build_model(cfg.model, cfg.preset, cfg.model_config or cfg.model_overrides).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")

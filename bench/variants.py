@@ -124,6 +124,8 @@ def build_model(model: str | Variant, preset: str, overrides: dict | None = None
     if isinstance(model, Variant) or SEPARATOR in model:
         variant = model if isinstance(model, Variant) else parse_variant(model)
         model, overrides = variant.model, {**variant.kwargs(), **(overrides or {})}
+    # a config read back from JSON holds lists where the dataclass holds tuples
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in (overrides or {}).items()}
     try:
         if device is None:
             return models.create_model(model, preset=preset, **(overrides or {}))
