@@ -47,6 +47,8 @@ def train_cmd(
     vae: Optional[str] = typer.Option(None, "--vae", help=h("vae")),
     cache_latents: Optional[bool] = typer.Option(None, "--cache-latents/--no-cache-latents", help=h("cache_latents")),
     workers: Optional[int] = typer.Option(None, "--workers", help=h("workers")),
+    micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help=h("micro_batch")),
+    checkpointing: Optional[bool] = typer.Option(None, "--checkpointing/--no-checkpointing", help=h("checkpointing")),
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/MODEL-PRESET)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from checkpoints/last.pt; "
                                 "options that would change its trajectory must match."),
@@ -70,7 +72,8 @@ def train_cmd(
                    batch_size=batch_size, lr=lr, warmup=warmup, ema_decay=ema_decay, seed=seed, precision=precision,
                    grad_clip=grad_clip, p_uncond=p_uncond, time_dist=time_dist, ckpt_every=ckpt_every,
                    keep_every=keep_every, sample_every=sample_every, log_every=log_every, grid_steps=grid_steps,
-                   space=space, vae=vae, cache_latents=cache_latents, workers=workers)
+                   space=space, vae=vae, cache_latents=cache_latents, workers=workers, micro_batch=micro_batch,
+                   checkpointing=checkpointing)
     cfg = make_config(variant, run_dir, resume, **options)
     try:
         result = train(cfg, run_dir, resume=resume, device=device)
