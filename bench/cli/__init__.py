@@ -10,6 +10,7 @@ from bench.cli import data  # noqa: F401
 from bench.cli import train  # noqa: F401
 from bench.cli import sample  # noqa: F401
 from bench.cli import speed  # noqa: F401
+from bench.cli import plan  # noqa: F401
 from bench.cli import parser  # noqa: F401
 from bench.cli import quality  # noqa: F401
 from bench.cli import run  # noqa: F401
