@@ -164,7 +164,7 @@ def weight_checks() -> list[Check]:
 
 def plan_checks(preset: str = "paper", memory: str | None = None) -> list[Check]:
     """The memory plan of ``preset`` for the first GPU's memory (or ``memory``, or the default)."""
-    from bench.plan import DEFAULT_MEMORY, gib, parse_memory, plan, table
+    from bench.plan import DEFAULT_MEMORY, parse_memory, plan, size_text, table
 
     if memory is None and torch.cuda.is_available():
         size, source = torch.cuda.get_device_properties(0).total_memory, "GPU 0"
@@ -172,13 +172,13 @@ def plan_checks(preset: str = "paper", memory: str | None = None) -> list[Check]
         size = parse_memory(memory or DEFAULT_MEMORY)
         source = "--gpu-memory" if memory else f"{NO_CUDA} here: the paper's RTX 4090"
     plans = plan("sisma,dit,sdm", preset, memory=size)
-    out = [Check("plan", f"--preset {preset}", f"{gib(size)} ({source})", None)]
+    out = [Check("plan", f"--preset {preset}", f"{size_text(size)} ({source})", None)]
     for p in plans:
         s = p.chosen.setting if p.chosen else None
         how = (f"micro-batch {s.micro_batch} x {s.accumulation}, checkpointing {'on' if s.checkpointing else 'off'}, "
-               f"peak {gib(p.chosen.peak)}" if s else "does not fit even at micro-batch 1 with checkpointing")
+               f"peak {size_text(p.chosen.peak)}" if s else "does not fit even at micro-batch 1 with checkpointing")
         out.append(Check("plan", p.model, f"batch {p.batch_size} {p.precision}: {how} (without a plan "
-                         f"{gib(p.baseline.peak)})", p.fits(p.chosen)))
+                         f"{size_text(p.baseline.peak)})", p.fits(p.chosen)))
     out.append(Check("plan", "table", table(plans).rstrip(), None))
     return out
 

@@ -54,8 +54,11 @@ def parse_memory(text: str | int | float) -> int:
     return int(float(match.group(1)) * UNITS[unit])
 
 
-def gib(nbytes: int | float | None) -> str:
-    return "-" if nbytes is None else f"{nbytes / GiB:.1f} GiB"
+def size_text(nbytes: int | float | None) -> str:
+    """Bytes as GiB (MiB below 1 GiB), one decimal."""
+    if nbytes is None:
+        return "-"
+    return f"{nbytes / GiB:.1f} GiB" if nbytes >= GiB else f"{nbytes / 2 ** 20:.1f} MiB"
 
 
 @dataclass(frozen=True)
@@ -375,8 +378,8 @@ def apply(cfg, memory: int | str, margin: float = DEFAULT_MARGIN, processes: int
         how = (f"at its micro-batch {cfg.micro_batch or cfg.batch_size // processes} with checkpointing (a resumed "
                f"run keeps its micro-batch)" if resume else "even at micro-batch 1 with checkpointing")
         raise BenchError(f"{result.model} at batch {cfg.batch_size} ({cfg.precision}) does not fit "
-                         f"{gib(result.memory)} less {result.margin:.0%} {how} (predicted "
-                         f"{gib(result.tried[-1].peak)}); use a GPU with more memory or a smaller batch")
+                         f"{size_text(result.memory)} less {result.margin:.0%} {how} (predicted "
+                         f"{size_text(result.tried[-1].peak)}); use a GPU with more memory or a smaller batch")
     setting = result.chosen.setting
     cfg.micro_batch = setting.micro_batch if setting.accumulation > 1 else 0
     cfg.checkpointing = setting.checkpointing
@@ -392,29 +395,29 @@ def _row(label: str, plan: ModelPlan, estimate: TrainingMemory | None) -> dict:
                 "fits": "no: nothing fits"}
     s = estimate.setting
     return {"": label, "micro-batch": s.micro_batch, "accumulation": s.accumulation,
-            "checkpointing": "on" if s.checkpointing else "off", "peak": gib(estimate.peak),
+            "checkpointing": "on" if s.checkpointing else "off", "peak": size_text(estimate.peak),
             "fits": "yes" if plan.fits(estimate) else "no"}
 
 
 def describe(plan: ModelPlan) -> str:
     """One line: the plan's choice for a run."""
     s = plan.chosen.setting
-    return (f"memory plan for {gib(plan.memory)} (less {plan.margin:.0%}): micro-batch {s.micro_batch} x "
+    return (f"memory plan for {size_text(plan.memory)} (less {plan.margin:.0%}): micro-batch {s.micro_batch} x "
             f"{s.accumulation} accumulation step{'s' if s.accumulation > 1 else ''}, checkpointing "
-            f"{'on' if s.checkpointing else 'off'}; predicted peak {gib(plan.chosen.peak)} "
-            f"({gib(plan.baseline.peak)} without a plan)")
+            f"{'on' if s.checkpointing else 'off'}; predicted peak {size_text(plan.chosen.peak)} "
+            f"({size_text(plan.baseline.peak)} without a plan)")
 
 
 def breakdown(estimate: TrainingMemory) -> str:
     """One line: what the peak is made of."""
     parts = [("weights", estimate.weights), ("EMA", estimate.ema), ("AdamW", estimate.optimizer),
              ("gradients", estimate.gradients), ("VAE", estimate.vae), ("DDP buckets", estimate.ddp)]
-    text = ", ".join(f"{name} {gib(v)}" for name, v in parts if v)
+    text = ", ".join(f"{name} {size_text(v)}" for name, v in parts if v)
     phase = max(("step", estimate.step), ("optimiser step", estimate.optimizer_step), ("sample grid", estimate.grid),
                 key=lambda kv: kv[1])[0]
-    return (f"{text}; saved activations {gib(estimate.activations)} per micro-batch; peak in the {phase} "
-            f"(step {gib(estimate.step)}, optimiser step {gib(estimate.optimizer_step)}, sample grid "
-            f"{gib(estimate.grid)})")
+    return (f"{text}; saved activations {size_text(estimate.activations)} per micro-batch; peak in the {phase} "
+            f"(step {size_text(estimate.step)}, optimiser step {size_text(estimate.optimizer_step)}, sample grid "
+            f"{size_text(estimate.grid)})")
 
 
 def table(plans: list[ModelPlan]) -> str:
@@ -425,19 +428,19 @@ def table(plans: list[ModelPlan]) -> str:
         return ""
     p0 = plans[0]
     lines = [f"bench plan: preset {p0.preset}, global batch {p0.batch_size}, {p0.precision}, {p0.processes} "
-             f"process{'es' if p0.processes > 1 else ''}, GPU memory {gib(p0.memory)}: fits when the predicted peak "
-             f"is at most {gib(p0.budget)} (a {p0.margin:.0%} margin). Peaks are allocated tensor memory "
+             f"process{'es' if p0.processes > 1 else ''}, GPU memory {size_text(p0.memory)}: fits when the predicted peak "
+             f"is at most {size_text(p0.budget)} (a {p0.margin:.0%} margin). Peaks are allocated tensor memory "
              f"(torch.cuda.max_memory_allocated), predicted on fake CUDA tensors; SISMA with mamba-ssm's and "
              f"causal-conv1d's kernels, attention with flash/memory-efficient SDPA.", ""]
     for p in plans:
         lines.append(f"{p.model} ({p.params / 1e6:.1f}M parameters, {p.space} space): sampling at batch "
-                     f"{p.batch_size} peaks at {gib(p.sampling)}")
+                     f"{p.batch_size} peaks at {size_text(p.sampling)}")
         df = pd.DataFrame([_row("without a plan", p, p.baseline), _row("with the plan", p, p.chosen)])
         lines.append(df.to_markdown(index=False))
         lines.append(f"with the plan: {breakdown(p.chosen or p.tried[-1])}")
         lines.append("settings simulated, cheapest first (micro-batch x accumulation, checkpointing: peak): " + "; ".join(
             f"{e.setting.micro_batch} x {e.setting.accumulation}, {'on' if e.setting.checkpointing else 'off'}: "
-            f"{gib(e.peak)}" for e in p.tried))
+            f"{size_text(e.peak)}" for e in p.tried))
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 

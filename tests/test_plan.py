@@ -114,10 +114,12 @@ def test_plan_chooses_a_setting_that_fits():
 
 
 def test_bench_plan_cli():
-    result = CliRunner().invoke(app, ["plan", "--preset", "tiny", "--models", "dit,sdm", "--batch-size", "4",
-                                      "--gpu-memory", "1GiB", "--quiet"])
+    result = CliRunner().invoke(app, ["plan", "--preset", "tiny", "--models", "sisma:scan=bidirectional,dit,sdm",
+                                      "--batch-size", "4", "--gpu-memory", "1GiB", "--quiet"])
     assert result.exit_code == 0, result.output
-    assert "dit (" in result.output and "sdm (" in result.output and "with the plan" in result.output
+    for name in ("sisma:scan=bidirectional (", "dit (", "sdm ("):
+        assert name in result.output
+    assert "with the plan" in result.output and " MiB" in result.output
     bad = CliRunner().invoke(app, ["plan", "--preset", "tiny", "--models", "dit", "--gpu-memory", "lots"])
     assert bad.exit_code == 2 and "--gpu-memory" in bad.output
 
