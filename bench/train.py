@@ -13,6 +13,7 @@ N/2 + resume, or the same global batch over several processes follow the same tr
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -31,7 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from bench import flow, presets
+from bench import flow, presets, recompute
 from bench.autoencoder import SD_VAE, LatentCache, load_space
 from bench.checkpoint import clean_stale_temporaries, load, rng_state, save_atomic, set_rng_state, snapshot
 from bench.errors import BenchError
@@ -84,11 +85,20 @@ class TrainConfig:
     grid_steps: int = doc(presets.help_text(presets.Budget, "grid_steps"), default=50)
     workers: int = doc(presets.help_text(presets.Budget, "workers"), default=0)
     cache_latents: bool = doc("Keep each image's latent in RUN/latents after its first encoding.", default=False)
+    micro_batch: int = doc("Samples per forward and backward pass: each process's share of the batch is split into "
+                           "micro-batches whose gradients add up before the one optimiser step (0: the whole share "
+                           "at once).", default=0)
+    checkpointing: bool = doc("Recompute each block's activations in backward instead of keeping them (less memory, "
+                              "about a third more compute; bench/recompute.py).", default=False)
+    memory_plan: dict = doc("What `bench plan` chose for `--gpu-memory` (bench/plan.py); empty without it.",
+                            default_factory=dict)
 
 
 # Options that only change how a run is watched or stored, not its trajectory: free to change on resume.
+# Checkpointing recomputes the same operations (same gradients); micro_batch is not free: accumulating
+# micro-batch gradients sums in another order, so the trajectory changes in the last bits.
 RESUME_FREE = {"steps", "ckpt_every", "keep_every", "keep_at", "sample_every", "log_every", "grid_masks", "grid_steps",
-               "workers", "cache_latents"}
+               "workers", "cache_latents", "checkpointing", "memory_plan"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,13 +209,15 @@ def check_config(cfg: TrainConfig) -> None:
             raise BenchError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if any(not isinstance(k, int) or k < 1 for k in cfg.keep_at):
         raise BenchError(f"keep_at must list steps of 1 or more, got {cfg.keep_at}")
-    for name in ("warmup", "keep_every", "workers", "grid_masks"):
+    for name in ("warmup", "keep_every", "workers", "grid_masks", "micro_batch"):
         if getattr(cfg, name) < 0:
             raise BenchError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(cfg, name)}")
     if not cfg.lr > 0 or not math.isfinite(cfg.lr):
         raise BenchError(f"--lr must be a positive number, got {cfg.lr}")
     if not cfg.grad_clip >= 0 or not math.isfinite(cfg.grad_clip):
         raise BenchError(f"--grad-clip must be 0 (off) or a positive number, got {cfg.grad_clip}")
+    if cfg.micro_batch and cfg.batch_size % cfg.micro_batch:
+        raise BenchError(f"--micro-batch {cfg.micro_batch} does not divide --batch-size {cfg.batch_size}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,6 +304,33 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
         e.lerp_(p, 1.0 - decay)
     for e, b in zip(ema.buffers(), model.buffers()):
         e.copy_(b)
+
+
+def micro_batches(n: int, micro_batch: int) -> list[slice]:
+    """A batch of ``n`` samples as slices of ``micro_batch`` samples each (0: one slice, the whole batch)."""
+    size = micro_batch or n
+    return [slice(i, i + size) for i in range(0, n, size)]
+
+
+def forward_backward(net: nn.Module, x1_of, masks, t, x0, drop, micro_batch: int, autocast, scaler,
+                     device: torch.device) -> torch.Tensor:
+    """The flow-matching loss of this process's batch and its gradients, in micro-batches.
+
+    ``x1_of(part)`` gives the model-space data of the slice ``part`` of the batch. Each micro-batch's mean loss is
+    divided by the number of micro-batches before its backward, so the accumulated gradient is the batch mean's;
+    DDP all-reduces only after the last one. Returns the batch's mean loss (detached).
+    """
+    parts = micro_batches(len(masks), micro_batch)
+    losses = []
+    for i, part in enumerate(parts):
+        no_sync = getattr(net, "no_sync", None) if i < len(parts) - 1 else None
+        with no_sync() if no_sync else contextlib.nullcontext():
+            with autocast:
+                loss = flow.flow_loss(net, x1_of(part), flow.drop_masks(masks[part], drop[part].to(device)),
+                                      t[part].to(device), x0[part].to(device))
+            scaler.scale(loss / len(parts) if len(parts) > 1 else loss).backward()
+        losses.append(loss.detach())
+    return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -434,6 +473,9 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ddp: Distributed, prog
     if cfg.batch_size % ddp.world:
         raise BenchError(f"--batch-size {cfg.batch_size} is not divisible by the {ddp.world} processes; "
                          f"the global batch is split evenly")
+    if cfg.micro_batch and (cfg.batch_size // ddp.world) % cfg.micro_batch:
+        raise BenchError(f"--micro-batch {cfg.micro_batch} does not divide each process's share of the batch "
+                         f"({cfg.batch_size} / {ddp.world} processes)")
     device, last = ddp.device, run_dir / "checkpoints" / "last.pt"
     if ddp.main and last.parent.is_dir():
         clean_stale_temporaries(last.parent)
@@ -442,6 +484,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ddp: Distributed, prog
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, cfg.preset, cfg.model_config or cfg.model_overrides).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
+    if cfg.checkpointing:
+        recompute.enable(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     gen = torch.Generator().manual_seed(cfg.seed)  # time, noise and mask drops of the global batch
@@ -503,10 +547,10 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ddp: Distributed, prog
         tic = time.perf_counter()
         for batch in loader:
             images, masks = batch["image"].to(device, non_blocking=True), batch["mask"].to(device, non_blocking=True)
-            x1 = cache.encode(images, batch["index"].tolist()) if cache else space.encode(images)
             t, x0, drop = draw_noise(gen, cfg, model.input_shape, ddp.rank, ddp.world)
-            with autocast:
-                loss = flow.flow_loss(net, x1, flow.drop_masks(masks, drop.to(device)), t.to(device), x0.to(device))
+            loss = forward_backward(
+                net, lambda part: cache.encode(images[part], batch["index"][part].tolist()) if cache
+                else space.encode(images[part]), masks, t, x0, drop, cfg.micro_batch, autocast, scaler, device)
             loss_mean, stop_all = ddp.all_mean([loss.item(), float(stop.signum)])
             if not math.isfinite(loss_mean):
                 where = f"{last} (step {saved_step})" if saved_step is not None else "none (no checkpoint was written yet)"
@@ -515,7 +559,6 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ddp: Distributed, prog
 
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg)
-            scaler.scale(loss).backward()
             scaler.unscale_(opt)
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
             scaler.step(opt)

@@ -15,6 +15,8 @@ Implementations behind ``selective_scan`` (``SIS_BENCH_SCAN=auto|cpu|torch|ref|c
 - ``torch``: a chunked pure-PyTorch scan (checkpointed per chunk, so (B, D, chunk, N) at most);
   the fallback when no kernel can be built or mamba-ssm is missing on a GPU, and the fp64 path.
 - ``ref``: ``selective_scan_ref``, the plain step-by-step loop (the tests' reference).
+On fake tensors (``bench plan``) the scan and the causal conv compute nothing and allocate and save what the
+kernel of the tensors' device would (``models/scan_memory.py``); on the meta device they only give shapes.
 A forced backend that cannot run raises RuntimeError rather than silently running another one.
 """
 from __future__ import annotations
@@ -383,22 +385,32 @@ def _cuda_op(module: str, name: str):
     if not torch.cuda.is_available():
         return None
     try:
-        return getattr(importlib.import_module(module), name)
+        loaded = importlib.import_module(module)
     except Exception:  # noqa: BLE001 - a broken optional CUDA extension raises anything from ImportError to OSError
         return None
+    # mamba-ssm >= 2.3.2.post1 installs without its compiled scan unless MAMBA_KEEP_CUDA_BUILD=TRUE: the module
+    # imports, sets selective_scan_cuda to None, and selective_scan_fn raises when called
+    if getattr(loaded, "selective_scan_cuda", True) is None:
+        return None
+    return getattr(loaded, name)
 
 
 @functools.cache
 def _warn_missing_cuda_op(package: str) -> None:
     """One warning per process that a CUDA tensor runs the PyTorch path because ``package`` is missing."""
-    warnings.warn(f"{package} is not installed (pip install 'sis-bench[cuda]'); using the slower "
-                  f"PyTorch implementation on CUDA", RuntimeWarning, stacklevel=4)
+    warnings.warn(f"{package} or its compiled CUDA kernel is not installed (see README, Running on a GPU; "
+                  f"`bench doctor` says why); using the slower PyTorch implementation on CUDA",
+                  RuntimeWarning, stacklevel=4)
 
 
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = "silu") -> Tensor:
     """Depthwise causal 1-D convolution: x (B, D, L), weight (D, W), bias (D,) -> (B, D, L)."""
     if activation not in (None, "silu", "swish"):
         raise ValueError(f"causal_conv1d: activation must be None, 'silu' or 'swish', got {activation!r}")
+    if x.is_cuda and _is_fake(x):  # bench plan's memory: what causal-conv1d's kernel keeps (SiLU fused or not)
+        from models.scan_memory import causal_conv1d_shapes
+
+        return causal_conv1d_shapes(x, weight, bias)
     if x.is_cuda:
         fused = _cuda_op("causal_conv1d", "causal_conv1d_fn")
         if fused is not None:
@@ -410,6 +422,13 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, activat
 
 
 # --- dispatch ---
+
+def _is_fake(t: Tensor) -> bool:
+    """True for a FakeTensor (shapes and devices without data, as bench plan uses them)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
+
 
 def _check_shapes(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> None:
     """Raise ValueError, saying what was expected, on inconsistent shapes."""
@@ -430,8 +449,10 @@ def _choose_backend(u: Tensor) -> str:
         raise RuntimeError(f"{BACKEND_ENV}={forced!r} is not one of auto, {', '.join(BACKENDS)}")
     if forced == "cuda" and not (u.is_cuda and _cuda_op("mamba_ssm.ops.selective_scan_interface",
                                                           "selective_scan_fn")):
-        raise RuntimeError(f"{BACKEND_ENV}=cuda needs CUDA tensors and mamba-ssm (pip install "
-                           f"'sis-bench[cuda]'); the inputs are on {u.device}. Unset {BACKEND_ENV} to choose automatically")
+        raise RuntimeError(f"{BACKEND_ENV}=cuda needs CUDA tensors and mamba-ssm with its compiled kernel "
+                           f"(MAMBA_KEEP_CUDA_BUILD=TRUE pip install mamba-ssm --no-build-isolation; `bench doctor` "
+                           f"says what is missing); the inputs are on {u.device}. Unset {BACKEND_ENV} to choose "
+                           f"automatically")
     if forced == "cpu" and u.device.type != "cpu":
         raise RuntimeError(f"{BACKEND_ENV}=cpu needs CPU tensors; the inputs are on {u.device}")
     if forced != "auto":
@@ -455,6 +476,12 @@ def selective_scan(
 ):
     """Selective scan with mamba-ssm's signature, dispatched to the fastest implementation available."""
     _check_shapes(u, delta, A, B, C)
+    if _is_fake(u) and os.environ.get(BACKEND_ENV, "auto").strip().lower() not in ("torch", "ref"):
+        # fake tensors (bench plan's memory): allocate and save what the kernel of u's device would
+        from models.scan_memory import selective_scan_shapes
+
+        _record("fake", u, A)
+        return selective_scan_shapes(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if u.is_meta:  # shapes only (FLOPs counted on the meta device by bench/flops.py): nothing to compute
         _record("meta", u, A)
         acc = torch.float64 if u.dtype == torch.float64 else torch.float32

@@ -12,10 +12,12 @@ from bench.cli import train  # noqa: F401
 from bench.cli import tune  # noqa: F401
 from bench.cli import sample  # noqa: F401
 from bench.cli import speed  # noqa: F401
+from bench.cli import plan  # noqa: F401
 from bench.cli import parser  # noqa: F401
 from bench.cli import quality  # noqa: F401
 from bench.cli import run  # noqa: F401
 from bench.cli import report  # noqa: F401
+from bench.cli import doctor  # noqa: F401
 from bench.cli.common import app
 
 __all__ = ["app"]

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from bench.cli.common import command, offline_option
+from bench.errors import BenchError
 from bench.presets import help_text
 from bench.runtime import DEVICE_HELP
 from bench.train import TrainConfig
@@ -47,6 +48,11 @@ def train_cmd(
     vae: Optional[str] = typer.Option(None, "--vae", help=h("vae")),
     cache_latents: Optional[bool] = typer.Option(None, "--cache-latents/--no-cache-latents", help=h("cache_latents")),
     workers: Optional[int] = typer.Option(None, "--workers", help=h("workers")),
+    micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help=h("micro_batch")),
+    checkpointing: Optional[bool] = typer.Option(None, "--checkpointing/--no-checkpointing", help=h("checkpointing")),
+    gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="Memory of each GPU (e.g. 24GiB): `bench plan` "
+                                             "chooses --micro-batch and --checkpointing so that the batch fits it, "
+                                             "and the run config records the plan."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/MODEL-PRESET)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from checkpoints/last.pt; "
                                 "options that would change its trajectory must match."),
@@ -64,6 +70,8 @@ def train_cmd(
     from bench.train import TrainingInterrupted, make_config, train
     from bench.variants import parse_variant
 
+    if gpu_memory and (micro_batch is not None or checkpointing is not None):
+        raise BenchError("--gpu-memory chooses --micro-batch and --checkpointing; give either it or them")
     set_threads(threads)
     variant = parse_variant(model)
     run_dir = out or DEFAULT_RUN_ROOT / f"{variant.slug}-{preset or 'cpu'}"
@@ -71,8 +79,15 @@ def train_cmd(
                    batch_size=batch_size, lr=lr, warmup=warmup, ema_decay=ema_decay, seed=seed, precision=precision,
                    grad_clip=grad_clip, p_uncond=p_uncond, time_dist=time_dist, ckpt_every=ckpt_every,
                    keep_every=keep_every, sample_every=sample_every, log_every=log_every, grid_steps=grid_steps,
-                   space=space, vae=vae, cache_latents=cache_latents, workers=workers)
+                   space=space, vae=vae, cache_latents=cache_latents, workers=workers, micro_batch=micro_batch,
+                   checkpointing=checkpointing)
     cfg = make_config(variant, run_dir, resume, **options)
+    if gpu_memory:
+        from bench.plan import apply, describe
+
+        chosen = apply(cfg, gpu_memory, processes=int(os.environ.get("WORLD_SIZE", "1")), resume=resume)
+        if int(os.environ.get("RANK", "0")) == 0:
+            typer.echo(describe(chosen), err=True)
     try:
         result = train(cfg, run_dir, resume=resume, device=device)
     except TrainingInterrupted as e:

@@ -1,0 +1,140 @@
+"""Shape-only selective scan and causal conv for fake tensors: what the real kernels allocate and save, nothing computed.
+
+Fake tensors (``torch._subclasses.fake_tensor``, used by ``bench plan`` to predict GPU memory) carry no data, and
+no kernel can run on them. These autograd Functions stand in for the kernels a real device would run, allocating
+the same outputs and saving the same tensors for backward, so that memory is predicted as it will be:
+
+- ``MambaScanShapes`` mirrors mamba-ssm's ``SelectiveScanFn`` (``mamba_ssm/ops/selective_scan_interface.py`` and
+  ``csrc/selective_scan/selective_scan.cpp``). Forward: u, delta, B, C, z are made contiguous in the last
+  dimension when they are not (copies); B and C (B, N, L) become (B, 1, N, L) views; the kernel allocates
+  ``out`` like delta, ``out_z`` like z and the chunk states ``x`` (B, D, n_chunks, 2N) in A's dtype (fp32), with
+  n_chunks = ceil(L / 2048); it saves u, delta, A, B, C, D, z, delta_bias, x and (with z) out, and returns
+  out_z (with z) or out. Backward: dout made contiguous if needed; du and ddelta like u and delta, dz like z, dA, dD and
+  ddelta_bias zero tensors like their inputs, and dB, dC zero fp32 tensors cast to B's and C's dtype.
+- ``CpuScanShapes`` mirrors ``models.ssm._CpuScan`` (the C kernel): fp32 contiguous copies of every input (B and C
+  transposed to (B, G, L, N)) are saved; fp32 ``out`` and the last state (B, D, N) are allocated and ``out`` is
+  cast back to u's dtype. Backward: dout in fp32, du, ddelta and dz like u, per-batch dA (B, D, N), dD and
+  dbias (B, D), dB and dC like the saved transposes, the per-thread partial sums, then the casts and sums.
+- ``CausalConvShapes`` mirrors causal-conv1d's ``CausalConv1dFn`` (``causal_conv1d/causal_conv1d_interface.py``):
+  x made contiguous if neither of its last two strides is 1, bias contiguous; ``out`` like x; x, weight and bias
+  saved. Backward: dx like x, dweight and dbias like weight and bias.
+
+The scratch buffers inside the kernels (a few kB per thread) are left out.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+MAMBA_CHUNK = 2048  # positions per chunk of mamba-ssm's forward kernel (n_chunks = ceil(L / 2048))
+
+
+def _last_contiguous(t: Tensor | None) -> Tensor | None:
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+class MambaScanShapes(torch.autograd.Function):
+    """mamba-ssm's SelectiveScanFn, allocations and saved tensors only (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        u, delta, B, C, z = (_last_contiguous(t) for t in (u, delta, B, C, z))
+        D = D.contiguous() if D is not None else None
+        ctx.squeeze = B.dim() == 3, C.dim() == 3
+        B = B.unsqueeze(1) if B.dim() == 3 else B
+        C = C.unsqueeze(1) if C.dim() == 3 else C
+        batch, dim, length = u.shape
+        out = torch.empty_like(delta)
+        x = u.new_empty(batch, dim, math.ceil(length / MAMBA_CHUNK), 2 * A.shape[1], dtype=A.dtype)
+        out_z = torch.empty_like(z) if z is not None else None
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, x, out if z is not None else None)
+        last = x[:, :, -1, 1::2]
+        ctx.mark_non_differentiable(last)
+        return (out_z if z is not None else out), last
+
+    @staticmethod
+    def backward(ctx, dout, dlast):
+        u, delta, A, B, C, D, z, delta_bias, x, out = ctx.saved_tensors
+        dout = _last_contiguous(dout)
+        du, ddelta = torch.empty_like(u), torch.empty_like(delta)
+        dA = torch.zeros_like(A)
+        dB = torch.zeros_like(B, dtype=torch.float32).to(B.dtype)
+        dC = torch.zeros_like(C, dtype=torch.float32).to(C.dtype)
+        dD = torch.zeros_like(D) if D is not None else None
+        dbias = torch.zeros_like(delta_bias) if delta_bias is not None else None
+        dz = torch.empty_like(z) if z is not None else None
+        dB = dB.squeeze(1) if ctx.squeeze[0] else dB
+        dC = dC.squeeze(1) if ctx.squeeze[1] else dC
+        return du, ddelta, dA, dB, dC, dD, dz, dbias, None
+
+
+def _fp32(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach().to(torch.float32).contiguous()
+
+
+class CpuScanShapes(torch.autograd.Function):
+    """models.ssm._CpuScan (the C kernel), allocations and saved tensors only (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        grouped = B.dim() == 4
+        Bt = _fp32((B if grouped else B.unsqueeze(1)).transpose(-1, -2))
+        Ct = _fp32((C if grouped else C.unsqueeze(1)).transpose(-1, -2))
+        tensors = [_fp32(t) for t in (u, delta, A)] + [Bt, Ct] + [_fp32(t) for t in (D, z, delta_bias)]
+        out = u.new_empty(u.shape, dtype=torch.float32)
+        last = u.new_empty(u.shape[0], u.shape[1], A.shape[1], dtype=torch.float32)
+        ctx.save_for_backward(*tensors)
+        ctx.grouped = grouped
+        ctx.dtypes = [t.dtype if t is not None else None for t in (u, delta, A, B, C, D, z, delta_bias)]
+        return out.to(u.dtype), last
+
+    @staticmethod
+    def backward(ctx, dout, dlast):
+        u, delta, A, Bt, Ct, D, z, delta_bias = ctx.saved_tensors
+        batch, dim, length = u.shape
+        groups, state = Bt.shape[1], A.shape[1]
+        dout = _fp32(dout)
+        du, ddelta = torch.empty_like(u), torch.empty_like(u)
+        dz = torch.empty_like(u) if z is not None else None
+        dA, dD, dbias = u.new_empty(batch, dim, state), u.new_empty(batch, dim), u.new_empty(batch, dim)
+        dB, dC = torch.empty_like(Bt), torch.empty_like(Ct)
+        partial = u.new_zeros(torch.get_num_threads(), 2, groups, length, state)
+        del partial
+        dB, dC = dB.transpose(-1, -2), dC.transpose(-1, -2)
+        if not ctx.grouped:
+            dB, dC = dB.squeeze(1), dC.squeeze(1)
+        result = [du, ddelta, dA.sum(0), dB, dC, dD.sum(0) if D is not None else None, dz,
+                  dbias.sum(0) if delta_bias is not None else None]
+        return (*[g if g is None else g.to(t) for g, t in zip(result, ctx.dtypes)], None)
+
+
+class CausalConvShapes(torch.autograd.Function):
+    """causal-conv1d's CausalConv1dFn, allocations and saved tensors only (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        if x.stride(2) != 1 and x.stride(1) != 1:
+            x = x.contiguous()
+        bias = bias.contiguous() if bias is not None else None
+        ctx.save_for_backward(x, weight, bias)
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight, bias = ctx.saved_tensors
+        return torch.empty_like(x), torch.empty_like(weight), (torch.empty_like(bias) if bias is not None else None)
+
+
+def selective_scan_shapes(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                          return_last_state=False):
+    """The shape-only scan of the kernel u's device would run: mamba-ssm on CUDA, the C kernel on the CPU."""
+    fn = MambaScanShapes if u.is_cuda else CpuScanShapes
+    y, last = fn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return (y, last) if return_last_state else y
+
+
+def causal_conv1d_shapes(x, weight, bias=None):
+    """The shape-only causal conv of causal-conv1d (its SiLU is fused: one output)."""
+    return CausalConvShapes.apply(x, weight, bias)
