@@ -78,11 +78,24 @@ def differences_table(final: dict[str, Scores], reference: str) -> pd.DataFrame:
     return pd.DataFrame(lines)
 
 
-def model_config(model: str, preset: str) -> Optional[object]:
-    """A variant's effective config (built on the meta device), None if it cannot be built here."""
+def model_config(model: str, preset: str, ctx: Optional[Context] = None) -> Optional[object]:
+    """A variant's config as its run recorded it (config.json's model_config), else as built here on the meta
+    device; None if neither is possible."""
+    from types import SimpleNamespace
+
     from bench.errors import BenchError
     from bench.variants import build_model
 
+    rows = ctx.sel.quality[ctx.sel.quality["model"] == model] if ctx is not None else pd.DataFrame()
+    if not rows.empty and pd.notna(rows.iloc[-1].get("run")):
+        from bench.report.select import resolve_path
+
+        try:
+            recorded = json.loads((resolve_path(rows.iloc[-1]["run"], ctx.results) / "config.json").read_text())
+            if recorded.get("model_config"):
+                return SimpleNamespace(**recorded["model_config"])
+        except (OSError, ValueError, BenchError):
+            pass
     try:
         return build_model(model, preset, None, "meta").config
     except (BenchError, LookupError, ValueError):
@@ -97,7 +110,7 @@ def ablation_table(ctx: Context, final: dict[str, Scores], base: str, fields: tu
     reference = base if base in variants else variants[0]
     lines = []
     for model in variants:
-        cfg = model_config(model, ctx.sel.preset)
+        cfg = model_config(model, ctx.sel.preset, ctx)
         line = {"model": model}
         for f in fields:
             line[f] = str(getattr(cfg, f, "-"))
