@@ -18,7 +18,8 @@ Token mixing is set by two options (``SismaConfig.scan`` and ``.conv``):
   depthwise 3 x 3 conv on the token grid, not causal, as Mamba-ST and U-Shape Mamba use).
 
 raster + causal1d is strictly causal: output token l depends on tokens 0..l only, so the top of the image
-never sees the bottom. It is kept as the ablation's reference point, not as a default.
+never sees the bottom. It is kept as the ablation's reference point; the default is zigzag + grid2d
+(models/sisma.py).
 """
 from __future__ import annotations
 

@@ -26,8 +26,11 @@ class SismaConfig(TokenConfig):
     expand: int = 2  # d_inner = expand * width
     d_conv: int = 4  # width of the causal 1-D conv (conv "causal1d")
     dt_rank: int | None = None  # None: ceil(width / 16), as in Mamba
-    scan: str = "raster"  # token order of the scans (models/mamba.py)
-    conv: str = "causal1d"  # depthwise conv before the scan: causal1d or grid2d (models/mamba.py)
+    # Token mixing (models/mamba.py). The default was chosen by the ablation `bench run` reports (README: "SISMA's
+    # token mixing"): one snake per block, consecutive blocks from opposite corners, and a 3 x 3 conv on the token
+    # grid; raster + causal1d (strictly causal) is kept as an option.
+    scan: str = "zigzag"
+    conv: str = "grid2d"
 
     def __post_init__(self):
         super().__post_init__()

@@ -329,3 +329,18 @@ def test_aligned_dit_stays_within_a_quarter_of_sismas_parameters_at_cpu():
             return sum(p.numel() for p in models.create_model(name, preset="cpu", **kw).parameters())
 
     assert abs(count("dit", cond="add") / count("sisma") - 1) < 0.25
+
+
+def test_the_default_sisma_sees_the_whole_image_and_raster_causal1d_does_not():
+    """Changing only the bottom half of x, or of the mask, changes the top half of the default model's output (and
+    its first token row); with scan=raster and conv=causal1d the top half stays exactly the same."""
+    torch.manual_seed(0)
+    default = models.create_model("sisma", preset="tiny")
+    wake_zero_layers(default)
+    assert (default.config.scan, default.config.conv) == ("zigzag", "grid2d")
+    torch.manual_seed(0)
+    causal = models.create_model("sisma", preset="tiny", scan="raster", conv="causal1d")
+    wake_zero_layers(causal)
+    for change in ("x", "mask"):
+        assert top_half_changes(default.eval(), change) == (True, True)
+        assert top_half_changes(causal.eval(), change) == (False, False)
