@@ -15,7 +15,9 @@ The peak of training is the largest of: the micro-batch step (encode, forward, b
 plus gradients plus AdamW's one fp32 temporary the size of the parameters, the square root of the second moment in
 torch's multi-tensor implementation, the default on CUDA); and the trainer's sample grid (static plus one guided
 sampling step of ``grid_masks`` x 2 samples and its decoding). Sampling (``bench sample``) is one Euler step of the
-EMA model at the batch, under no_grad, then decoding.
+EMA model at the batch, under no_grad, then decoding; the model is cast to the precision first, as the sampler does
+(``bench.runtime.cast_for_inference``: bf16 weights, the scan's few fp32 parameters kept), while the trainer's grid
+samples its fp32 EMA under autocast.
 
 The plan keeps the recipe's global batch and picks the cheapest setting whose peak fits ``memory`` less a margin
 (10% by default: the CUDA context, allocator fragmentation and kernel workspaces are not tensors). Settings are
@@ -251,16 +253,19 @@ def sampling_transient(net, space, batch_size: int, precision: str, device: str,
     """Peak bytes above the weights of one Euler step of ``net`` at ``batch_size`` and the decoding (no grad)."""
     from bench import memsim
 
+    from bench.runtime import PRECISIONS, model_precision
+
     c, h, w = net.input_shape
     k, s = net.num_classes, net.image_size
     was_training, trainable = net.training, [p for p in net.parameters() if p.requires_grad]
     net.eval().requires_grad_(False)  # as the EMA model samples: autocast then keeps no cached weight casts
+    dtype = PRECISIONS[model_precision(net)]  # a model cast for inference gets its inputs in its dtype
     live = memsim.LiveTensors(device=torch.device(device).type)
     with live, torch.no_grad():
-        masks = torch.zeros(batch_size, k, s, s, device=device)
+        masks = torch.zeros(batch_size, k, s, s, device=device, dtype=dtype)
         x = torch.randn(batch_size, c, h, w, device=device)
         with _autocast(device, precision, fake):
-            v = net(x, torch.full((batch_size,), 0.5, device=device), masks)
+            v = net(x.to(dtype), torch.full((batch_size,), 0.5, device=device), masks)
             x = x + 0.01 * v.to(x.dtype)
             del v
         images = space.decode(x.float())
@@ -273,12 +278,14 @@ def sampling_transient(net, space, batch_size: int, precision: str, device: str,
 
 def sampling_memory(model: str, preset: str, batch_size: int, precision: str, overrides: dict | None = None,
                     device: str = "cuda") -> int:
-    """Predicted peak bytes of ``bench sample`` at ``batch_size``: EMA weights, decoder, one Euler step, decoding."""
+    """Predicted peak bytes of ``bench sample`` at ``batch_size``: EMA weights (cast to the precision), decoder, one
+    Euler step, decoding."""
     from bench import memsim
+    from bench.runtime import cast_for_inference
     from bench.variants import build_model
 
     with memsim.fake_device(device):
-        net = build_model(model, preset, overrides, device).eval().requires_grad_(False)
+        net = cast_for_inference(build_model(model, preset, overrides, device).eval().requires_grad_(False), precision)
         space = _space(net, device)
         weights = _bytes(list(net.parameters()) + list(net.buffers()) + list(space.parameters())
                          + list(space.buffers()))

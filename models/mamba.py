@@ -103,6 +103,10 @@ class SelectiveSSM(nn.Module):
     its own conv and projection.
     """
 
+    # kept in fp32 when a model is cast for inference (bench.runtime.cast_for_inference): A = -exp(A_log), the skip D
+    # and the step-size bias enter the scan in fp32, as mamba-ssm passes them
+    fp32_parameters = ("A_log", "D", "dt_proj.bias")
+
     def __init__(self, d_inner: int, d_state: int, dt_rank: int, d_conv: int, cross: bool, conv: str, grid: int):
         super().__init__()
         self.d_state, self.dt_rank, self.cross = d_state, dt_rank, cross
