@@ -3,6 +3,8 @@
 Stages, in order: ``data`` (the synthetic set, or a check of ``--data``), ``train:<variant>@<seed>`` for each
 backbone or variant and each training seed, ``sample`` (the same test masks and noise through every model, for the
 report's grid), ``speed``, ``parser`` (the face parser that scores mask adherence), ``quality`` and ``report``.
+Every model trains, samples and is timed at its recipe's precision (``bench.presets``: bf16 at ``paper``, fp32 at
+``cpu`` and ``tiny``), the sampled and timed models cast to it once.
 They call the Python APIs of ``bench.train``, ``bench.sample``, ``bench.speed``, ``bench.parser``,
 ``bench.quality`` and ``bench.report``. What each preset spends is ``bench.presets`` (recipes per backbone and the
 preset's budget), the same table ``bench train`` reads.
@@ -152,6 +154,10 @@ class Pipeline:
     def train_steps(self, variant: Variant) -> int:
         return self.opts.steps or presets.recipe(self.opts.preset, variant.model).steps
 
+    def precision(self, variant: Variant) -> str:
+        """The recipe's precision of a variant's backbone: what it trains, samples and is timed at."""
+        return presets.recipe(self.opts.preset, variant.model).precision
+
     # ------------------------------------------------------------------ state
     def load_state(self) -> dict:
         fresh = {"version": STATE_VERSION, "preset": self.opts.preset, "created": now(), "stages": {}}
@@ -195,15 +201,17 @@ class Pipeline:
                                     lambda out: Path(out.get("checkpoint", "")).is_file()))
         trained = tuple(trained)
         first = tuple(f"train:{v.name}@{o.seeds[0]}" for v in self.variants)
+        precision = {v.name: self.precision(v) for v in self.variants}  # each model's recipe precision
         stages.append(Stage("sample", f"sample grid ({b.sample_masks} test masks, {b.sample_steps} steps, every "
                                       f"model, seed {o.seeds[0]})",
                             {"models": names, "masks": b.sample_masks, "steps": b.sample_steps, "seed": SAMPLE_SEED,
-                             "train_seed": o.seeds[0]},
+                             "train_seed": o.seeds[0], "precision": precision},
                             first, self.stage_sample,
                             lambda out: all((Path(p) / "samples.json").is_file() for p in out.get("folders", []))))
         stages.append(Stage("speed", f"speed ({b.speed_steps} steps, batches {list(b.speed_batch_sizes)}, "
                                      f"{self.device})",
                             {"models": names, "device": self.device, "machine": machine_fingerprint(),
+                             "precision": precision,
                              **{k: getattr(b, k) for k in (
                                 "speed_steps", "speed_batch_sizes", "speed_scales", "speed_warmup", "speed_repeats",
                                 "speed_scale_repeats", "speed_image_repeats", "full_image_max_seconds",
@@ -219,6 +227,7 @@ class Pipeline:
                              "samples": b.quality_samples, "steps": b.quality_steps, "seed": SAMPLE_SEED,
                              "fractions": list(b.quality_fractions),
                              "guidance": {v.name: presets.recipe(o.preset, v.model).guidance for v in self.variants},
+                             "precision": precision,
                              "inception": str(o.inception_weights or ""), "alexnet": str(o.alexnet_weights or "")},
                             (*trained, "parser"), self.stage_quality,
                             lambda out: (self.results / "quality.csv").is_file()))
@@ -338,7 +347,7 @@ class Pipeline:
 
         b, folders = self.budget, []
         for v in self.variants:
-            run = load_run(self.run_dir(v, self.opts.seeds[0]), self.device)
+            run = load_run(self.run_dir(v, self.opts.seeds[0]), self.device, precision=self.precision(v))
             out = self.dir / "samples" / v.slug
             write_samples(run, out, b.sample_masks, b.sample_steps, seed=SAMPLE_SEED, grid=False, progress=True)
             folders.append(str(out))
@@ -352,8 +361,9 @@ class Pipeline:
         b, out = self.budget, self.results / "speed.csv"
         device = "cuda" if self.device.startswith("cuda") else self.device
         names = [v.name for v in self.variants]
+        # precision None: each model at its recipe's precision (the same table as here: bench.speed.recipe_precision)
         common = dict(preset=self.opts.preset, steps=b.speed_steps, image_repeats=b.speed_image_repeats,
-                      device=device, seed=self.opts.seeds[0], vae=self.opts.vae, out=out)
+                      device=device, seed=self.opts.seeds[0], vae=self.opts.vae, out=out, precision=None)
         run_speed(SpeedConfig(models=names, batch_sizes=list(b.speed_batch_sizes), warmup=b.speed_warmup,
                               repeats=b.speed_repeats, full_image_max_seconds=b.full_image_max_seconds, **common),
                   echo=self.echo)
@@ -407,7 +417,8 @@ class Pipeline:
                                               torch.device(self.device), batch_size=QUALITY_BATCH, progress=True,
                                               echo=self.echo, checkpoint=checkpoint, split="test",
                                               n_masks=b.quality_masks, samples_per_mask=b.quality_samples,
-                                              steps=b.quality_steps, guidance=guidance, seed=SAMPLE_SEED)
+                                              steps=b.quality_steps, guidance=guidance, seed=SAMPLE_SEED,
+                                              precision=self.precision(v))
                     append_rows(out, [row], masks)
                     self.echo(f"   {v.name} seed {seed} step {row['train_step']}: mIoU {row['miou']:.4f} (parser "
                               f"ceiling {row['miou_ceiling']:.4f}), pixel diversity {row['pixel_diversity']:.4f}")

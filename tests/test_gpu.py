@@ -151,7 +151,8 @@ def test_one_speed_row_on_cuda(tmp_path):
     assert [r["model"] for r in rows] == ["sisma", "dit"]
     for row in rows:
         assert row["status"] == "ok" and row["device"] == "cuda"
-        assert float(row["peak_cuda_allocated_mib"]) > 0 and float(row["latency_nfe_median_s"]) > 0
+        assert float(row["peak_cuda_allocated_mib"]) > float(row["peak_cuda_delta_mib"]) > 0
+        assert float(row["latency_nfe_median_s"]) > 0 and row["precision"] == "bf16"
     assert rows[1]["attention_kernel"] != "none"
 
 
