@@ -12,8 +12,9 @@ whole run, counted from the parameters (each tensor its own allocation, rounded 
 - in latent space the SD-VAE (its architecture, fp32) and the encoding of each micro-batch (no grad, fp32).
 
 The peak of training is the largest of: the micro-batch step (encode, forward, backward); the optimiser step (static
-plus gradients plus AdamW's one fp32 temporary the size of the parameters, the square root of the second moment in
-torch's multi-tensor implementation, the default on CUDA); and the trainer's sample grid (static plus one guided
+plus gradients: the trainer's AdamW is fused on CUDA and updates in place, while the multi-tensor implementation it
+uses on the CPU adds one fp32 temporary the size of the parameters, the square root of the second moment); and the
+trainer's sample grid (static plus one guided
 sampling step of ``grid_masks`` x 2 samples and its decoding). Sampling (``bench sample``) is one Euler step of the
 EMA model at the batch, under no_grad, then decoding; the model is cast to the precision first, as the sampler does
 (``bench.runtime.cast_for_inference``: bf16 weights, the scan's few fp32 parameters kept), while the trainer's grid
@@ -240,8 +241,10 @@ def training_memory(model: str, preset: str, batch_size: int, setting: Setting, 
             for p in params:
                 p.grad = None
         static_bytes = sum(v for k_, v in static.items() if k_ != "gradients")
-        # optimiser step: the gradients, AdamW's fp32 temporary (sqrt of the second moment) and the batch
-        optimizer_step = static_bytes + 2 * gradients + data
+        # optimiser step: the gradients and the batch, plus on the CPU the multi-tensor AdamW's fp32 temporary (the
+        # square root of the second moment); fused on CUDA, it allocates nothing of that size
+        temporary = 0 if torch.device(device).type == "cuda" else gradients
+        optimizer_step = static_bytes + gradients + temporary + data
         if grid_transient is None:
             grid_transient = sampling_transient(net, space, grid_batch, precision, device, fake) if grid_batch else 0
         return TrainingMemory(setting=setting, activations=saved.bytes, step=static_bytes + step,

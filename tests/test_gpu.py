@@ -230,13 +230,13 @@ def test_one_speed_row_on_cuda(tmp_path):
 
 def _measured_peak(model: str, preset: str, batch: int, setting, precision: str) -> int:
     """max_memory_allocated of two real training steps of ``setting``, as bench.train runs them: the model, EMA,
-    AdamW (multi-tensor, the CUDA default), gradient clipping, the EMA update, micro-batches and checkpointing."""
+    AdamW (fused, as the trainer makes it), gradient clipping, the EMA update, micro-batches and checkpointing."""
     import copy
 
     from bench import recompute
     from bench.plan import _space
     from bench.runtime import PRECISIONS
-    from bench.train import forward_backward, update_ema
+    from bench.train import forward_backward, make_optimizer, update_ema
     from bench.variants import build_model
 
     torch.cuda.empty_cache()
@@ -247,7 +247,7 @@ def _measured_peak(model: str, preset: str, batch: int, setting, precision: str)
     if setting.checkpointing:
         recompute.enable(net)
     space = _space(net, "cuda")
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0.0)
+    opt = make_optimizer(net.parameters(), 1e-4, torch.device("cuda"))
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
     autocast = torch.autocast("cuda", dtype=PRECISIONS[precision], enabled=precision != "fp32")
     c, h, w = net.input_shape
