@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -193,6 +194,7 @@ class Launcher:
         self.opts, self.folder, self.cuda = opts, Path(folder), cuda
         self.name = opts.launcher
         self._free_gpus = list(range(_gpu_count())) if cuda and self.name == "local" else []
+        self._gpus = len(self._free_gpus)  # this machine's, for local jobs
         self._held: dict[str, list[int]] = {}
 
     @property
@@ -204,7 +206,7 @@ class Launcher:
     def capacity(self) -> int:
         """Jobs that may run at once."""
         if self.name == "local" and self.cuda:
-            return max(1, min(self.opts.jobs, len(self._free_gpus) // self.opts.gpus))
+            return max(1, min(self.opts.jobs, self._gpus // self.opts.gpus))
         return self.opts.jobs
 
     def _executor(self, gpus: list[int]):
@@ -264,7 +266,8 @@ class Launcher:
                       else type(e).__name__)
         from bench.io import display_path
 
-        return f"job {job.job_id} failed: {reason.strip()} (log: {display_path(job.paths.stderr)})"
+        reason = re.sub(r"^(?:[A-Za-z_]\w*\.)+(?=\w+: )", "", reason.strip())  # bench.errors.BenchError -> BenchError
+        return f"job {job.job_id} failed: {reason} (log: {display_path(job.paths.stderr)})"
 
     def interrupt(self, jobs: list) -> None:
         """Main process interrupted: local jobs get SIGTERM (their trainers save a checkpoint) and are waited for;

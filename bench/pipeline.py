@@ -335,7 +335,7 @@ class Pipeline:
         from bench import launch as launch_module
 
         launch = self.opts.launch
-        launcher = launch_module.Launcher(launch, self.dir / "jobs", cuda=self.device.startswith("cuda"))
+        launcher = launch_module.Launcher(launch, self.dir / "jobs", cuda=self.jobs_on_cuda())
         queue, active = [], {}  # active: stage name -> (index, stage, job)
         for i, stage in stages:
             record = state["stages"].get(stage.name, {})
@@ -401,7 +401,7 @@ class Pipeline:
         variant, seed = self.variant_seed(stage)
         cfg, run_dir, _ = self.prepare_train(variant, seed)
         slug = re.sub(r"[^A-Za-z0-9_-]+", "-", stage.name).strip("-")
-        spec = write_spec(train_spec(dataclasses.asdict(cfg), run_dir, self.opts.device,
+        spec = write_spec(train_spec(dataclasses.asdict(cfg), run_dir, self.job_device(),
                                      self.opts.launch.job_threads(), launcher.processes),
                           self.dir / "jobs" / f"{slug}.json")
         self.current = stage
@@ -413,6 +413,19 @@ class Pipeline:
         self.echo(f"\n== [{i}/{total}] {stage.title}: submitted as {launcher.name} job {job.job_id} (log: "
                   f"{record['log']})")
         return job
+
+    def jobs_on_cuda(self) -> bool:
+        """Whether training jobs get GPUs: on Slurm unless --device cpu (this process may run on a node without
+        one), locally when this machine's device is CUDA."""
+        if self.opts.launch.launcher == "slurm":
+            return (self.opts.device or "auto").strip().lower() != "cpu"
+        return self.device.startswith("cuda")
+
+    def job_device(self) -> str:
+        """The --device a training job resolves on its own node: cuda (its own GPUs), cpu, or auto."""
+        choice = (self.opts.device or "auto").strip().lower()
+        return "cuda" if choice.startswith("cuda") or (self.opts.launch.launcher == "local" and self.jobs_on_cuda()) \
+            else choice
 
     def variant_seed(self, stage: Stage) -> tuple[Variant, int]:
         """The variant and seed of a training stage."""

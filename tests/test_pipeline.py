@@ -264,6 +264,8 @@ def test_a_recorded_job_is_collected_not_submitted_again(workdir, monkeypatch):
                                launch=LaunchOptions(launcher="slurm")), echo=lambda *a: None)
     stages = [(i, s) for i, s in enumerate(pipe.stages(), 1) if s.name.startswith("train:")]
     (i_dit, dit), (i_sdm, sdm) = stages
+    # slurm jobs get GPUs unless --device cpu, whatever this process runs on, and resolve the device themselves
+    assert pipe.jobs_on_cuda() and pipe.job_device() == "auto"
     state = {"stages": {s.name: {"status": "submitted", "settings": plain(s.settings), "started": "earlier",
                                  "submitted_at": 0.0, "job": {"launcher": "slurm", "id": job}}
                         for s, job in ((dit, "4242"), (sdm, "gone"))}}
@@ -343,3 +345,29 @@ def test_a_job_over_two_processes_runs_torchrun(workdir):
     result = TrainJob(str(spec))()
     assert result["step"] == 2 and load(run / "checkpoints" / "last.pt")["step"] == 2
     assert json.loads((workdir / "job.result.json").read_text()) == result
+
+
+def test_local_jobs_on_cuda_get_gpus_of_their_own(tmp_path, monkeypatch):
+    """Four GPUs, two per job: two jobs at once, on GPUs 0-1 and 2-3; a finished job's GPUs go to the next."""
+    import bench.launch
+    from bench.launch import Launcher, LaunchOptions
+
+    monkeypatch.setattr(bench.launch, "_gpu_count", lambda: 4)
+    given = []
+
+    class Executor:
+        def __init__(self, gpus):
+            self.gpus = gpus
+
+        def submit(self, fn):
+            given.append(self.gpus)
+            return FakeJob(str(len(given)), {"step": 1})
+
+    launcher = Launcher(LaunchOptions(launcher="local", jobs=3, gpus=2), tmp_path, cuda=True)
+    monkeypatch.setattr(launcher, "_executor", Executor)
+    assert launcher.capacity == 2 and launcher.processes == 2
+    first, second = launcher.submit(tmp_path / "a.json"), launcher.submit(tmp_path / "b.json")
+    assert given == [[0, 1], [2, 3]] and launcher.capacity == 2
+    launcher.result(first)
+    launcher.submit(tmp_path / "c.json")
+    assert given[-1] == [0, 1]
