@@ -118,4 +118,7 @@ class LatentCache:
         for k, i in enumerate(indices):
             if out[k] is None:
                 out[k] = torch.load(found[i], map_location="cpu", weights_only=True)
-        return torch.stack(out).to(images.device)
+        latents = torch.stack(out)
+        if images.is_cuda:  # pinned, so that the copy does not wait for the device
+            return latents.pin_memory().to(images.device, non_blocking=True)
+        return latents

@@ -109,9 +109,11 @@ def kernel_checks() -> list[Check]:
 def _scan_choice(kernels: list[Check]) -> str:
     import os
 
-    forced = os.environ.get("SIS_BENCH_SCAN", "auto")
-    mamba = next(c for c in kernels if c.name == "mamba-ssm")
+    forced = os.environ.get("SIS_BENCH_SCAN", "auto").strip().lower() or "auto"
+    mamba, conv = (next(c for c in kernels if c.name == name) for name in ("mamba-ssm", "causal-conv1d"))
     chosen = "mamba-ssm's kernel" if mamba.ok else "the chunked PyTorch scan (slower, more memory)"
+    if mamba.ok and conv.ok and forced == "auto":
+        chosen += "; Self-Mamba through mamba-ssm's fused mamba_inner_fn (scan_backend cuda-fused)"
     return f"{chosen} (SIS_BENCH_SCAN={forced})"
 
 

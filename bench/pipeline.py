@@ -3,6 +3,8 @@
 Stages, in order: ``data`` (the synthetic set, or a check of ``--data``), ``train:<variant>@<seed>`` for each
 backbone or variant and each training seed, ``sample`` (the same test masks and noise through every model, for the
 report's grid), ``speed``, ``parser`` (the face parser that scores mask adherence), ``quality`` and ``report``.
+Every model trains, samples and is timed at its recipe's precision (``bench.presets``: bf16 at ``paper``, fp32 at
+``cpu`` and ``tiny``), the sampled and timed models cast to it once.
 They call the Python APIs of ``bench.train``, ``bench.sample``, ``bench.speed``, ``bench.parser``,
 ``bench.quality`` and ``bench.report``. What each preset spends is ``bench.presets`` (recipes per backbone and the
 preset's budget), the same table ``bench train`` reads.
@@ -15,6 +17,12 @@ Resuming: ``state.json`` (written atomically) records each finished stage with t
 outputs and its time. A re-run skips a stage that is done with the same settings when no stage it depends on ran
 again; ``--force`` redoes every stage (training from scratch). A training stage interrupted (Ctrl-C, SIGTERM, a
 kill) continues from the run's last checkpoint on the next ``bench run``.
+
+Training as jobs (``--launcher slurm|local``, ``bench.launch``): each training stage is submitted as its own job
+(at most ``--jobs`` at once) once the data stage is done, its job id recorded in the state file as soon as it is
+submitted; the later stages run here after every training job has finished. A re-run collects the jobs its state
+names (finished or still running) instead of submitting them again; a failed job is submitted again by the next
+``bench run`` and resumes from its run's last checkpoint. The main process alone writes the state file.
 """
 from __future__ import annotations
 
@@ -31,6 +39,7 @@ from typing import Callable, Optional
 
 from bench import presets
 from bench.errors import BenchError
+from bench.launch import LaunchOptions
 from bench.io import display_path, read_json, write_json
 from bench.provenance import machine_fingerprint
 from bench.variants import Variant, parse_models
@@ -59,6 +68,7 @@ class RunOptions:
     vae: Optional[str] = None
     inception_weights: Optional[Path] = None
     alexnet_weights: Optional[Path] = None
+    launch: LaunchOptions = field(default_factory=LaunchOptions)  # training in this process, or as jobs
 
 
 @dataclass
@@ -105,6 +115,7 @@ class Pipeline:
             raise BenchError(f"--steps must be at least 1, got {opts.steps}")
         if opts.threads is not None and opts.threads < 1:
             raise BenchError(f"--threads must be at least 1, got {opts.threads}")
+        opts.launch.check()
         self.opts, self.echo = opts, echo
         self.results = Path(opts.results)
         self.dir = self.results / self.folder_name()
@@ -152,6 +163,10 @@ class Pipeline:
     def train_steps(self, variant: Variant) -> int:
         return self.opts.steps or presets.recipe(self.opts.preset, variant.model).steps
 
+    def precision(self, variant: Variant) -> str:
+        """The recipe's precision of a variant's backbone: what it trains, samples and is timed at."""
+        return presets.recipe(self.opts.preset, variant.model).precision
+
     # ------------------------------------------------------------------ state
     def load_state(self) -> dict:
         fresh = {"version": STATE_VERSION, "preset": self.opts.preset, "created": now(), "stages": {}}
@@ -195,15 +210,17 @@ class Pipeline:
                                     lambda out: Path(out.get("checkpoint", "")).is_file()))
         trained = tuple(trained)
         first = tuple(f"train:{v.name}@{o.seeds[0]}" for v in self.variants)
+        precision = {v.name: self.precision(v) for v in self.variants}  # each model's recipe precision
         stages.append(Stage("sample", f"sample grid ({b.sample_masks} test masks, {b.sample_steps} steps, every "
                                       f"model, seed {o.seeds[0]})",
                             {"models": names, "masks": b.sample_masks, "steps": b.sample_steps, "seed": SAMPLE_SEED,
-                             "train_seed": o.seeds[0]},
+                             "train_seed": o.seeds[0], "precision": precision},
                             first, self.stage_sample,
                             lambda out: all((Path(p) / "samples.json").is_file() for p in out.get("folders", []))))
         stages.append(Stage("speed", f"speed ({b.speed_steps} steps, batches {list(b.speed_batch_sizes)}, "
                                      f"{self.device})",
                             {"models": names, "device": self.device, "machine": machine_fingerprint(),
+                             "precision": precision,
                              **{k: getattr(b, k) for k in (
                                 "speed_steps", "speed_batch_sizes", "speed_scales", "speed_warmup", "speed_repeats",
                                 "speed_scale_repeats", "speed_image_repeats", "full_image_max_seconds",
@@ -219,6 +236,7 @@ class Pipeline:
                              "samples": b.quality_samples, "steps": b.quality_steps, "seed": SAMPLE_SEED,
                              "fractions": list(b.quality_fractions),
                              "guidance": {v.name: presets.recipe(o.preset, v.model).guidance for v in self.variants},
+                             "precision": precision,
                              "inception": str(o.inception_weights or ""), "alexnet": str(o.alexnet_weights or "")},
                             (*trained, "parser"), self.stage_quality,
                             lambda out: (self.results / "quality.csv").is_file()))
@@ -232,7 +250,10 @@ class Pipeline:
 
     def dry_run(self) -> str:
         """The resolved settings of every stage, and the full training config of each run, as text."""
-        lines = [f"bench run --dry-run: preset {self.opts.preset}, device {self.device}, "
+        launch = self.opts.launch
+        training = (f"training as {launch.launcher} jobs (at most {launch.jobs} at once, {launch.gpus} GPU(s) each on "
+                    f"CUDA, {launch.minutes} min)" if launch.launcher else "training in this process")
+        lines = [f"bench run --dry-run: preset {self.opts.preset}, device {self.device}, {training}, "
                  f"state in {self.state_path}", ""]
         for i, stage in enumerate(self.stages(), 1):
             lines.append(f"[{i}] {stage.title}")
@@ -259,15 +280,20 @@ class Pipeline:
         total = len(stages)
         self.echo(f"bench run: preset {self.opts.preset}, models {', '.join(v.name for v in self.variants)}, "
                   f"seeds {','.join(map(str, self.opts.seeds))}, device {self.device}; state in {self.state_path}")
+        jobs = self.opts.launch.launcher is not None
         for i, stage in enumerate(stages, 1):
             record = state["stages"].get(stage.name, {})
-            done = (not self.opts.force and record.get("status") == "done"
-                    and record.get("settings") == plain(stage.settings)
-                    and not ran.intersection(stage.deps) and stage.outputs_exist(record.get("outputs", {})))
-            if done:
+            if jobs and stage.name.startswith("train:"):
+                if stage is next(s for s in stages if s.name.startswith("train:")):  # all of them at once, as jobs
+                    self.run_jobs([(k, s) for k, s in enumerate(stages, 1) if s.name.startswith("train:")], state,
+                                  ran, total)
+                continue
+            if self.is_done(stage, record, ran):
                 self.echo(f"\n== [{i}/{total}] {stage.title}: done on {record.get('finished')}, skipped "
                           f"(--force redoes it)")
                 continue
+            if stage.name.startswith("train:"):
+                self.check_no_job(stage, record)
             self.echo(f"\n== [{i}/{total}] {stage.title}")
             self.current = stage
             state["stages"][stage.name] = {"status": "running", "settings": plain(stage.settings),
@@ -283,6 +309,128 @@ class Pipeline:
             ran.add(stage.name)
             self.echo(f"   {stage.name} done in {seconds:.1f} s")
         return Path(state["stages"]["report"]["outputs"]["report"])
+
+    def is_done(self, stage: Stage, record: dict, ran: set[str]) -> bool:
+        """Finished before with the same settings, its inputs not redone since and its outputs there."""
+        return (not self.opts.force and record.get("status") == "done"
+                and record.get("settings") == plain(stage.settings)
+                and not ran.intersection(stage.deps) and stage.outputs_exist(record.get("outputs", {})))
+
+    # ------------------------------------------------------------------ training as jobs
+    def check_no_job(self, stage: Stage, record: dict) -> None:
+        """Training here while a job of an earlier `bench run --launcher` may still train the same run: refused."""
+        from bench.launch import _is_submitit_process
+
+        job = record.get("job") if record.get("status") == "submitted" else None
+        if not job or self.opts.force:
+            return
+        if job.get("launcher") == "slurm" or _is_submitit_process(job.get("id", "")):
+            raise BenchError(f"{stage.name} was submitted as {job.get('launcher')} job {job.get('id')} "
+                             f"({display_path(self.state_path)}); run with --launcher {job.get('launcher')} to "
+                             f"collect it, or cancel the job and add --force to train from scratch")
+
+    def run_jobs(self, stages: list[tuple[int, Stage]], state: dict, ran: set[str], total: int) -> None:
+        """The training stages as jobs (``bench.launch``): recorded jobs collected, the others submitted, at most
+        ``--jobs`` at once, each recorded in the state file when submitted and when finished."""
+        from bench import launch as launch_module
+
+        launch = self.opts.launch
+        launcher = launch_module.Launcher(launch, self.dir / "jobs", cuda=self.jobs_on_cuda())
+        queue, active = [], {}  # active: stage name -> (index, stage, job)
+        for i, stage in stages:
+            record = state["stages"].get(stage.name, {})
+            if self.is_done(stage, record, ran):
+                self.echo(f"\n== [{i}/{total}] {stage.title}: done on {record.get('finished')}, skipped "
+                          f"(--force redoes it)")
+                continue
+            job = None
+            if (not self.opts.force and record.get("status") == "submitted"
+                    and record.get("settings") == plain(stage.settings) and record.get("job")):
+                job = launcher.attach(record["job"])
+            if job is None:
+                queue.append((i, stage))
+                continue
+            self.echo(f"\n== [{i}/{total}] {stage.title}: collecting {launch.launcher} job {job.job_id}, submitted "
+                      f"on {record.get('started')}")
+            active[stage.name] = (i, stage, job)
+        failures = []
+        try:
+            while queue or active:
+                while queue and len(active) < launcher.capacity and not failures:
+                    i, stage = queue.pop(0)
+                    active[stage.name] = (i, stage, self.submit(launcher, i, stage, state, total))
+                finished = [name for name, (_, _, job) in active.items() if launcher.done(job)]
+                for name in finished:
+                    i, stage, job = active.pop(name)
+                    try:
+                        result = launcher.result(job)
+                    except Exception as e:  # noqa: BLE001 - whatever the job raised, said in one line
+                        failures.append(f"{name}: {launcher.error(job, e)}")
+                        state["stages"][name] = {**state["stages"].get(name, {}), "status": "failed",
+                                                 "failed": now()}
+                        self.save_state(state)
+                        self.echo(f"   {name}: {launcher.error(job, e)}")
+                        continue
+                    record = state["stages"].get(name, {})
+                    seconds = time.time() - record.get("submitted_at", time.time())
+                    run_dir = self.run_dir(*self.variant_seed(stage))
+                    state["stages"][name] = {"status": "done", "settings": plain(stage.settings),
+                                             "outputs": plain(self.train_outputs(run_dir, result)),
+                                             "seconds": round(seconds, 1), "finished": now(),
+                                             "job": record.get("job")}
+                    self.save_state(state)
+                    ran.add(name)
+                    self.echo(f"   {name} done ({launch.launcher} job {job.job_id}, step {result['step']}) in "
+                              f"{seconds:.1f} s")
+                if failures and (launch.launcher != "local" or not active):
+                    break
+                if not finished:
+                    time.sleep(launch_module.POLL_S)
+        except KeyboardInterrupt:
+            launcher.interrupt([job for _, _, job in active.values()])
+            raise
+        if failures:
+            running = f"; still running: {', '.join(active)} (collected by the next bench run)" if active else ""
+            raise BenchError(f"{len(failures)} training job(s) failed: {'; '.join(failures)}{running}. Run the same "
+                             f"command again to submit them again (training resumes from the last checkpoint)")
+
+    def submit(self, launcher, i: int, stage: Stage, state: dict, total: int):
+        """Prepare one training run (its config, --force clearing it) and submit it; recorded in the state file."""
+        from bench.launch import train_spec, write_spec
+
+        variant, seed = self.variant_seed(stage)
+        cfg, run_dir, _ = self.prepare_train(variant, seed)
+        slug = re.sub(r"[^A-Za-z0-9_-]+", "-", stage.name).strip("-")
+        spec = write_spec(train_spec(dataclasses.asdict(cfg), run_dir, self.job_device(),
+                                     self.opts.launch.job_threads(), launcher.processes),
+                          self.dir / "jobs" / f"{slug}.json")
+        self.current = stage
+        job = launcher.submit(spec)
+        record = launcher.record(job, spec)
+        state["stages"][stage.name] = {"status": "submitted", "settings": plain(stage.settings), "started": now(),
+                                       "submitted_at": time.time(), "job": record}
+        self.save_state(state)
+        self.echo(f"\n== [{i}/{total}] {stage.title}: submitted as {launcher.name} job {job.job_id} (log: "
+                  f"{record['log']})")
+        return job
+
+    def jobs_on_cuda(self) -> bool:
+        """Whether training jobs get GPUs: on Slurm unless --device cpu (this process may run on a node without
+        one), locally when this machine's device is CUDA."""
+        if self.opts.launch.launcher == "slurm":
+            return (self.opts.device or "auto").strip().lower() != "cpu"
+        return self.device.startswith("cuda")
+
+    def job_device(self) -> str:
+        """The --device a training job resolves on its own node: cuda (its own GPUs), cpu, or auto."""
+        choice = (self.opts.device or "auto").strip().lower()
+        return "cuda" if choice.startswith("cuda") or (self.opts.launch.launcher == "local" and self.jobs_on_cuda()) \
+            else choice
+
+    def variant_seed(self, stage: Stage) -> tuple[Variant, int]:
+        """The variant and seed of a training stage."""
+        seed = stage.settings["seed"]
+        return next(v for v in self.variants if stage.name == f"train:{v.name}@{seed}"), seed
 
     # ------------------------------------------------------------------ stage bodies
     def stage_data(self) -> dict:
@@ -317,20 +465,29 @@ class Pipeline:
             options["data"] = display_path(o.data)
         return {k: v for k, v in options.items() if v is not None}
 
-    def stage_train(self, variant: Variant, seed: int) -> dict:
-        from bench.train import make_config, train
+    def prepare_train(self, variant: Variant, seed: int):
+        """The config of one training run (--force first clears its folder): (TrainConfig, folder, resume)."""
+        from bench.train import make_config
 
         run_dir = self.run_dir(variant, seed)
-        last = run_dir / "checkpoints" / "last.pt"
-        options = self.train_options(variant, seed)
         if run_dir.exists() and self.opts.force:  # --force: asked to train from scratch
             shutil.rmtree(run_dir)
-        resume = last.is_file()
+        resume = (run_dir / "checkpoints" / "last.pt").is_file()
         if resume:
             self.echo(f"   continuing {run_dir} from its last checkpoint")
-        cfg = make_config(variant, run_dir, resume=resume, **options)
+        return make_config(variant, run_dir, resume=resume, **self.train_options(variant, seed)), run_dir, resume
+
+    @staticmethod
+    def train_outputs(run_dir: Path, result: dict) -> dict:
+        return {"run": str(run_dir), "checkpoint": str(run_dir / "checkpoints" / "last.pt"), "step": result["step"],
+                "wall_s": result["wall_s"]}
+
+    def stage_train(self, variant: Variant, seed: int) -> dict:
+        from bench.train import train
+
+        cfg, run_dir, resume = self.prepare_train(variant, seed)
         result = train(cfg, run_dir, resume=resume, device=self.device, progress=True)
-        return {"run": str(run_dir), "checkpoint": str(last), "step": result["step"], "wall_s": result["wall_s"]}
+        return self.train_outputs(run_dir, result)
 
     def stage_sample(self) -> dict:
         """The same test masks and noise seeds through every model: the report's sample grid."""
@@ -338,7 +495,7 @@ class Pipeline:
 
         b, folders = self.budget, []
         for v in self.variants:
-            run = load_run(self.run_dir(v, self.opts.seeds[0]), self.device)
+            run = load_run(self.run_dir(v, self.opts.seeds[0]), self.device, precision=self.precision(v))
             out = self.dir / "samples" / v.slug
             write_samples(run, out, b.sample_masks, b.sample_steps, seed=SAMPLE_SEED, grid=False, progress=True)
             folders.append(str(out))
@@ -352,8 +509,9 @@ class Pipeline:
         b, out = self.budget, self.results / "speed.csv"
         device = "cuda" if self.device.startswith("cuda") else self.device
         names = [v.name for v in self.variants]
+        # precision None: each model at its recipe's precision (the same table as here: bench.speed.recipe_precision)
         common = dict(preset=self.opts.preset, steps=b.speed_steps, image_repeats=b.speed_image_repeats,
-                      device=device, seed=self.opts.seeds[0], vae=self.opts.vae, out=out)
+                      device=device, seed=self.opts.seeds[0], vae=self.opts.vae, out=out, precision=None)
         run_speed(SpeedConfig(models=names, batch_sizes=list(b.speed_batch_sizes), warmup=b.speed_warmup,
                               repeats=b.speed_repeats, full_image_max_seconds=b.full_image_max_seconds, **common),
                   echo=self.echo)
@@ -407,7 +565,8 @@ class Pipeline:
                                               torch.device(self.device), batch_size=QUALITY_BATCH, progress=True,
                                               echo=self.echo, checkpoint=checkpoint, split="test",
                                               n_masks=b.quality_masks, samples_per_mask=b.quality_samples,
-                                              steps=b.quality_steps, guidance=guidance, seed=SAMPLE_SEED)
+                                              steps=b.quality_steps, guidance=guidance, seed=SAMPLE_SEED,
+                                              precision=self.precision(v))
                     append_rows(out, [row], masks)
                     self.echo(f"   {v.name} seed {seed} step {row['train_step']}: mIoU {row['miou']:.4f} (parser "
                               f"ceiling {row['miou_ceiling']:.4f}), pixel diversity {row['pixel_diversity']:.4f}")

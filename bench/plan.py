@@ -12,10 +12,13 @@ whole run, counted from the parameters (each tensor its own allocation, rounded 
 - in latent space the SD-VAE (its architecture, fp32) and the encoding of each micro-batch (no grad, fp32).
 
 The peak of training is the largest of: the micro-batch step (encode, forward, backward); the optimiser step (static
-plus gradients plus AdamW's one fp32 temporary the size of the parameters, the square root of the second moment in
-torch's multi-tensor implementation, the default on CUDA); and the trainer's sample grid (static plus one guided
+plus gradients: the trainer's AdamW is fused on CUDA and updates in place, while the multi-tensor implementation it
+uses on the CPU adds one fp32 temporary the size of the parameters, the square root of the second moment); and the
+trainer's sample grid (static plus one guided
 sampling step of ``grid_masks`` x 2 samples and its decoding). Sampling (``bench sample``) is one Euler step of the
-EMA model at the batch, under no_grad, then decoding.
+EMA model at the batch, under no_grad, then decoding; the model is cast to the precision first, as the sampler does
+(``bench.runtime.cast_for_inference``: bf16 weights, the scan's few fp32 parameters kept), while the trainer's grid
+samples its fp32 EMA under autocast.
 
 The plan keeps the recipe's global batch and picks the cheapest setting whose peak fits ``memory`` less a margin
 (10% by default: the CUDA context, allocator fragmentation and kernel workspaces are not tensors). Settings are
@@ -238,8 +241,10 @@ def training_memory(model: str, preset: str, batch_size: int, setting: Setting, 
             for p in params:
                 p.grad = None
         static_bytes = sum(v for k_, v in static.items() if k_ != "gradients")
-        # optimiser step: the gradients, AdamW's fp32 temporary (sqrt of the second moment) and the batch
-        optimizer_step = static_bytes + 2 * gradients + data
+        # optimiser step: the gradients and the batch, plus on the CPU the multi-tensor AdamW's fp32 temporary (the
+        # square root of the second moment); fused on CUDA, it allocates nothing of that size
+        temporary = 0 if torch.device(device).type == "cuda" else gradients
+        optimizer_step = static_bytes + gradients + temporary + data
         if grid_transient is None:
             grid_transient = sampling_transient(net, space, grid_batch, precision, device, fake) if grid_batch else 0
         return TrainingMemory(setting=setting, activations=saved.bytes, step=static_bytes + step,
@@ -251,16 +256,19 @@ def sampling_transient(net, space, batch_size: int, precision: str, device: str,
     """Peak bytes above the weights of one Euler step of ``net`` at ``batch_size`` and the decoding (no grad)."""
     from bench import memsim
 
+    from bench.runtime import PRECISIONS, model_precision
+
     c, h, w = net.input_shape
     k, s = net.num_classes, net.image_size
     was_training, trainable = net.training, [p for p in net.parameters() if p.requires_grad]
     net.eval().requires_grad_(False)  # as the EMA model samples: autocast then keeps no cached weight casts
+    dtype = PRECISIONS[model_precision(net)]  # a model cast for inference gets its inputs in its dtype
     live = memsim.LiveTensors(device=torch.device(device).type)
     with live, torch.no_grad():
-        masks = torch.zeros(batch_size, k, s, s, device=device)
+        masks = torch.zeros(batch_size, k, s, s, device=device, dtype=dtype)
         x = torch.randn(batch_size, c, h, w, device=device)
         with _autocast(device, precision, fake):
-            v = net(x, torch.full((batch_size,), 0.5, device=device), masks)
+            v = net(x.to(dtype), torch.full((batch_size,), 0.5, device=device), masks)
             x = x + 0.01 * v.to(x.dtype)
             del v
         images = space.decode(x.float())
@@ -273,12 +281,14 @@ def sampling_transient(net, space, batch_size: int, precision: str, device: str,
 
 def sampling_memory(model: str, preset: str, batch_size: int, precision: str, overrides: dict | None = None,
                     device: str = "cuda") -> int:
-    """Predicted peak bytes of ``bench sample`` at ``batch_size``: EMA weights, decoder, one Euler step, decoding."""
+    """Predicted peak bytes of ``bench sample`` at ``batch_size``: EMA weights (cast to the precision), decoder, one
+    Euler step, decoding."""
     from bench import memsim
+    from bench.runtime import cast_for_inference
     from bench.variants import build_model
 
     with memsim.fake_device(device):
-        net = build_model(model, preset, overrides, device).eval().requires_grad_(False)
+        net = cast_for_inference(build_model(model, preset, overrides, device).eval().requires_grad_(False), precision)
         space = _space(net, device)
         weights = _bytes(list(net.parameters()) + list(net.buffers()) + list(space.parameters())
                          + list(space.buffers()))
@@ -431,7 +441,8 @@ def table(plans: list[ModelPlan]) -> str:
              f"process{'es' if p0.processes > 1 else ''}, GPU memory {size_text(p0.memory)}: fits when the predicted peak "
              f"is at most {size_text(p0.budget)} (a {p0.margin:.0%} margin). Peaks are allocated tensor memory "
              f"(torch.cuda.max_memory_allocated), predicted on fake CUDA tensors; SISMA with mamba-ssm's and "
-             f"causal-conv1d's kernels, attention with flash/memory-efficient SDPA.", ""]
+             f"causal-conv1d's kernels (Self-Mamba through the fused mamba_inner_fn), attention with "
+             f"flash/memory-efficient SDPA; AdamW fused.", ""]
     for p in plans:
         lines.append(f"{p.model} ({p.params / 1e6:.1f}M parameters, {p.space} space): sampling at batch "
                      f"{p.batch_size} peaks at {size_text(p.sampling)}")

@@ -13,6 +13,8 @@ Protocol (the README's design section):
   no weights and is no substitute for LPIPS.
 - ``miou``: the face parser (``bench parser train``) on every generated image against the mask it was generated
   from; ``miou_ceiling``: the same parser on the real test images of those masks.
+- Sampling runs at each run's training precision (bf16 at the ``paper`` preset) unless ``--precision`` says otherwise:
+  the EMA model is cast to it once (``bench.sample``); the precision is part of the images' settings hash.
 
 A metric whose weights cannot be found is written as NaN with ``<metric>_status`` = "missing: <reason>"; ``--require``
 makes that an error instead. Generated images are PNGs in RUN/eval/<settings hash>/ (the hash covers the checkpoint,
@@ -60,7 +62,7 @@ class QualitySettings:
     method: str = "euler"
     guidance: float = 1.0
     seed: int = 0
-    precision: str = "fp32"
+    precision: Optional[str] = None  # None: each run's training precision (resolved before hashing)
 
 
 def discover_runs(roots=RUN_ROOTS) -> list[Path]:
@@ -204,10 +206,10 @@ def evaluate_run(run_dir: Path, data: Optional[Path], resources: Resources, pars
     from bench.sample import load_run
 
     checkpoint = Path(checkpoint) if checkpoint is not None else Path(run_dir) / "checkpoints" / "last.pt"
-    run = load_run(run_dir, device, checkpoint)
+    run = load_run(run_dir, device, checkpoint, setting_overrides.get("precision"))  # cast once, for every batch
     size = run.image_size
     data = Path(data) if data is not None else run_data(run.config, size)
-    settings = QualitySettings(data=str(data), **setting_overrides)
+    settings = QualitySettings(data=str(data), **{**setting_overrides, "precision": run.precision})
     model, used = get_parser(parser_path, size, data, device, progress, echo)  # before sampling: a wrong one fails fast
     real, labels = face_parser.load_split(data, settings.split, size,
                                           limit=settings.n_masks or None, progress=progress)
@@ -307,7 +309,8 @@ def check_settings(settings: QualitySettings) -> None:
     from bench.runtime import check_precision
     from bench.sample import check_guidance
 
-    check_precision(settings.precision)
+    if settings.precision is not None:
+        check_precision(settings.precision)
     check_guidance(settings.guidance)
     if settings.method not in METHODS:
         raise BenchError(f"--method {settings.method}: use one of {', '.join(METHODS)}")

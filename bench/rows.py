@@ -75,6 +75,7 @@ class SpeedRow(Provenance):
     images_per_s: Optional[float] = None
     images_per_s_projected: Optional[float] = None
     peak_cuda_allocated_mib: Optional[float] = None
+    peak_cuda_delta_mib: Optional[float] = None  # max_memory_allocated less memory_allocated just before the call
     peak_rss_delta_mib: Optional[float] = None
     loadavg_1m: Optional[float] = None
 

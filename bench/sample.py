@@ -9,6 +9,12 @@ Python API (also used by the quality and speed commands):
 Sample ``i`` with seed ``s`` starts from noise drawn by its own generator, seeded from (s, i), so it is
 the same image whatever the batch size or the other samples of the call. Integration and NFE follow
 ``bench.flow``.
+
+Precision: a run samples at its training precision unless told otherwise (``precision``). Its EMA model is cast to
+that dtype once when loaded (``bench.runtime.cast_for_inference``: weights in bf16 at the ``paper`` preset, the scan's
+A, D and step-size bias kept in fp32) and each network call gets its input cast to it, under the training's autocast,
+which then recasts no weight. The trajectory itself (the noise, the Euler or Heun state and the time grid) stays fp32.
+The trainer's own sample grids keep its fp32 EMA model and sample it under autocast.
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ from torch import Tensor
 from bench import flow
 from bench.errors import BenchError
 from bench.io import read_json, to_uint8, write_json, write_png
-from bench.runtime import autocast, check_precision
+from bench.runtime import PRECISIONS, autocast, cast_for_inference, check_precision, model_precision
 
 GRID_CELL_PX = 128  # grid cells are enlarged (nearest neighbour) to at least this size, for viewing
 GRID_PAD_PX = 2
@@ -49,9 +55,16 @@ class Run:
     def image_size(self) -> int:
         return self.model.image_size
 
+    @property
+    def precision(self) -> str:
+        """The precision the model was cast to for sampling (fp32 when it was not)."""
+        return model_precision(self.model)
 
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu", checkpoint: str | Path | None = None) -> Run:
-    """The EMA weights of ``checkpoint`` (default RUN/checkpoints/last.pt), read on the CPU first, on ``device``."""
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu", checkpoint: str | Path | None = None,
+             precision: str | None = None) -> Run:
+    """The EMA weights of ``checkpoint`` (default RUN/checkpoints/last.pt), read on the CPU first, on ``device``, cast
+    once to ``precision`` (default: the run's training precision; see the module docstring)."""
     from bench.autoencoder import load_space
     from bench.checkpoint import load
     from bench.variants import build_model
@@ -66,7 +79,9 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", checkpoint
     model = build_model(config["model"], config["preset"], config.get("model_config") or config["model_overrides"])
     model.load_state_dict(state["ema"])
     device = torch.device(device)
-    model = model.to(device).eval().requires_grad_(False)
+    precision = precision or config.get("precision", "fp32")
+    check_precision(precision)
+    model = cast_for_inference(model.to(device).eval().requires_grad_(False), precision)
     space = load_space(config["space"], config.get("vae"), device)
     return Run(model, space, config, int(state["step"]), run_dir, device)
 
@@ -91,20 +106,37 @@ def noise_for(indices: Iterable[int], seed: int, shape: Sequence[int]) -> Tensor
 
 @torch.no_grad()
 def sample_batch(model: nn.Module, space: nn.Module, masks: Tensor, noise: Tensor, steps: int,
-                 method: str = "euler", guidance: float = 1.0, precision: str = "fp32") -> tuple[Tensor, int]:
-    """One batch: integrate from ``noise`` given one-hot ``masks``, decode; (images (B, 3, S, S) CPU, NFE)."""
+                 method: str = "euler", guidance: float = 1.0, precision: str | None = None) -> tuple[Tensor, int]:
+    """One batch: integrate from ``noise`` given one-hot ``masks``, decode; (images (B, 3, S, S) CPU, NFE).
+
+    The model runs at the precision it was cast to (``precision`` None), its inputs cast to its dtype; a model that
+    was not cast (fp32 weights, as the trainer's EMA) runs under ``precision``'s autocast. The trajectory is fp32.
+    """
     device = next(model.parameters()).device
+    cast = model_precision(model)
+    precision = precision or cast
+    if cast != "fp32" and precision != cast:
+        raise ValueError(f"the model was cast to {cast} for sampling; it cannot sample at {precision}")
+    net = model if cast == "fp32" else _with_inputs_cast(model, PRECISIONS[cast])
+    masks = masks.to(device, PRECISIONS[cast])
     with autocast(device, precision):
-        x, nfe = flow.integrate(flow.guided_velocity(model, masks.to(device), guidance), noise.to(device),
+        x, nfe = flow.integrate(flow.guided_velocity(net, masks, guidance), noise.to(device, torch.float32),
                                 steps, method)
     return space.decode(x.float()).cpu(), nfe
 
 
+def _with_inputs_cast(model: nn.Module, dtype: torch.dtype):
+    """model(x, t, mask) with x cast to the model's dtype (t stays fp32: the models embed it in fp32)."""
+    return lambda x, t, mask: model(x.to(dtype), t, mask)
+
+
 def generate(run: Run, masks: Tensor, indices: Iterable[int], seed: int = 0, steps: int = 200,
-             method: str = "euler", guidance: float = 1.0, batch_size: int = 16, precision: str = "fp32",
+             method: str = "euler", guidance: float = 1.0, batch_size: int = 16, precision: str | None = None,
              progress: bool = False) -> tuple[Tensor, int]:
     """Images (N, 3, S, S) in [-1, 1] on the CPU for one-hot ``masks`` (N, K, S, S) and sample ``indices``
-    (the noise of row k comes from (seed, indices[k])), and the NFE of one trajectory."""
+    (the noise of row k comes from (seed, indices[k])), and the NFE of one trajectory.
+
+    ``precision`` None: the run's (``load_run``); another one casts the run's fp32 model to it, once and for good."""
     from tqdm import tqdm
 
     indices = list(indices)
@@ -115,12 +147,17 @@ def generate(run: Run, masks: Tensor, indices: Iterable[int], seed: int = 0, ste
     check_guidance(guidance)
     if steps < 1 or batch_size < 1:
         raise BenchError(f"steps and batch size must be at least 1, got {steps} and {batch_size}")
+    if precision is not None and precision != run.precision:
+        check_precision(precision)
+        if run.precision != "fp32":
+            raise BenchError(f"the run was loaded for {run.precision} sampling; load it again for {precision}")
+        cast_for_inference(run.model, precision)
     out, nfe = [], steps * flow.NFE_PER_STEP[method]
     for start in tqdm(range(0, len(indices), batch_size), desc="sampling", unit="batch", disable=not progress):
         chunk = indices[start:start + batch_size]
         noise = noise_for(chunk, seed, run.model.input_shape)
         images, nfe = sample_batch(run.model, run.space, masks[start:start + batch_size], noise, steps, method,
-                                   guidance, precision)
+                                   guidance)
         out.append(images)
     return (torch.cat(out) if out else torch.empty(0, 3, run.image_size, run.image_size)), nfe
 
@@ -202,13 +239,15 @@ class GridSpec:
 # ----------------------------------------------------------------------------------------------
 
 def write_samples(run: Run, out: Path, n: int, steps: int = 200, method: str = "euler", guidance: float = 1.0,
-                  seed: int = 0, batch_size: int = 16, precision: str = "fp32", masks: str | Path | None = None,
+                  seed: int = 0, batch_size: int = 16, precision: str | None = None, masks: str | Path | None = None,
                   grid: bool = True, progress: bool = False) -> dict:
-    """``n`` images of a run in ``out``: PNGs, the masks used (masks/*.png), grid.png and samples.json (returned)."""
+    """``n`` images of a run in ``out``: PNGs, the masks used (masks/*.png), grid.png and samples.json (returned).
+    ``precision`` None: the one the run was loaded at."""
     from bench.data import onehot, write_label_png
     from bench.provenance import provenance
 
-    check_precision(precision)
+    if precision is not None:
+        check_precision(precision)
     if n < 1:
         raise BenchError(f"--n must be at least 1, got {n}")
     names, labels = run_masks(run, n, masks)
@@ -227,6 +266,6 @@ def write_samples(run: Run, out: Path, n: int, steps: int = 200, method: str = "
               "preset": run.config["preset"], "data": run.config["data"], "space": run.config["space"],
               "train_step": run.step, "method": method, "steps": steps, "nfe": nfe, "guidance": guidance,
               "seed": seed, "n": n, "masks": str(masks) if masks else "test split", "files": files,
-              "provenance": provenance(run.device, precision, batch_size, steps, nfe, seed)}
+              "provenance": provenance(run.device, run.precision, batch_size, steps, nfe, seed)}
     write_json(out / "samples.json", record)
     return record

@@ -9,20 +9,28 @@ What one timed row holds (one model at one resolution and batch size):
   ``tokens``: the model's own sequence length (none for the UNet); ``tokens_equiv``: 16 x 16-px patches of
   the image, the count every model is compared on; ``flops_exponent``: k of FLOPs ~ tokens_equiv**k fitted
   over the resolutions of the sweep (see bench/flops.py).
+- Precision: each model runs at its recipe's precision at the preset (``bench.presets``: bf16 at ``paper``, fp32 at
+  ``cpu`` and ``tiny``) unless ``--precision`` names one for all; the model is cast to it once
+  (``bench.runtime.cast_for_inference``) and its inputs with it, as ``bench sample`` runs it, so that no call spends
+  time casting weights. ``--tf32`` holds for the sweep only (``bench.runtime.tf32``, the flags restored after).
+- Grad mode: every call (probe, memory, per-NFE, guided, whole images) runs under ``torch.no_grad()``, the mode of the
+  sampler; with ``--compile`` the compiled model is warmed in that mode and at those shapes before each timed region,
+  and a recompilation inside a timed region is an error (``torch.compiler.set_stance("fail_on_recompile")``).
 - ``latency_nfe_*_s``: one network evaluation of the whole batch, after ``warmup`` untimed calls, over
   ``repeats`` timed calls: median, interquartile range, standard deviation and minimum; ``latency_nfe_all_s``
   every timed call (so ratios between models get intervals); ``latency_nfe_guided_median_s`` one guided
   evaluation (classifier-free guidance: the conditional and the null-mask halves in one call on a doubled batch).
 - ``image_latency_s``: one whole batch of images at ``--steps``: the sampler of ``bench sample``
   (``bench.sample.sample_batch``: Euler, steps NFE, then decode and copy to the host), median over
-  ``image_repeats`` runs. It is measured only when
+  ``image_repeats`` runs after one untimed whole image. It is measured only when
   the projection ``latency_nfe_median_s * steps + decode_latency_s`` fits ``--full-image-max-seconds``;
   the projection itself always goes to ``image_latency_projected_s``, never to the measured column.
   ``image_vs_projected`` = measured / projected: far from 1, the whole image costs more (or less) than its parts.
   ``decode_latency_s`` is the decoder alone (the identity clamp for pixel-space models).
 - ``images_per_s`` = batch / image_latency_s (measured), ``images_per_s_projected`` from the projection.
-- Peak memory of one network evaluation: on CUDA ``peak_cuda_allocated_mib`` =
-  ``torch.cuda.max_memory_allocated`` (weights, inputs and activations); on CPU ``peak_rss_delta_mib`` =
+- Peak memory of one network evaluation: on CUDA ``peak_cuda_delta_mib`` = ``torch.cuda.max_memory_allocated`` less
+  ``torch.cuda.memory_allocated`` just before the call (what the call itself needs: activations and workspaces), and
+  ``peak_cuda_allocated_mib`` the maximum itself (weights and inputs included); on CPU ``peak_rss_delta_mib`` =
   the highest resident set size above the level just before the call, sampled from /proc/self/statm every
   millisecond by a background thread after returning freed heap to the system (Linux only; a lower bound of
   the activation memory, since a peak shorter than a millisecond can fall between samples).
@@ -49,6 +57,7 @@ weights do not change its cost, and the ``decoder`` column says so.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import statistics
@@ -64,9 +73,9 @@ from bench.flops import FlopCount, count_flops, equivalent_tokens, example_input
 from bench.io import ResultsFile
 from bench.provenance import provenance
 from bench.rows import SpeedRow
-from bench.runtime import PRECISIONS, autocast, resolve_device
-from bench.timing import (free_memory, is_out_of_memory, load_average, peak_memory, probe_kernels, sdpa_enabled,
-                          set_tf32, time_calls)
+from bench.runtime import PRECISIONS, autocast, cast_for_inference, resolve_device, tf32
+from bench.timing import (free_memory, is_out_of_memory, load_average, no_recompiles, peak_memory, probe_kernels,
+                          sdpa_enabled, time_calls)
 from bench.variants import build_model
 
 GUIDED_SCALE = 1.5  # the guidance scale of the guided per-NFE timing (any s != 1 costs the same doubled call)
@@ -91,7 +100,7 @@ class SpeedConfig:
     steps: int = 200
     batch_sizes: list[int] = field(default_factory=lambda: [1, 4])
     resolutions: list[int] | None = None  # None: the preset's (times FLOPS_ONLY_SCALES with flops_only)
-    precision: str = "fp32"
+    precision: str | None = None  # None: each model's recipe precision at the preset (bench.presets)
     warmup: int = 3
     repeats: int = 10
     image_repeats: int = 3
@@ -120,6 +129,7 @@ class Setting:
     flops: FlopCount
     flops_decode: int | None
     flops_exponent: float | None = None
+    precision: str = "fp32"  # what the model runs at
 
     def describe(self, steps: int) -> dict:
         per_image = self.flops.total * steps + (self.flops_decode or 0)
@@ -141,7 +151,7 @@ def run_speed(cfg: SpeedConfig, echo=print):
 
     variants = parse_models(cfg.models)
     cfg.models = [v.name for v in variants]
-    if cfg.precision not in PRECISIONS:
+    if cfg.precision is not None and cfg.precision not in PRECISIONS:
         raise BenchError(f"unknown precision {cfg.precision!r}; use one of {', '.join(PRECISIONS)}")
     for v in variants:
         if cfg.preset not in models.list_presets(v.model):
@@ -195,12 +205,25 @@ def plan(cfg: SpeedConfig) -> list[Setting]:
         resolutions = cfg.resolutions or [base.image_size * k for k in
                                           (FLOPS_ONLY_SCALES if cfg.flops_only else (1,))]
         per_model = [describe_setting(name, cfg.preset, r, base) for r in resolutions]
+        for s in per_model:
+            s.precision = cfg.precision or recipe_precision(name, cfg.preset)
         fit = fit_power_law([equivalent_tokens(s.resolution) for s in per_model],
                             [s.flops.total for s in per_model])
         for s in per_model:
             s.flops_exponent = None if fit is None else round(fit[0], 4)
         settings += per_model
     return settings
+
+
+def recipe_precision(name: str, preset: str) -> str:
+    """The training precision of the variant ``name``'s backbone at ``preset`` (fp32 for a preset without recipes)."""
+    from bench import presets
+    from bench.variants import parse_variant
+
+    try:
+        return presets.recipe(preset, parse_variant(name).model).precision
+    except BenchError:  # a plugin's own preset: no recipe table
+        return "fp32"
 
 
 def eval_model(name: str, preset: str, overrides: dict, device: torch.device | str) -> torch.nn.Module:
@@ -302,21 +325,27 @@ def timed_sweep(settings: list[Setting], cfg: SpeedConfig, device: torch.device)
     """Time every setting at every batch size; a setting that runs out of memory becomes an 'oom' row."""
     from tqdm import tqdm
 
-    set_tf32(device, cfg.tf32)
     torch.manual_seed(cfg.seed)
     # one decoder per space, loaded before anything is timed (a --vae that cannot load fails here)
     decoders = {space: load_decoder(space, cfg.vae, device) for space in dict.fromkeys(s.space for s in settings)}
+    with tf32(cfg.tf32) if device.type == "cuda" else contextlib.nullcontext():
+        return _timed_sweep(settings, cfg, device, decoders)
+
+
+def _timed_sweep(settings: list[Setting], cfg: SpeedConfig, device: torch.device, decoders: dict) -> list[dict]:
+    from tqdm import tqdm
+
     rows = []
     bar = tqdm(total=len(settings) * len(cfg.batch_sizes), desc="bench speed", unit="setting")
     for s in settings:
         model = None
         for batch_size in cfg.batch_sizes:
             bar.set_postfix_str(f"{s.name} {s.resolution}px batch {batch_size}")
-            row = {**s.describe(cfg.steps), **base_columns(cfg, device, batch_size)}
+            row = {**s.describe(cfg.steps), **base_columns(cfg, device, batch_size, s.precision)}
             try:
                 if model is None:
                     torch.manual_seed(cfg.seed)
-                    model = eval_model(s.name, cfg.preset, s.overrides, device)
+                    model = cast_for_inference(eval_model(s.name, cfg.preset, s.overrides, device), s.precision)
                 row.update(measure_batch(model, decoders[s.space], s, batch_size, cfg, device))
             except Exception as e:
                 if not is_out_of_memory(e):
@@ -334,38 +363,50 @@ def timed_sweep(settings: list[Setting], cfg: SpeedConfig, device: torch.device)
     return rows
 
 
-def base_columns(cfg: SpeedConfig, device: torch.device, batch_size: int) -> dict:
+def base_columns(cfg: SpeedConfig, device: torch.device, batch_size: int, precision: str) -> dict:
     """Columns shared by every timed row of this sweep (provenance included)."""
     return {
         "mode": "timed", "status": "ok", "error": "", "preset": cfg.preset, "compile": cfg.compile,
         "tf32": cfg.tf32 if device.type == "cuda" else "n/a", "warmup": cfg.warmup, "repeats": cfg.repeats,
         "sdpa_enabled": sdpa_enabled(device), "loadavg_1m": load_average(),
-        **provenance(device, cfg.precision, batch_size, cfg.steps, cfg.steps, cfg.seed),
+        **provenance(device, precision, batch_size, cfg.steps, cfg.steps, cfg.seed),
     }
 
 
 def measure_batch(model: torch.nn.Module, decoder: tuple, s: Setting, batch_size: int, cfg: SpeedConfig,
                   device: torch.device) -> dict:
-    """Kernels, memory, per-NFE latency and whole-image latency of ``model`` at ``batch_size``."""
+    """Kernels, memory, per-NFE latency and whole-image latency of ``model`` (cast to ``s.precision``) at
+    ``batch_size``, every call under torch.no_grad() as the sampler makes it (see the module docstring)."""
     from bench.flow import NFE_PER_STEP, guided_velocity
     from bench.sample import sample_batch
 
     space, decoder_label = decoder
+    dtype = PRECISIONS[s.precision]
     gen = torch.Generator().manual_seed(cfg.seed)
     x, t, mask = example_inputs(model, batch_size, device, generator=gen)
+    xd, maskd = x.to(dtype), mask.to(dtype)  # the sampler's inputs: x and the mask in the model's dtype, t in fp32
     out = {"decoder": decoder_label}
-    with torch.no_grad(), autocast(device, cfg.precision):  # not inference_mode: under it SDPA's kernel choice is not dispatched visibly
-        out.update(probe_kernels(model, x, t, mask))
-    with torch.inference_mode(), autocast(device, cfg.precision):
-        out.update(peak_memory(lambda: model(x, t, mask), device))
+    # no_grad, not inference_mode: under it SDPA's kernel choice is not dispatched visibly, and a compiled model
+    # would see inference tensors in one region and normal ones in another (a recompilation)
+    with torch.no_grad(), autocast(device, s.precision):
+        out.update(probe_kernels(model, xd, t, maskd))
+        out.update(peak_memory(lambda: model(xd, t, maskd), device))
     net = torch.compile(model) if cfg.compile else model
 
-    with torch.inference_mode(), autocast(device, cfg.precision):
-        nfe_times = time_calls(lambda: net(x, t, mask), cfg.warmup, cfg.repeats, device)
+    def timed(fn, warmup: int, repeats: int) -> list[float]:
+        """Seconds per call of fn: the warm-up calls (compilation included) first, then the timed ones, during
+        which a recompilation is an error."""
+        for _ in range(warmup):
+            fn()
+        with no_recompiles(cfg.compile):
+            return time_calls(fn, 0, repeats, device)
+
+    with torch.no_grad(), autocast(device, s.precision):
+        nfe_times = timed(lambda: net(xd, t, maskd), cfg.warmup, cfg.repeats)
         # classifier-free guidance: both halves in one call on a doubled batch (the scale does not change the cost)
-        guided = guided_velocity(net, mask, GUIDED_SCALE)
-        guided_times = time_calls(lambda: guided(x, t), cfg.warmup, cfg.repeats, device)
-    with torch.inference_mode():  # the sampler decodes in fp32, outside autocast
+        guided = guided_velocity(lambda xs, ts, ms: net(xs.to(dtype), ts, ms), maskd, GUIDED_SCALE)
+        guided_times = timed(lambda: guided(x, t), cfg.warmup, cfg.repeats)
+    with torch.no_grad():  # the sampler decodes in fp32, outside autocast
         decode_times = time_calls(lambda: space.decode(x.float()), 1, cfg.repeats, device)
     nfe_median, decode_median = statistics.median(nfe_times), statistics.median(decode_times)
     q25, q75 = np.percentile(nfe_times, [25, 75])
@@ -379,14 +420,16 @@ def measure_batch(model: torch.nn.Module, decoder: tuple, s: Setting, batch_size
                images_per_s_projected=batch_size / projected, nfe=nfe)
 
     if projected <= cfg.full_image_max_seconds:
-        runs = min(cfg.image_repeats, max(1, math.floor(cfg.full_image_max_seconds / projected)))
+        # the untimed image counts against the budget too: at most floor(budget / projected) images in all
+        runs = min(cfg.image_repeats, max(1, math.floor(cfg.full_image_max_seconds / projected) - 1))
         noise = torch.randn(x.shape, generator=gen)
         counted = []
 
         def one_image():  # the real sampler of `bench sample`: Euler on t_i = i / steps, decode, to host
-            counted.append(sample_batch(net, space, mask, noise, cfg.steps, "euler", 1.0, cfg.precision)[1])
+            counted.append(sample_batch(net, space, mask, noise, cfg.steps, "euler", 1.0, s.precision)[1])
 
-        image_times = time_calls(one_image, 0, runs, device)
+        with torch.no_grad():
+            image_times = timed(one_image, 1, runs)  # one untimed image first: the sampler's own first-call costs
         image_median = statistics.median(image_times)
         out.update(image_latency_s=image_median, image_repeats=runs, images_per_s=batch_size / image_median,
                    image_vs_projected=image_median / projected, nfe=counted[-1])
@@ -399,7 +442,7 @@ def flops_row(s: Setting, cfg: SpeedConfig) -> dict:
     """A --flops-only row: parameters and FLOPs, nothing timed."""
     row = {**s.describe(cfg.steps), "mode": "flops-only", "status": "ok", "error": "", "preset": cfg.preset,
            "decoder": RANDOM_VAE_LABEL if s.flops_decode is not None else PIXEL_DECODER_LABEL,
-           **provenance("cpu", cfg.precision, 1, cfg.steps, cfg.steps, cfg.seed)}
+           **provenance("cpu", s.precision, 1, cfg.steps, cfg.steps, cfg.seed)}
     row.update(device="meta", device_name="meta (shapes only, nothing executed)")
     return row
 
@@ -428,7 +471,7 @@ def timed_table(rows: list[dict]) -> str:
 
     df = pd.DataFrame(rows, columns=COLUMNS)
     cuda = df["device"].eq("cuda").any()
-    memory = "peak_cuda_allocated_mib" if cuda else "peak_rss_delta_mib"
+    memory = "peak_cuda_delta_mib" if cuda else "peak_rss_delta_mib"
     table = pd.DataFrame({
         "model": df["model"], "px": df["resolution"], "batch": df["batch_size"], "status": df["status"],
         "params (M)": _scaled(df["params"], 1e-6, 2), "GFLOPs / NFE": _scaled(df["flops_per_nfe"], 1e-9, 3),
@@ -438,8 +481,8 @@ def timed_table(rows: list[dict]) -> str:
         "image (s, projected)": _scaled(df["image_latency_projected_s"], 1, 3),
         "decode (s)": _scaled(df["decode_latency_s"], 1, 4),
         "images/s": _scaled(df["images_per_s"], 1, 3),
-        "peak CUDA alloc (MiB)" if cuda else "peak RSS growth (MiB)": _scaled(df[memory], 1, 1),
-        "scan": df["scan_backend"], "attention": df["attention_kernel"],
+        "peak CUDA alloc rise (MiB)" if cuda else "peak RSS growth (MiB)": _scaled(df[memory], 1, 1),
+        "precision": df["precision"], "scan": df["scan_backend"], "attention": df["attention_kernel"],
     })
     note = ("latencies cover the whole batch; 'image' = --steps Euler NFE + decode, measured only within "
             "--full-image-max-seconds, else projected from the per-NFE median")

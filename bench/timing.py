@@ -2,8 +2,10 @@
 
 - ``time_calls``: seconds per call after untimed warm-up calls; CUDA events after synchronising on GPU,
   ``time.perf_counter`` on CPU.
-- ``peak_memory``: CUDA ``max_memory_allocated`` of one call, or on CPU the highest resident set above the level
-  just before the call, sampled every millisecond by a background thread (Linux; a lower bound).
+- ``peak_memory``: CUDA ``max_memory_allocated`` of one call and its rise above ``memory_allocated`` just before it,
+  or on CPU the highest resident set above the level just before the call, sampled every millisecond by a
+  background thread (Linux; a lower bound).
+- ``no_recompiles``: a block in which a torch.compile recompilation is an error (timed regions).
 - ``probe_kernels``: which selective-scan implementation and which SDPA kernel one eager forward actually ran.
 """
 from __future__ import annotations
@@ -62,17 +64,28 @@ def load_average() -> float | None:
         return None
 
 
-def set_tf32(device: torch.device, enabled: bool) -> None:
-    """TF32 for fp32 matmuls and convolutions on CUDA, on or off as asked (no effect on CPU)."""
-    if device.type != "cuda":
+@contextlib.contextmanager
+def no_recompiles(active: bool = True):
+    """Inside the block, a torch.compile recompilation raises a one-line BenchError instead of being timed.
+
+    Through ``torch.compiler.set_stance("fail_on_recompile")`` (torch >= 2.6; older versions time without the check).
+    Compiled functions must be warmed (compiled) before the block, in its grad mode and at its shapes.
+    """
+    from bench.errors import BenchError
+
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if not active or set_stance is None:
+        yield
         return
-    mode = "tf32" if enabled else "ieee"
-    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
-        torch.backends.cuda.matmul.fp32_precision = mode
-        torch.backends.cudnn.conv.fp32_precision = mode
-    else:
-        torch.backends.cuda.matmul.allow_tf32 = enabled
-        torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        with set_stance("fail_on_recompile"):
+            yield
+    except RuntimeError as e:
+        if "recompile" not in str(e).lower():
+            raise
+        first = str(e).strip().splitlines()[0]
+        raise BenchError(f"torch.compile recompiled inside a timed region ({first}); the timing would include "
+                         f"compilation: time without --compile") from None
 
 
 def sdpa_enabled(device: torch.device) -> str:
@@ -169,9 +182,11 @@ def peak_memory(fn, device: torch.device) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
         fn()
         torch.cuda.synchronize(device)
-        return {"peak_cuda_allocated_mib": torch.cuda.max_memory_allocated(device) / MIB}
+        peak = torch.cuda.max_memory_allocated(device)
+        return {"peak_cuda_allocated_mib": peak / MIB, "peak_cuda_delta_mib": (peak - before) / MIB}
     if not PeakRSS.STATM.exists():
         return {}
     with PeakRSS() as rss:

@@ -10,6 +10,15 @@ Exact resume: everything random is a function of the seed and the step. The data
 permutation per epoch, indexed by step; the noise, times and mask drops of the GLOBAL batch come from one
 generator whose state is checkpointed; each DDP rank takes its slice of both. So N steps in one go,
 N/2 + resume, or the same global batch over several processes follow the same trajectory.
+
+The device is not waited for on every step. The loss stays on the device (summed per logging window, in fp64); at
+logging and checkpoint steps one all-reduce brings the window's loss, whether any loss since the last check was not
+finite, whether a process was asked to stop and, before a checkpoint, whether the weights are all finite: a
+non-finite loss or weight stops the run there, and no checkpoint is ever written with either (the last good one
+stays). A single process acts on Ctrl-C/SIGTERM at the end of the current step; in DDP the processes agree at the next
+logging or checkpoint step. AdamW runs fused on CUDA and multi-tensor (foreach) on the CPU; the EMA update is one
+foreach lerp. Data comes first: the default synthetic set is generated (rank 0; the other processes wait for its
+manifest) before the process group exists, whose collectives time out after ``PROCESS_GROUP_TIMEOUT``.
 """
 from __future__ import annotations
 
@@ -17,6 +26,7 @@ import contextlib
 import copy
 import csv
 import dataclasses
+import datetime
 import io
 import math
 import os
@@ -84,7 +94,8 @@ class TrainConfig:
     grid_masks: int = doc(presets.help_text(presets.Budget, "grid_masks"), default=4)
     grid_steps: int = doc(presets.help_text(presets.Budget, "grid_steps"), default=50)
     workers: int = doc(presets.help_text(presets.Budget, "workers"), default=0)
-    cache_latents: bool = doc("Keep each image's latent in RUN/latents after its first encoding.", default=False)
+    cache_latents: bool = doc("Keep each image's latent in RUN/latents after its first encoding (default: on in latent "
+                              "space, off in pixel space).", default=False)
     micro_batch: int = doc("Samples per forward and backward pass: each process's share of the batch is split into "
                            "micro-batches whose gradients add up before the one optimiser step (0: the whole share "
                            "at once).", default=0)
@@ -179,6 +190,8 @@ def make_config(model, run_dir: Path, resume: bool = False, **given) -> TrainCon
     cfg.model_overrides = {**variant.kwargs(),
                            **space_overrides(variant.model, preset, cfg.space, cfg.vae, variant.kwargs())}
     cfg.model_config = model_config(variant.model, preset, cfg.model_overrides)
+    if "cache_latents" not in given:  # each image is encoded once, not once per epoch
+        cfg.cache_latents = cfg.space == "latent"
     if cfg.data is None:
         image_size = cfg.model_config["image_size"]
         cfg.data, cfg.synthetic = display_path(default_set_dir(image_size, cfg.synth_n)), True
@@ -286,6 +299,19 @@ def seed_worker(worker_id: int) -> None:
 # ----------------------------------------------------------------------------------------------
 
 EMA_WARMUP = 10  # the decay after n updates is at most (1 + n) / (EMA_WARMUP + n)
+# Collectives wait this long before failing: rank 0 writes checkpoints (three copies of the weights at the paper
+# preset) and sample grids while the others wait in the next all-reduce; NCCL's own default is 10 minutes.
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=60)
+
+
+def make_optimizer(params, lr: float, device: torch.device) -> torch.optim.Optimizer:
+    """The trainer's AdamW (no weight decay): fused on CUDA, multi-tensor (foreach) elsewhere."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, **optimizer_flags(device))
+
+
+def optimizer_flags(device: torch.device) -> dict:
+    return {"fused": True, "foreach": False} if torch.device(device).type == "cuda" else {"fused": False,
+                                                                                           "foreach": True}
 
 
 def ema_decay_at(updates: int, decay: float) -> float:
@@ -300,10 +326,19 @@ def ema_decay_at(updates: int, decay: float) -> float:
 
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1.0 - decay)
-    for e, b in zip(ema.buffers(), model.buffers()):
-        e.copy_(b)
+    """ema <- ema + (1 - decay) (model - ema) for every parameter in one foreach call; buffers copied."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
+    buffers = list(ema.buffers())
+    if buffers:
+        torch._foreach_copy_(buffers, list(model.buffers()))
+
+
+def all_finite(tensors) -> torch.Tensor:
+    """A device bool: every element of ``tensors`` finite (one foreach norm per call, no host sync)."""
+    tensors = [t for t in tensors if t.is_floating_point()]
+    if not tensors:
+        return torch.ones((), dtype=torch.bool)
+    return torch.stack(torch._foreach_norm(tensors)).isfinite().all()
 
 
 def micro_batches(n: int, micro_batch: int) -> list[slice]:
@@ -325,12 +360,27 @@ def forward_backward(net: nn.Module, x1_of, masks, t, x0, drop, micro_batch: int
     for i, part in enumerate(parts):
         no_sync = getattr(net, "no_sync", None) if i < len(parts) - 1 else None
         with no_sync() if no_sync else contextlib.nullcontext():
-            with autocast:
-                loss = flow.flow_loss(net, x1_of(part), flow.drop_masks(masks[part], drop[part].to(device)),
-                                      t[part].to(device), x0[part].to(device))
+            with autocast:  # non_blocking: t, x0 and drop come in pinned memory on CUDA (no wait for the device)
+                loss = flow.flow_loss(net, x1_of(part),
+                                      flow.drop_masks(masks[part], drop[part].to(device, non_blocking=True)),
+                                      t[part].to(device, non_blocking=True), x0[part].to(device, non_blocking=True))
             scaler.scale(loss / len(parts) if len(parts) > 1 else loss).backward()
         losses.append(loss.detach())
     return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+
+
+def nonfinite_message(bad_step: int, bad_loss: float, any_bad: bool, since: int, step: int, last: Path,
+                      saved_step: int | None) -> str:
+    """The one-line error of a run stopped by a non-finite loss (``bad_step`` 0: on another process) or weights."""
+    if bad_step:
+        what = f"loss is {bad_loss} at step {bad_step}"
+    elif any_bad:
+        what = f"a loss of another process was not finite in steps {since}-{step}"
+    else:
+        what = f"the weights are not finite after step {step}"
+    where = f"{last} (step {saved_step})" if saved_step is not None else "none (no checkpoint was written yet)"
+    return (f"{what}: training stopped at step {step}, before any checkpoint of it was written; last good checkpoint: "
+            f"{where}. Try a lower --lr, --grad-clip, or --precision fp32")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -353,7 +403,7 @@ class Distributed:
             torch.cuda.set_device(self.device)
         self.owns_group = self.world > 1 and not dist.is_initialized()
         if self.owns_group:
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
 
     @property
     def main(self) -> bool:
@@ -363,13 +413,11 @@ class Distributed:
         if self.world > 1:
             dist.barrier()
 
-    def all_mean(self, values: list[float]) -> list[float]:
-        """Mean over the processes of a few numbers (one all-reduce)."""
-        if self.world == 1:
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return (t / self.world).tolist()
+    def all_sum(self, values: torch.Tensor) -> list[float]:
+        """Sum over the processes of a few numbers (one fp64 tensor on the device, one all-reduce), on the host."""
+        if self.world > 1:
+            dist.all_reduce(values)
+        return values.tolist()
 
     def close(self) -> None:
         if self.owns_group:
@@ -454,11 +502,27 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, device: s
 
     Works alone or in every process of a torchrun job (WORLD_SIZE > 1: DDP, the global batch split evenly).
     """
+    prepare_data(cfg, progress)  # before the process group: no collective waits on data generation
     ddp = Distributed(device)
     try:
         return _train(cfg, Path(run_dir), resume, ddp, progress)
     finally:
         ddp.close()
+
+
+def prepare_data(cfg: TrainConfig, progress: bool = True) -> None:
+    """The default synthetic set of a run, generated by rank 0 (or the only process); the other processes of a
+    torchrun job wait for its manifest to say it is complete. Nothing to do for a given data folder."""
+    from bench.synth import ensure_default_set, wait_for_default_set
+
+    if not cfg.synthetic:
+        return
+    size = cfg.model_config.get("image_size") or build_model(cfg.model, cfg.preset, cfg.model_overrides,
+                                                             "meta").image_size
+    if int(os.environ.get("RANK", "0")) == 0:
+        ensure_default_set(cfg.data, cfg.synth_n, size, progress=progress)
+    else:
+        wait_for_default_set(cfg.data, cfg.synth_n, size)
 
 
 def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ddp: Distributed, progress: bool) -> dict:
@@ -467,7 +531,6 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ddp: Distributed, prog
 
     from bench.data import FaceDataset
     from bench.sample import GridSpec
-    from bench.synth import ensure_default_set
 
     check_config(cfg)
     if cfg.batch_size % ddp.world:
@@ -486,7 +549,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ddp: Distributed, prog
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     if cfg.checkpointing:
         recompute.enable(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    opt = make_optimizer(model.parameters(), cfg.lr, device)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     gen = torch.Generator().manual_seed(cfg.seed)  # time, noise and mask drops of the global batch
     step, wall, saved_step = 0, 0.0, None
@@ -497,6 +560,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ddp: Distributed, prog
         state = load(last)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
+        for group in state["optimizer"]["param_groups"]:  # fused/foreach are this device's choice, not the saved one's
+            group.update(optimizer_flags(device))
         opt.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
@@ -505,11 +570,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ddp: Distributed, prog
         wall = state["wall_s"]
         del state
 
-    # --- data, in the model's space
-    if cfg.synthetic:
-        if ddp.main:
-            ensure_default_set(cfg.data, cfg.synth_n, model.image_size, progress=progress)
-        ddp.barrier()
+    # --- data, in the model's space (a synthetic set was made before the process group: prepare_data)
     train_set = FaceDataset(cfg.data, "train", size=model.image_size)
     space = load_space(cfg.space, cfg.vae, device)
     cache = LatentCache(run_dir / "latents", space, "train") if cfg.cache_latents and cfg.space == "latent" else None
@@ -542,20 +603,29 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ddp: Distributed, prog
 
     bar = tqdm(total=cfg.steps, initial=step, disable=not (ddp.main and progress), desc=f"train {cfg.model}",
                unit="step", dynamic_ncols=True)
-    window_loss, window_steps, window_time, loss_mean = 0.0, 0, 0.0, float("nan")
+    pin = device.type == "cuda"  # host tensors copied without waiting for the device
+    params = list(model.parameters())
+    # on the device, read at logging and checkpoint steps only: this window's loss sum (fp64), the last step's loss,
+    # the first step since the last check with a non-finite loss (0: none) and that loss
+    window_loss = torch.zeros((), dtype=torch.float64, device=device)
+    last_loss = torch.zeros((), dtype=torch.float64, device=device)
+    bad_step = torch.zeros((), dtype=torch.int64, device=device)
+    bad_loss = torch.zeros((), dtype=torch.float64, device=device)
+    window_steps, window_time, loss_mean, checked = 0, 0.0, float("nan"), step
     with StopSignals() as stop:
         tic = time.perf_counter()
         for batch in loader:
             images, masks = batch["image"].to(device, non_blocking=True), batch["mask"].to(device, non_blocking=True)
-            t, x0, drop = draw_noise(gen, cfg, model.input_shape, ddp.rank, ddp.world)
+            t, x0, drop = (v.pin_memory() if pin else v for v in draw_noise(gen, cfg, model.input_shape, ddp.rank,
+                                                                              ddp.world))
             loss = forward_backward(
                 net, lambda part: cache.encode(images[part], batch["index"][part].tolist()) if cache
                 else space.encode(images[part]), masks, t, x0, drop, cfg.micro_batch, autocast, scaler, device)
-            loss_mean, stop_all = ddp.all_mean([loss.item(), float(stop.signum)])
-            if not math.isfinite(loss_mean):
-                where = f"{last} (step {saved_step})" if saved_step is not None else "none (no checkpoint was written yet)"
-                raise BenchError(f"loss is {loss_mean} at step {step + 1}: training stopped and that step was not "
-                                 f"saved; last good checkpoint: {where}. Try a lower --lr, --grad-clip, or --precision fp32")
+            last_loss = loss.double()
+            window_loss += last_loss
+            first_bad = (bad_step == 0) & ~torch.isfinite(last_loss)
+            bad_step = torch.where(first_bad, step + 1, bad_step)
+            bad_loss = torch.where(first_bad, last_loss, bad_loss)
 
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg)
@@ -566,19 +636,41 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ddp: Distributed, prog
             opt.zero_grad(set_to_none=True)
             update_ema(ema, model, ema_decay_at(step, cfg.ema_decay))
             step += 1
+            window_steps += 1
 
+            log_now = step % cfg.log_every == 0 or step == cfg.steps
+            save_now = step % cfg.ckpt_every == 0 or step == cfg.steps or (ddp.world == 1 and stop.signum)
+            stop_all = False
+            if log_now or save_now:  # the one host sync of a step (see the module docstring)
+                weights_bad = ~(all_finite(params) & all_finite(ema.parameters()))
+                totals = ddp.all_sum(torch.stack([window_loss, last_loss, (bad_step > 0).double(),
+                                                  torch.tensor(float(stop.signum > 0), dtype=torch.float64,
+                                                               device=device), weights_bad.double()]))
+                window_sum, loss_sum, n_bad, n_stop, n_weights_bad = totals
+                loss_mean = loss_sum / ddp.world
+                stop_all = n_stop > 0
+                if n_bad or n_weights_bad:
+                    if ddp.main:
+                        log.close()
+                    bar.close()
+                    raise BenchError(nonfinite_message(int(bad_step.item()), float(bad_loss.item()), bool(n_bad),
+                                                       checked + 1, step, last, saved_step))
+                bad_step.zero_()
+                checked = step
             toc = time.perf_counter()
             wall += toc - tic
-            window_loss, window_steps, window_time = window_loss + loss_mean, window_steps + 1, window_time + toc - tic
-            if ddp.main and (step % cfg.log_every == 0 or step == cfg.steps):
-                log.write(step=step, loss=f"{window_loss / window_steps:.6g}", lr=f"{lr_at(step - 1, cfg):.6g}",
-                          grad_norm=f"{float(grad_norm):.6g}", steps_per_s=f"{window_steps / window_time:.4g}",
-                          wall_s=f"{wall:.2f}")
-                bar.set_postfix(loss=f"{window_loss / window_steps:.4f}", steps_s=f"{window_steps / window_time:.2f}",
-                                refresh=False)
-                window_loss, window_steps, window_time = 0.0, 0, 0.0
+            window_time += toc - tic
+            if log_now:
+                if ddp.main:
+                    mean = window_sum / ddp.world / window_steps
+                    log.write(step=step, loss=f"{mean:.6g}", lr=f"{lr_at(step - 1, cfg):.6g}",
+                              grad_norm=f"{float(grad_norm):.6g}", steps_per_s=f"{window_steps / window_time:.4g}",
+                              wall_s=f"{wall:.2f}")
+                    bar.set_postfix(loss=f"{mean:.4f}", steps_s=f"{window_steps / window_time:.2f}", refresh=False)
+                window_loss.zero_()
+                window_steps, window_time = 0, 0.0
             bar.update()
-            if step % cfg.ckpt_every == 0 or step == cfg.steps or stop_all:
+            if save_now or stop_all:
                 if ddp.main:
                     save_checkpoint()
                 saved_step = step

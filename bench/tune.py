@@ -74,7 +74,7 @@ def lr_sweep(preset: str, models: list[str], lrs: list[float], steps: int, seed:
             echo(f"{v.name} lr {lr:g}: {'continuing' if resume else 'training'} {display_path(run_dir)}")
             tic = time.perf_counter()
             result = train(cfg, run_dir, resume=resume, device=str(device), progress=True)
-            run = load_run(run_dir, device)
+            run = load_run(run_dir, device, precision="fp32")  # the held-out loss of the fp32 EMA weights
             loss = heldout_loss(run)
             row = {"model": v.name, "preset": preset, "lr": lr, "train_steps": result["step"],
                    "heldout_loss": loss, "train_loss": result["loss"], "run": display_path(run_dir),

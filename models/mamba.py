@@ -20,6 +20,15 @@ Token mixing is set by two options (``SismaConfig.scan`` and ``.conv``):
 raster + causal1d is strictly causal: output token l depends on tokens 0..l only, so the top of the image
 never sees the bottom. It is kept as the ablation's reference point; the default is zigzag + grid2d
 (models/sisma.py).
+
+Fused path: a Self-Mamba with the causal 1-D conv and one scan order is exactly Mamba's layer run on its tokens in
+that order (in_proj and out_proj act per token, so permuting the tokens before in_proj and un-permuting after out_proj
+is the same as permuting u and z and un-permuting y). Where ``models.ssm.fused_inner`` gives mamba-ssm's
+``mamba_inner_fn`` (CUDA with mamba-ssm and causal-conv1d), it runs the whole layer in one call with the same weights:
+xz = in_proj.weight @ x (u then z), conv1d's (E, 1, W) weight and bias, x_proj.weight (dt, B, C), dt_proj.weight,
+out_proj.weight, A = -exp(A_log), D, dt_proj.bias as delta_bias, softplus. Cross-Mamba (B and C from the mask), the
+grid conv (the default) and two scan orders (bidirectional) take the unfused path, whose scan is still mamba-ssm's
+selective_scan_fn on CUDA.
 """
 from __future__ import annotations
 
@@ -30,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from models import ssm
 from models.ssm import causal_conv1d, selective_scan
 
 SCAN_ORDERS = ("raster", "bidirectional", "zigzag")
@@ -103,6 +113,10 @@ class SelectiveSSM(nn.Module):
     With ``cross`` the projection of u gives only dt; B and C come from the (projected) mask stream through
     its own conv and projection.
     """
+
+    # kept in fp32 when a model is cast for inference (bench.runtime.cast_for_inference): A = -exp(A_log), the skip D
+    # and the step-size bias enter the scan in fp32, as mamba-ssm passes them
+    fp32_parameters = ("A_log", "D", "dt_proj.bias")
 
     def __init__(self, d_inner: int, d_state: int, dt_rank: int, d_conv: int, cross: bool, conv: str, grid: int):
         super().__init__()
@@ -206,8 +220,29 @@ class SelfMamba(MambaMixer):
     def __init__(self, d_model: int, **kw):
         super().__init__(d_model, cross=False, **kw)
 
+    @property
+    def fusable(self) -> bool:
+        """True when the layer is Mamba's own on reordered tokens: causal 1-D conv, one scan order."""
+        return not self.ssm.conv.on_grid and self.n_orders == 1
+
     def forward(self, x: Tensor) -> Tensor:
+        fused = ssm.fused_inner(x) if self.fusable else None
+        if fused is not None:
+            return self.mix_fused(x, fused)
         return self.mix(x, None)
+
+    def mix_fused(self, x: Tensor, fused) -> Tensor:
+        """x (B, L, D) -> (B, L, D) through ``fused`` (mamba_inner_fn's signature; see the module docstring)."""
+        order = self.orders()[0]
+        if order is not None:
+            x = x[:, order[0]]  # tokens in scan order
+        xz = self.in_proj.weight @ x.transpose(1, 2)  # (B, 2E, L): u then z, as mamba_inner_fn splits it
+        s = self.ssm
+        conv = s.conv.conv1d
+        out = fused(xz, conv.weight, conv.bias, s.x_proj.weight, s.dt_proj.weight, self.out_proj.weight, None,
+                    -torch.exp(s.A_log.float()), None, None, s.D.float(), delta_bias=s.dt_proj.bias.float(),
+                    delta_softplus=True)
+        return out if order is None else out[:, order[1]]  # back to raster order
 
 
 class CrossMamba(MambaMixer):

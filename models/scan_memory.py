@@ -18,6 +18,16 @@ the same outputs and saving the same tensors for backward, so that memory is pre
 - ``CausalConvShapes`` mirrors causal-conv1d's ``CausalConv1dFn`` (``causal_conv1d/causal_conv1d_interface.py``):
   x made contiguous if neither of its last two strides is 1, bias contiguous; ``out`` like x; x, weight and bias
   saved. Backward: dx like x, dweight and dbias like weight and bias.
+- ``MambaInnerShapes`` mirrors mamba-ssm's ``MambaInnerFn`` (``mamba_inner_fn``, checkpoint level 1, B and C from
+  x_proj), the fused Self-Mamba layer. Forward: under autocast the three projection weights are cast (and those
+  copies saved); the conv output (B, E, L) and its per-position copy for x_proj, x_dbl (B L, R + 2N), the step sizes
+  (E, B L), B and C as contiguous (B, 1, N, L), the kernel's out like the step sizes, its chunk states and out_z like
+  z, and out_proj's input copy and output; saved: xz, the weights, x_dbl, A, B, C, D, delta_bias, the chunk states
+  and out (the conv output and the step sizes are dropped and recomputed). Backward: the conv output and step sizes
+  again, dxz like xz, out_proj's gradient (E, B L), the scan's du, ddelta, dB and dC (fp32, then cast) and a
+  recomputed out_z, then the layouts mamba-ssm's backward copies through (out_z, ddelta and the conv gradient as
+  (E, B L), dB and dC as (B L, N), the conv output as (B L, E)), the weight gradients and the conv's fp32 dweight and
+  dbias.
 
 The scratch buffers inside the kernels (a few kB per thread) are left out.
 """
@@ -26,6 +36,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 MAMBA_CHUNK = 2048  # positions per chunk of mamba-ssm's forward kernel (n_chunks = ceil(L / 2048))
@@ -138,3 +149,101 @@ def selective_scan_shapes(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
 def causal_conv1d_shapes(x, weight, bias=None):
     """The shape-only causal conv of causal-conv1d (its SiLU is fused: one output)."""
     return CausalConvShapes.apply(x, weight, bias)
+
+
+def _per_position(t: Tensor) -> Tensor:
+    """(B, E, L) -> (B L, E), as einops' "b d l -> (b l) d" lays it out (a copy unless already so)."""
+    return t.transpose(1, 2).reshape(-1, t.shape[1])
+
+
+def _channels_first(t: Tensor) -> Tensor:
+    """(B, E, L) -> (E, B L), as "b d l -> d (b l)" (a copy unless already so)."""
+    return t.transpose(0, 1).reshape(t.shape[1], -1)
+
+
+def _batch_first(t: Tensor, batch: int) -> Tensor:
+    """(E, B L) -> (B, E, L) view, as "d (b l) -> b d l"."""
+    return t.view(t.shape[0], batch, -1).transpose(0, 1)
+
+
+class MambaInnerShapes(torch.autograd.Function):
+    """mamba-ssm's MambaInnerFn, allocations and saved tensors only (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, out_proj_weight, A, D, delta_bias,
+                out_proj_bias):  # the one argument that may be None comes last (bench.memsim.backward pairs the rest)
+        if torch.is_autocast_enabled("cuda"):
+            dtype = torch.get_autocast_dtype("cuda")
+            x_proj_weight, dt_proj_weight, out_proj_weight = (w.to(dtype) for w in (
+                x_proj_weight, dt_proj_weight, out_proj_weight))
+            out_proj_bias = out_proj_bias.to(dtype) if out_proj_bias is not None else None
+        xz = _last_contiguous(xz)
+        batch, length = xz.shape[0], xz.shape[-1]
+        rank, state = dt_proj_weight.shape[1], A.shape[1]
+        x, z = xz.chunk(2, dim=1)
+        conv_out = torch.empty_like(x)  # causal_conv1d_fwd
+        x_dbl = F.linear(_per_position(conv_out), x_proj_weight)
+        delta = _batch_first(dt_proj_weight @ x_dbl[:, :rank].t(), batch)
+        B = x_dbl[:, rank:rank + state].reshape(batch, length, state).transpose(1, 2).unsqueeze(1).contiguous()
+        C = x_dbl[:, -state:].reshape(batch, length, state).transpose(1, 2).unsqueeze(1).contiguous()
+        D = D.contiguous()
+        out = torch.empty_like(delta)  # the scan kernel's outputs
+        chunks = x.new_empty(batch, x.shape[1], math.ceil(length / MAMBA_CHUNK), 2 * state, dtype=A.dtype)
+        out_z = torch.empty_like(z)
+        del conv_out, delta  # checkpoint level 1: recomputed in backward
+        ctx.save_for_backward(xz, conv_weight, conv_bias, x_dbl, x_proj_weight, dt_proj_weight, out_proj_weight, A,
+                              B, C, D, delta_bias, chunks, out)
+        ctx.has_out_bias = out_proj_bias is not None
+        return F.linear(out_z.transpose(1, 2), out_proj_weight, out_proj_bias)
+
+    @staticmethod
+    def backward(ctx, dout):
+        (xz, conv_weight, conv_bias, x_dbl, x_proj_weight, dt_proj_weight, out_proj_weight, A, B, C, D, delta_bias,
+         chunks, out) = ctx.saved_tensors
+        batch, width, length = xz.shape
+        rank, state = dt_proj_weight.shape[1], A.shape[1]
+        x, z = xz.chunk(2, dim=1)
+        dout = _last_contiguous(dout)
+        conv_out = torch.empty_like(x)  # recomputed
+        delta = _batch_first(dt_proj_weight @ x_dbl[:, :rank].t(), batch)
+        dxz = torch.empty_like(xz)
+        dout = dout.reshape(-1, dout.shape[-1]).t()  # (D_model, B L)
+        dout_y = _batch_first(out_proj_weight.t() @ dout, batch)
+        # the scan's backward: du, ddelta, dA, dB, dC (fp32 then cast), dD, ddelta_bias, dz into dxz, out_z again
+        dconv_out, ddelta = torch.empty_like(conv_out), torch.empty_like(delta)
+        dA = torch.zeros_like(A)
+        dB = torch.zeros_like(B, dtype=torch.float32).to(B.dtype)
+        dC = torch.zeros_like(C, dtype=torch.float32).to(C.dtype)
+        dD, ddelta_bias = torch.zeros_like(D), torch.zeros_like(delta_bias)
+        out_z = torch.empty_like(out)
+        del dout_y
+        dout_proj_weight = dout @ _channels_first(out_z).t()
+        dout_proj_bias = dout.sum(1) if ctx.has_out_bias else None
+        dx_dbl = torch.empty_like(x_dbl)
+        dx_dbl[:, rank:rank + state] = dB.squeeze(1).transpose(1, 2).reshape(-1, state)
+        dx_dbl[:, -state:] = dC.squeeze(1).transpose(1, 2).reshape(-1, state)
+        del dB, dC
+        ddelta = _channels_first(ddelta)
+        ddt_proj_weight = ddelta @ x_dbl[:, :rank]
+        dx_dbl[:, :rank] = (dt_proj_weight.t() @ ddelta).t()
+        dconv_out = _channels_first(dconv_out)
+        dx_proj_weight = dx_dbl.t() @ _per_position(conv_out)
+        dconv_out = torch.addmm(dconv_out, x_proj_weight.t(), dx_dbl.t(), out=dconv_out)
+        # the conv's backward writes dx into dxz; its weight and bias gradients are fp32
+        dconv_weight = torch.zeros_like(conv_weight, dtype=torch.float32)
+        dconv_bias = torch.zeros_like(conv_bias, dtype=torch.float32)
+        return (dxz, dconv_weight, dconv_bias, dx_proj_weight, ddt_proj_weight, dout_proj_weight, dA, dD, ddelta_bias,
+                dout_proj_bias)
+
+
+def mamba_inner_shapes(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+                       out_proj_bias, A, B=None, C=None, D=None, delta_bias=None, B_proj_bias=None, C_proj_bias=None,
+                       delta_softplus=True, checkpoint_lvl=1):
+    """The shape-only ``mamba_inner_fn`` in the form SelfMamba calls it: B and C from x_proj, conv bias, D and
+    delta_bias given, checkpoint level 1."""
+    if (B is not None or C is not None or B_proj_bias is not None or C_proj_bias is not None or checkpoint_lvl != 1
+            or conv1d_bias is None or D is None or delta_bias is None):
+        raise NotImplementedError("mamba_inner_shapes: only B and C from x_proj (no biases), with the conv's bias, D "
+                                  "and delta_bias, at checkpoint level 1")
+    return MambaInnerShapes.apply(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+                                  A, D, delta_bias, out_proj_bias)

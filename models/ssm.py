@@ -18,6 +18,13 @@ Implementations behind ``selective_scan`` (``SIS_BENCH_SCAN=auto|cpu|torch|ref|c
 On fake tensors (``bench plan``) the scan and the causal conv compute nothing and allocate and save what the
 kernel of the tensors' device would (``models/scan_memory.py``); on the meta device they only give shapes.
 A forced backend that cannot run raises RuntimeError rather than silently running another one.
+
+The fused Mamba layer: ``fused_inner(t)`` gives mamba-ssm's ``mamba_inner_fn`` (causal conv, x_proj, dt_proj,
+selective scan and out_proj in one autograd Function that recomputes the conv output and the step sizes in backward)
+for CUDA tensors when mamba-ssm's scan and causal-conv1d's kernel both load and no backend is forced (``auto``), its
+shape-only stand-in on fake CUDA tensors, and None elsewhere; ``models.mamba.SelfMamba`` uses it where its semantics
+match. ``SIS_BENCH_SCAN=cuda`` keeps the unfused ``selective_scan_fn``. ``mamba_inner_reference`` is the same
+computation from this module's parts, with ``mamba_inner_fn``'s signature: the CPU stand-in of the fused kernel.
 """
 from __future__ import annotations
 
@@ -92,10 +99,10 @@ def reset_used_backends() -> None:
     _USED_BACKENDS.clear()
 
 
-def _record(backend: str, u: Tensor, A: Tensor) -> None:
-    """Note that ``backend`` ran one scan of u's shape and count its FLOPs."""
+def _record(backend: str, u: Tensor | tuple, A: Tensor) -> None:
+    """Note that ``backend`` ran one scan of u's shape (a tensor or the shape) and count its FLOPs."""
     _USED_BACKENDS.add(backend)
-    batch, dim, length = u.shape
+    batch, dim, length = u if isinstance(u, tuple) else u.shape
     for counter in _ACTIVE_COUNTERS:
         counter.flops += scan_flops(batch, dim, length, A.shape[1])
         counter.calls += 1
@@ -494,3 +501,90 @@ def selective_scan(
         return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     impl = {"cpu": selective_scan_cpu, "torch": selective_scan_torch, "ref": selective_scan_ref}[backend]
     return impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+# --- the fused Mamba layer: mamba-ssm's mamba_inner_fn ---
+
+FUSED_BACKEND = "cuda-fused"  # the name used_backends() reports for mamba_inner_fn
+
+
+@functools.cache
+def _fused_op():
+    """mamba-ssm's ``mamba_inner_fn`` when CUDA, its compiled scan and causal-conv1d's compiled conv are all there."""
+    fn = _cuda_op("mamba_ssm.ops.selective_scan_interface", "mamba_inner_fn")
+    if fn is None:
+        return None
+    module = importlib.import_module("mamba_ssm.ops.selective_scan_interface")
+    if getattr(module, "causal_conv1d_fwd_function", None) is None:  # it imports causal-conv1d itself, optionally
+        return None
+    return fn
+
+
+def fused_inner(t: Tensor):
+    """The implementation of ``mamba_inner_fn`` for inputs like ``t``, or None where it does not run (see the module
+    docstring). The callable it returns records each call in ``used_backends()``."""
+    forced = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if forced != "auto" or not t.is_cuda:
+        return None
+    if _is_fake(t):
+        from models.scan_memory import mamba_inner_shapes
+
+        return _recording("fake", mamba_inner_shapes)
+    fn = _fused_op()
+    return None if fn is None else _recording(FUSED_BACKEND, fn)
+
+
+def _recording(name: str, fn):
+    def call(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight, out_proj_bias, A,
+             *args, **kwargs):
+        _record(name, (xz.shape[0], xz.shape[1] // 2, xz.shape[2]), A)
+        return fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight, out_proj_bias,
+                  A, *args, **kwargs)
+
+    return call
+
+
+def mamba_inner_reference(
+    xz: Tensor, conv1d_weight: Tensor, conv1d_bias: Tensor | None, x_proj_weight: Tensor, delta_proj_weight: Tensor,
+    out_proj_weight: Tensor, out_proj_bias: Tensor | None, A: Tensor, B: Tensor | None = None, C: Tensor | None = None,
+    D: Tensor | None = None, delta_bias: Tensor | None = None, B_proj_bias: Tensor | None = None,
+    C_proj_bias: Tensor | None = None, delta_softplus: bool = True, checkpoint_lvl: int = 1,
+) -> Tensor:
+    """What mamba-ssm's ``mamba_inner_fn`` computes, from this module's conv and scan (any device, autograd through
+    the parts; ``checkpoint_lvl`` only changes what the kernel keeps for backward).
+
+    xz (batch, 2 E, L): the input projection, x then z along the channels; conv1d_weight (E, 1, W) and conv1d_bias
+    (E,) of the depthwise causal conv (then SiLU) applied to x; x_proj_weight (R [+ N] [+ N], E) projects the conv's
+    output per position to the step-size rank R, then B's N states where B is None, then C's where C is None (with
+    B_proj_bias, C_proj_bias added); delta_proj_weight (E, R) lifts the step sizes to E channels; the selective scan
+    runs with A (E, N), D (E,), z as the gate, delta_bias (E,) and softplus; out_proj_weight (D_model, E) and
+    out_proj_bias map the result per position: (batch, L, D_model). Under autocast the three projection weights are
+    cast to autocast's dtype, as the kernel does.
+    """
+    batch, two_e, length = xz.shape
+    E, R, N = two_e // 2, delta_proj_weight.shape[1], A.shape[-1]
+    if conv1d_weight.shape != (E, 1, conv1d_weight.shape[-1]) or delta_proj_weight.shape[0] != E:
+        raise ValueError(f"mamba_inner: conv1d_weight must be (E, 1, W) and delta_proj_weight (E, R) for xz "
+                         f"{tuple(xz.shape)}; got {tuple(conv1d_weight.shape)} and {tuple(delta_proj_weight.shape)}")
+    expected = R + (N if B is None else 0) + (N if C is None else 0)
+    if x_proj_weight.shape != (expected, E):
+        raise ValueError(f"mamba_inner: x_proj_weight must be ({expected}, {E}), got {tuple(x_proj_weight.shape)}")
+    if torch.is_autocast_enabled(xz.device.type):
+        dtype = torch.get_autocast_dtype(xz.device.type)
+        x_proj_weight, delta_proj_weight, out_proj_weight = (w.to(dtype) for w in (
+            x_proj_weight, delta_proj_weight, out_proj_weight))
+        out_proj_bias = out_proj_bias.to(dtype) if out_proj_bias is not None else None
+    x, z = xz.chunk(2, dim=1)
+    u = causal_conv1d(x, conv1d_weight[:, 0], conv1d_bias, activation="silu")  # (batch, E, L)
+    proj = x_proj_weight @ u  # (batch, R [+ N] [+ N], L): per position, as F.linear on (batch L, E)
+    dt, rest = proj[:, :R], proj[:, R:]
+    if B is None:
+        B, rest = rest[:, :N], rest[:, N:]
+        B = B + B_proj_bias.to(B.dtype)[:, None] if B_proj_bias is not None else B
+    if C is None:
+        C = rest[:, :N]
+        C = C + C_proj_bias.to(C.dtype)[:, None] if C_proj_bias is not None else C
+    delta = delta_proj_weight @ dt  # (batch, E, L)
+    y = selective_scan(u, delta, A, B.contiguous(), C.contiguous(), D, z=z, delta_bias=delta_bias,
+                       delta_softplus=delta_softplus)
+    return F.linear(y.transpose(1, 2), out_proj_weight, out_proj_bias)

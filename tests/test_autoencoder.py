@@ -95,3 +95,13 @@ def test_latent_training_and_sampling_end_to_end(vae_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert Image.open(out / "00000.png").size == (16, 16)  # decoded back to pixels
     assert json.loads((out / "samples.json").read_text())["space"] == "latent"
+
+
+def test_latent_runs_cache_latents_by_default(vae_dir, tmp_path):
+    from bench.train import make_config
+
+    latent = make_config("sisma", tmp_path / "a", preset="tiny", space="latent", vae=str(vae_dir))
+    assert latent.cache_latents is True
+    assert make_config("sisma", tmp_path / "b", preset="tiny", space="latent", vae=str(vae_dir),
+                       cache_latents=False).cache_latents is False
+    assert make_config("sisma", tmp_path / "c", preset="tiny").cache_latents is False  # pixels: nothing to cache

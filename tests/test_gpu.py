@@ -3,6 +3,8 @@
 - the CUDA selective scan (mamba-ssm's ``selective_scan_fn``, through ``models.ssm`` with SIS_BENCH_SCAN=cuda) and
   the causal conv (causal-conv1d) against the CPU implementations, at the libraries' own test tolerances
   (mamba-ssm tests/ops/test_selective_scan.py; causal-conv1d tests/test_causal_conv1d.py);
+- mamba-ssm's fused ``mamba_inner_fn`` against ``models.ssm.mamba_inner_reference`` on the CPU, and SISMA's Self-Mamba
+  on CUDA (the fused kernel) against the same layer on the CPU;
 - one bf16 training step and one sampled image per backbone;
 - one ``bench speed`` row on CUDA;
 - ``bench plan``'s prediction against ``torch.cuda.max_memory_allocated`` of the same training steps (15%);
@@ -113,6 +115,73 @@ def test_cuda_causal_conv_matches_the_cpu_conv(itype):
     torch.testing.assert_close(bg.grad.cpu(), bc.grad, rtol=1e-3, atol=1e-3)
 
 
+def _fused_kernel():
+    from models import ssm
+
+    if ssm._fused_op() is None:
+        pytest.skip("mamba-ssm's mamba_inner_fn needs mamba-ssm's CUDA scan and causal-conv1d's CUDA conv (see README, "
+                    "Running on a GPU; `bench doctor` says what is missing)")
+
+
+def _self_mamba(width=64, grid=16, scan="zigzag"):
+    from models.mamba import SelfMamba, scan_orders
+
+    torch.manual_seed(0)
+    layer = SelfMamba(width, orders=scan_orders(scan, grid, 1), conv="causal1d", grid=grid)
+    with torch.no_grad():
+        for p in layer.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.1)
+        layer.ssm.conv.conv1d.bias.normal_(0, 0.1)
+    return layer
+
+
+@pytest.mark.parametrize("itype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_mamba_inner_matches_the_cpu_reference(itype):
+    """The kernel against models.ssm.mamba_inner_reference (fp32 on the CPU) with Self-Mamba's weights, as SISMA
+    calls it: xz in the input dtype, the weights fp32 (bf16 autocast casts the projections inside)."""
+    from models import ssm
+
+    _fused_kernel()
+    rtol, atol = SCAN_TOL[itype]
+    layer = _self_mamba()
+    s = layer.ssm
+    xz = torch.randn(2, 2 * s.D.shape[0], 256).to(itype)
+    weights = [s.conv.conv1d.weight, s.conv.conv1d.bias, s.x_proj.weight, s.dt_proj.weight, layer.out_proj.weight]
+    rest = dict(D=s.D.float(), delta_bias=s.dt_proj.bias.float(), delta_softplus=True)
+    gpu = [t.detach().cuda().requires_grad_() for t in [xz, *weights]]
+    cpu = [t.detach().float().clone().requires_grad_() for t in [xz, *weights]]
+    A = -torch.exp(s.A_log.detach().float())
+    with torch.autocast("cuda", dtype=itype, enabled=itype != torch.float32):
+        out = ssm._fused_op()(*gpu, None, A.cuda(), None, None, **{k: v.detach().cuda() if torch.is_tensor(v) else v
+                                                                     for k, v in rest.items()})
+    ref = ssm.mamba_inner_reference(*cpu, None, A, None, None, **{k: v.detach() if torch.is_tensor(v) else v
+                                                                  for k, v in rest.items()})
+    torch.testing.assert_close(out.float().cpu(), ref, rtol=5 * rtol, atol=5 * atol)
+    g = torch.randn_like(ref)
+    out.backward(g.cuda().to(out.dtype))
+    ref.backward(g)
+    for name, a, b in zip(["xz", "conv1d.weight", "conv1d.bias", "x_proj", "dt_proj", "out_proj"], gpu, cpu):
+        scale = b.grad.abs().max().item() or 1.0
+        assert (a.grad.float().cpu() - b.grad).abs().max().item() <= 10 * (atol + rtol * scale), name
+
+
+@pytest.mark.parametrize("scan", ["raster", "zigzag"])
+def test_self_mamba_on_cuda_runs_the_fused_kernel_and_matches_the_cpu(scan):
+    import copy
+
+    from models import ssm
+
+    _fused_kernel()
+    layer = _self_mamba(scan=scan)
+    x = torch.randn(2, 256, 64)
+    ssm.reset_used_backends()
+    out = copy.deepcopy(layer).cuda()(x.cuda())
+    assert ssm.FUSED_BACKEND in ssm.used_backends()
+    ref = layer(x)  # the CPU: C kernel scan, unfused
+    torch.testing.assert_close(out.cpu(), ref, rtol=3 * SCAN_TOL[torch.float32][0], atol=3 * SCAN_TOL[torch.float32][1])
+
+
 # ---------------------------------------------------------------------------------------------- training, sampling
 
 @pytest.mark.parametrize("model", MODELS)
@@ -131,7 +200,8 @@ def test_bf16_training_step_and_one_image(faces, tmp_path, model):
         from models import ssm
 
         mamba = ssm._cuda_op("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn") is not None
-        assert used_backends() == ({"cuda"} if mamba else {"torch"})
+        fused = ssm._fused_op() is not None  # Self-Mamba fused, Cross-Mamba through selective_scan_fn
+        assert used_backends() == ({"cuda", ssm.FUSED_BACKEND} if fused else {"cuda"} if mamba else {"torch"})
     loaded = load_run(run, "cuda")
     masks = torch.zeros(1, loaded.model.num_classes, loaded.image_size, loaded.image_size)
     masks[:, 1] = 1
@@ -151,7 +221,8 @@ def test_one_speed_row_on_cuda(tmp_path):
     assert [r["model"] for r in rows] == ["sisma", "dit"]
     for row in rows:
         assert row["status"] == "ok" and row["device"] == "cuda"
-        assert float(row["peak_cuda_allocated_mib"]) > 0 and float(row["latency_nfe_median_s"]) > 0
+        assert float(row["peak_cuda_allocated_mib"]) > float(row["peak_cuda_delta_mib"]) > 0
+        assert float(row["latency_nfe_median_s"]) > 0 and row["precision"] == "bf16"
     assert rows[1]["attention_kernel"] != "none"
 
 
@@ -159,13 +230,13 @@ def test_one_speed_row_on_cuda(tmp_path):
 
 def _measured_peak(model: str, preset: str, batch: int, setting, precision: str) -> int:
     """max_memory_allocated of two real training steps of ``setting``, as bench.train runs them: the model, EMA,
-    AdamW (multi-tensor, the CUDA default), gradient clipping, the EMA update, micro-batches and checkpointing."""
+    AdamW (fused, as the trainer makes it), gradient clipping, the EMA update, micro-batches and checkpointing."""
     import copy
 
     from bench import recompute
     from bench.plan import _space
     from bench.runtime import PRECISIONS
-    from bench.train import forward_backward, update_ema
+    from bench.train import forward_backward, make_optimizer, update_ema
     from bench.variants import build_model
 
     torch.cuda.empty_cache()
@@ -176,7 +247,7 @@ def _measured_peak(model: str, preset: str, batch: int, setting, precision: str)
     if setting.checkpointing:
         recompute.enable(net)
     space = _space(net, "cuda")
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0.0)
+    opt = make_optimizer(net.parameters(), 1e-4, torch.device("cuda"))
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
     autocast = torch.autocast("cuda", dtype=PRECISIONS[precision], enabled=precision != "fp32")
     c, h, w = net.input_shape

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 import bench.train
 from bench.checkpoint import load
 from bench.cli import app
+from bench.errors import BenchError
 from bench.presets import BUDGETS, recipe
 
 MODELS = ["sisma", "sisma:scan=raster", "dit:cond=add"]  # a backbone, a variant of it, a variant of another
@@ -158,3 +159,215 @@ def test_train_and_run_read_the_same_recipe(workdir):
         assert {**dataclasses.asdict(cfg), "keep_at": via_run.keep_at} == dataclasses.asdict(via_run)
         r = recipe("cpu", model)
         assert (cfg.lr, cfg.batch_size, cfg.steps, cfg.ema_decay) == (r.lr, r.batch_size, r.steps, r.ema_decay)
+
+
+# ---------------------------------------------------------------------------------------------- training as jobs
+
+def loss_curves(results):
+    """step, loss, lr and grad_norm of every run's loss.csv (timings left out), by run folder."""
+    curves = {}
+    for path in sorted((results / "run_tiny" / "runs").glob("*/*/loss.csv")):
+        with path.open() as f:
+            curves[str(path.relative_to(results))] = [(r["step"], r["loss"], r["lr"], r["grad_norm"])
+                                                      for r in csv.DictReader(f)]
+    return curves
+
+
+def test_local_launcher_gives_the_same_report_and_loss_curves(workdir, monkeypatch):
+    """`bench run --launcher local` trains each run in a job of its own process and ends as the run without it: the
+    same rows per model and, training being reproducible at a fixed thread count, the same loss curves bit for bit."""
+    import bench.launch
+
+    monkeypatch.setattr(bench.launch, "POLL_S", 0.2)
+    models = "sisma,dit"
+    runner = CliRunner()
+    common = ["run", "--preset", "tiny", "--threads", "1", "--models", models]
+    here = runner.invoke(app, [*common, "--results", str(workdir / "a"), "--reports", str(workdir / "ra")])
+    assert here.exit_code == 0, here.output
+    jobs = runner.invoke(app, [*common, "--results", str(workdir / "b"), "--reports", str(workdir / "rb"),
+                               "--launcher", "local", "--jobs", "2"])
+    assert jobs.exit_code == 0, jobs.output
+    assert jobs.output.count("submitted as local job") == 2
+    state = json.loads((workdir / "b" / "run_tiny" / "state.json").read_text())
+    for name in ("train:sisma@0", "train:dit@0"):
+        record = state["stages"][name]
+        assert record["status"] == "done" and record["job"]["launcher"] == "local" and record["job"]["id"]
+    curves = loss_curves(workdir / "a")
+    assert curves and curves == loss_curves(workdir / "b")
+    for model in ("sisma", "dit"):
+        ca, = (workdir / "a" / "run_tiny" / "runs" / model).glob("seed0-*/checkpoints/last.pt")
+        cb, = (workdir / "b" / "run_tiny" / "runs" / model).glob("seed0-*/checkpoints/last.pt")
+        sa, sb = load(ca), load(cb)
+        assert all(torch.equal(sa["ema"][k], sb["ema"][k]) for k in sa["ema"])
+    ra, rb = (workdir / "ra" / "tiny.md").read_text(), (workdir / "rb" / "tiny.md").read_text()
+    for heading in ("## Speed", "## Quality", "## Training"):
+        assert table_models(ra, heading) == table_models(rb, heading) == models.split(",")
+    # once more: every stage is done, nothing is submitted
+    again = runner.invoke(app, [*common, "--results", str(workdir / "b"), "--reports", str(workdir / "rb"),
+                                "--launcher", "local", "--jobs", "2"])
+    assert again.exit_code == 0 and "submitted" not in again.output and again.output.count("skipped") == 8
+
+
+class FakeJob:
+    def __init__(self, job_id, result=None, error=None):
+        self.job_id, self._result, self._error = job_id, result, error
+        self.paths = type("Paths", (), {"stdout": f"jobs/{job_id}.out", "stderr": f"jobs/{job_id}.err"})()
+
+    def result(self):
+        if self._error:
+            raise self._error
+        return self._result
+
+
+class FakeLauncher:
+    """bench.launch.Launcher's interface, recording what the pipeline asks of it."""
+
+    attached: dict = {}
+    calls: list = []
+
+    def __init__(self, opts, folder, cuda):
+        self.name, self.capacity, self.processes = opts.launcher, opts.jobs, 1
+
+    def submit(self, spec_path):
+        FakeLauncher.calls.append(("submit", json.loads(spec_path.read_text())["run_dir"]))
+        return FakeJob(f"new{len(FakeLauncher.calls)}", {"step": 20, "loss": 0.1, "wall_s": 2.0})
+
+    def record(self, job, spec_path):
+        return {"launcher": self.name, "id": job.job_id, "log": job.paths.stdout}
+
+    def attach(self, record):
+        FakeLauncher.calls.append(("attach", record["id"]))
+        return FakeLauncher.attached.get(record["id"])
+
+    def done(self, job):
+        return True
+
+    def result(self, job):
+        return job.result()
+
+    def error(self, job, e):
+        return f"job {job.job_id} failed: {e}"
+
+    def interrupt(self, jobs):
+        pass
+
+
+def test_a_recorded_job_is_collected_not_submitted_again(workdir, monkeypatch):
+    import bench.launch
+    from bench.launch import LaunchOptions
+    from bench.pipeline import Pipeline, RunOptions, plain
+
+    monkeypatch.setattr(bench.launch, "Launcher", FakeLauncher)
+    monkeypatch.setattr(bench.launch, "POLL_S", 0.0)
+    monkeypatch.setattr(bench.launch, "slurm_available", lambda: True)
+    pipe = Pipeline(RunOptions(preset="tiny", models=["dit", "sdm"], results=workdir / "r",
+                               launch=LaunchOptions(launcher="slurm")), echo=lambda *a: None)
+    stages = [(i, s) for i, s in enumerate(pipe.stages(), 1) if s.name.startswith("train:")]
+    (i_dit, dit), (i_sdm, sdm) = stages
+    # slurm jobs get GPUs unless --device cpu, whatever this process runs on, and resolve the device themselves
+    assert pipe.jobs_on_cuda() and pipe.job_device() == "auto"
+    state = {"stages": {s.name: {"status": "submitted", "settings": plain(s.settings), "started": "earlier",
+                                 "submitted_at": 0.0, "job": {"launcher": "slurm", "id": job}}
+                        for s, job in ((dit, "4242"), (sdm, "gone"))}}
+    FakeLauncher.attached = {"4242": FakeJob("4242", {"step": 20, "loss": 0.1, "wall_s": 3.0})}
+    FakeLauncher.calls = []
+    ran = set()
+    pipe.run_jobs(stages, state, ran, 9)
+    # 4242 (still queued, running or finished) is collected; "gone" cannot be attached and is submitted again
+    assert FakeLauncher.calls[:2] == [("attach", "4242"), ("attach", "gone")]
+    assert [c[0] for c in FakeLauncher.calls[2:]] == ["submit"] and "sdm" in FakeLauncher.calls[2][1]
+    assert ran == {dit.name, sdm.name}
+    assert state["stages"][dit.name]["status"] == "done" and state["stages"][dit.name]["job"]["id"] == "4242"
+    assert state["stages"][dit.name]["outputs"]["step"] == 20
+    assert state["stages"][sdm.name]["job"]["id"] == "new3"
+    saved = json.loads(pipe.state_path.read_text())
+    assert saved["stages"][sdm.name]["status"] == "done"
+
+    # a job that failed: one line naming it, the stage marked failed, submitted again by the next run
+    state["stages"][dit.name] = {"status": "submitted", "settings": plain(dit.settings), "started": "earlier",
+                                 "job": {"launcher": "slurm", "id": "77"}}
+    FakeLauncher.attached = {"77": FakeJob("77", error=RuntimeError("CUDA out of memory"))}
+    FakeLauncher.calls = []
+    with pytest.raises(BenchError, match=r"1 training job\(s\) failed: train:dit@0: job 77 failed: CUDA out of memory"):
+        pipe.run_jobs(stages[:1], state, set(), 9)
+    assert state["stages"][dit.name]["status"] == "failed"
+    pipe.run_jobs(stages[:1], state, set(), 9)
+    assert [c[0] for c in FakeLauncher.calls] == ["attach", "submit"]
+    # training in this process while a slurm job may still train the run is refused
+    state["stages"][dit.name] = {"status": "submitted", "job": {"launcher": "slurm", "id": "5"}}
+    with pytest.raises(BenchError, match="submitted as slurm job 5"):
+        pipe.check_no_job(dit, state["stages"][dit.name])
+
+
+def test_launcher_options_and_the_slurm_submission(tmp_path, monkeypatch):
+    import submitit
+
+    import bench.launch
+    from bench.launch import Launcher, LaunchOptions, parse_slurm_options
+
+    monkeypatch.setattr(bench.launch, "slurm_available", lambda: False)
+    with pytest.raises(BenchError, match="no srun here"):
+        LaunchOptions(launcher="slurm").check()
+    monkeypatch.setattr(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 1))  # as on a cluster
+
+    assert parse_slurm_options("partition=gpu, account=abc,--qos=high") == {"partition": "gpu", "account": "abc",
+                                                                            "qos": "high"}
+    for bad, words in ((LaunchOptions(launcher="pbs"), "--launcher pbs"), (LaunchOptions(launcher="local", jobs=0),
+                       "--jobs"), (LaunchOptions(slurm={"a": "b"}), "--slurm options need")):
+        with pytest.raises(BenchError, match=words):
+            bad.check()
+    with pytest.raises(BenchError, match="KEY=VALUE"):
+        parse_slurm_options("partition")
+    assert LaunchOptions(launcher="local", jobs=2).job_threads() == 1
+    assert LaunchOptions(launcher="slurm", jobs=2).job_threads() is None
+    launcher = Launcher(LaunchOptions(launcher="slurm", gpus=4, minutes=600, slurm={"partition": "gpu"}),
+                        tmp_path / "jobs", cuda=True)
+    assert launcher.processes == 4
+    text = launcher._executor([])._make_submission_file_text("python -u -m submitit.core._submit jobs", "uid")
+    for line in ("#SBATCH --gpus-per-node=4", "#SBATCH --time=600", "#SBATCH --partition=gpu", "#SBATCH --nodes=1",
+                 "#SBATCH --ntasks-per-node=1"):
+        assert line in text, text
+
+
+def test_a_job_over_two_processes_runs_torchrun(workdir):
+    """A training job with two processes runs `torchrun --nproc-per-node 2 -m bench.launch SPEC` (gloo on the CPU
+    here); rank 0 writes the result the job returns."""
+    import dataclasses as dc
+
+    from bench.launch import TrainJob, train_spec, write_spec
+    from bench.synth import ensure_synthetic
+    from bench.train import make_config
+
+    faces = ensure_synthetic(workdir / "faces", n=12, size=32, seed=0, progress=False)
+    run = workdir / "run"
+    cfg = make_config("dit", run, preset="tiny", data=str(faces), steps=2, batch_size=4, grid_steps=2, grid_masks=1)
+    spec = write_spec(train_spec(dc.asdict(cfg), run, "cpu", 1, 2), workdir / "job.json")
+    result = TrainJob(str(spec))()
+    assert result["step"] == 2 and load(run / "checkpoints" / "last.pt")["step"] == 2
+    assert json.loads((workdir / "job.result.json").read_text()) == result
+
+
+def test_local_jobs_on_cuda_get_gpus_of_their_own(tmp_path, monkeypatch):
+    """Four GPUs, two per job: two jobs at once, on GPUs 0-1 and 2-3; a finished job's GPUs go to the next."""
+    import bench.launch
+    from bench.launch import Launcher, LaunchOptions
+
+    monkeypatch.setattr(bench.launch, "_gpu_count", lambda: 4)
+    given = []
+
+    class Executor:
+        def __init__(self, gpus):
+            self.gpus = gpus
+
+        def submit(self, fn):
+            given.append(self.gpus)
+            return FakeJob(str(len(given)), {"step": 1})
+
+    launcher = Launcher(LaunchOptions(launcher="local", jobs=3, gpus=2), tmp_path, cuda=True)
+    monkeypatch.setattr(launcher, "_executor", Executor)
+    assert launcher.capacity == 2 and launcher.processes == 2
+    first, second = launcher.submit(tmp_path / "a.json"), launcher.submit(tmp_path / "b.json")
+    assert given == [[0, 1], [2, 3]] and launcher.capacity == 2
+    launcher.result(first)
+    launcher.submit(tmp_path / "c.json")
+    assert given[-1] == [0, 1]

@@ -232,3 +232,77 @@ def test_latent_models_decode_with_the_sd_vae_architecture_without_weights(tmp_p
         speed.load_decoder("latent", str(tmp_path / "no-such-vae"), torch.device("cpu"))
     pixel, label = speed.load_decoder("pixel", None, torch.device("cpu"))
     assert label == speed.PIXEL_DECODER_LABEL and pixel.decode(torch.full((1, 3, 2, 2), 3.0)).max() == 1
+
+
+def test_each_model_runs_at_its_recipe_precision_cast_once(tmp_path, monkeypatch):
+    """Default: the recipe's precision (bf16 at paper, fp32 at tiny); --precision bf16 casts the timed model once,
+    and the whole images come after one untimed image."""
+    import bench.sample
+
+    assert speed.recipe_precision("sisma", "paper") == "bf16" and speed.recipe_precision("sdm", "paper") == "bf16"
+    assert speed.recipe_precision("sisma:scan=raster", "tiny") == "fp32"
+    seen, images = [], []
+    real_measure, real_sample = speed.measure_batch, bench.sample.sample_batch
+
+    def measure(model, decoder, s, batch_size, cfg, device):
+        seen.append((s.precision, next(model.parameters()).dtype))
+        return real_measure(model, decoder, s, batch_size, cfg, device)
+
+    def sample(model, *args, **kwargs):
+        images.append(model.x_embedder.proj.weight.dtype)
+        return real_sample(model, *args, **kwargs)
+
+    monkeypatch.setattr(speed, "measure_batch", measure)
+    monkeypatch.setattr(bench.sample, "sample_batch", sample)
+    rows = speed.run_speed(quick_config(tmp_path, models=["dit"], batch_sizes=[1], image_repeats=2),
+                           echo=lambda s: None)
+    assert seen == [("fp32", torch.float32)] and rows.iloc[0]["precision"] == "fp32"
+    assert images == [torch.float32] * 3  # one untimed image, then image_repeats timed ones
+    seen.clear()
+    rows = speed.run_speed(quick_config(tmp_path, models=["dit"], batch_sizes=[1], precision="bf16",
+                                        full_image_max_seconds=0.0), echo=lambda s: None)
+    assert seen == [("bf16", torch.bfloat16)] and rows.iloc[0]["precision"] == "bf16"
+    assert rows.iloc[0]["status"] == "ok" and rows.iloc[0]["latency_nfe_median_s"] > 0
+
+
+def test_compiled_model_does_not_recompile_while_timed(tmp_path, monkeypatch):
+    """--compile (dynamo with the eager backend here: no C++ compilation on a CPU test) is warmed in the timed grad
+    mode and shapes, so per-NFE, guided and whole-image timings recompile nothing (a recompile would be an error)."""
+    compiled = []
+    real_compile = torch.compile
+
+    def eager_compile(model, **kwargs):
+        compiled.append(model)
+        return real_compile(model, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    torch._dynamo.reset()
+    rows = speed.run_speed(quick_config(tmp_path, models=["dit"], batch_sizes=[1], compile=True, image_repeats=2),
+                           echo=lambda s: None)
+    assert len(compiled) == 1 and rows.iloc[0]["status"] == "ok" and rows.iloc[0]["image_repeats"] == 2
+    torch._dynamo.reset()
+
+
+def test_a_recompile_inside_a_timed_region_is_an_error():
+    from bench.timing import no_recompiles
+
+    fn = torch.compile(lambda x: x * 2, backend="eager")
+    fn(torch.ones(2))
+    with no_recompiles(False):
+        fn(torch.ones(3, 3))  # allowed outside a checked region
+    with pytest.raises(BenchError, match="recompiled inside a timed region"):
+        with no_recompiles(True):
+            fn(torch.ones(4, 4, 4))
+    torch._dynamo.reset()
+
+
+def test_cuda_peak_memory_is_the_rise_over_what_was_allocated(monkeypatch):
+    """CUDA's columns from the allocator's counters (faked here): the peak and its rise above the level before."""
+    counters = {"allocated": 300 * timing.MIB, "peak": 0}
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats",
+                        lambda device=None: counters.update(peak=counters["allocated"]))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: counters["allocated"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: counters["peak"])
+    out = timing.peak_memory(lambda: counters.update(peak=counters["peak"] + 48 * timing.MIB), torch.device("cuda"))
+    assert out == {"peak_cuda_allocated_mib": 348.0, "peak_cuda_delta_mib": 48.0}

@@ -186,3 +186,117 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data, tmp_path, whom):
     # and the run goes on from there
     train(tiny(run, data, resume=True, steps=step + 1), run, resume=True, progress=False)
     assert states(run)["step"] == step + 1
+
+
+def test_the_host_waits_for_the_device_only_at_logging_and_checkpoint_steps(data, tmp_path, monkeypatch):
+    """One all-reduce (and one read of its result) per logging or checkpoint step, none in between; the loss log
+    holds the means of each window."""
+    import bench.train as trainer
+
+    checks = []
+    real = trainer.Distributed.all_sum
+
+    def counting(self, values):
+        checks.append(1)
+        return real(self, values)
+
+    monkeypatch.setattr(trainer.Distributed, "all_sum", counting)
+    run = tmp_path / "run"
+    train(tiny(run, data, steps=8, log_every=3, ckpt_every=4), run, progress=False)
+    assert len(checks) == 4  # steps 3, 4, 6, 8
+    assert [int(r["step"]) for r in loss_rows(run)] == [3, 6, 8]
+
+
+def test_a_nonfinite_loss_between_checks_is_caught_and_never_saved(data, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    real, calls = flow.flow_loss, []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("inf") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(flow, "flow_loss", poisoned)
+    with pytest.raises(BenchError, match=r"loss is inf at step 3: training stopped at step 4") as e:
+        train(tiny(run, data, steps=8, ckpt_every=2, log_every=4), run, progress=False)
+    assert "(step 2)" in str(e.value)
+    assert states(run)["step"] == 2
+
+
+def test_nonfinite_weights_are_never_saved(data, tmp_path, monkeypatch):
+    """A weight that is not finite while the loss still is: the next check stops the run before its checkpoint."""
+    import bench.train as trainer
+
+    run = tmp_path / "run"
+    real, updates = trainer.update_ema, []
+
+    def breaking(ema, model, decay):
+        updates.append(1)
+        if len(updates) == 3:
+            with torch.no_grad():
+                next(model.parameters()).view(-1)[0] = float("nan")
+        real(ema, model, decay)
+
+    monkeypatch.setattr(trainer, "update_ema", breaking)
+    with pytest.raises(BenchError, match="the weights are not finite after step 3"):
+        train(tiny(run, data, steps=6, ckpt_every=2, log_every=3), run, progress=False)
+    state = states(run)
+    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_data_is_ready_before_the_process_group(tmp_path, monkeypatch):
+    """Rank 0 writes the default synthetic set before any collective; the others wait for its manifest, and the
+    process group gets the trainer's timeout."""
+    import threading
+
+    import torch.distributed as dist
+
+    import bench.train as trainer
+    from bench.synth import ensure_default_set, read_manifest, wait_for_default_set
+
+    monkeypatch.chdir(tmp_path)
+    cfg = make_config("dit", tmp_path / "run", preset="tiny", synth_n=12, steps=1)
+    assert cfg.synthetic
+    order = []
+
+    class Stop(Exception):
+        pass
+
+    def group(backend, **kwargs):
+        m = read_manifest(tmp_path / cfg.data)
+        order.append(("init_process_group", backend, kwargs.get("timeout"), m is not None and m.complete))
+        raise Stop
+
+    monkeypatch.setattr(dist, "init_process_group", group)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(Stop):
+        train(cfg, tmp_path / "run", device="cpu", progress=False)
+    assert order == [("init_process_group", "gloo", trainer.PROCESS_GROUP_TIMEOUT, True)]
+
+    # another rank waits for a set rank 0 is still writing, then goes on; with nobody writing, it gives up
+    other = tmp_path / "other"
+    writer = threading.Timer(1.0, lambda: ensure_default_set(other, 12, 16, progress=False))
+    writer.start()
+    assert wait_for_default_set(other, 12, 16, timeout_s=120, poll_s=0.1) == other
+    writer.join()
+    with pytest.raises(BenchError, match="waited 0 min for"):
+        wait_for_default_set(tmp_path / "nobody", 12, 16, timeout_s=0.2, poll_s=0.05)
+
+
+def test_adamw_is_multi_tensor_on_the_cpu_and_fused_on_cuda(data, tmp_path):
+    from bench.train import make_optimizer, optimizer_flags
+
+    assert optimizer_flags(torch.device("cuda")) == {"fused": True, "foreach": False}
+    opt = make_optimizer([torch.nn.Parameter(torch.zeros(2))], 1e-3, torch.device("cpu"))
+    assert opt.param_groups[0]["foreach"] is True and not opt.param_groups[0]["fused"]
+    # a checkpoint written with other flags (another device, an older version) resumes with this device's
+    run = tmp_path / "run"
+    train(tiny(run, data, steps=1), run, progress=False)
+    state = states(run)
+    state["optimizer"]["param_groups"][0]["foreach"] = None
+    from bench.checkpoint import save_atomic
+
+    save_atomic(state, run / "checkpoints" / "last.pt")
+    train(tiny(run, data, resume=True, model="dit", steps=2), run, resume=True, progress=False)
+    assert states(run)["optimizer"]["param_groups"][0]["foreach"] is True

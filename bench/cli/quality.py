@@ -27,7 +27,8 @@ def quality_cmd(
     guidance: float = typer.Option(1.0, "--guidance", help="Classifier-free guidance scale (1: off)."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per network call (sampling and metrics)."),
-    precision: str = typer.Option("fp32", "--precision", help="Sampling precision: fp32, bf16 or fp16."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="Sampling precision: fp32, bf16 or fp16 "
+                                            "(default: each run's training precision; the model is cast to it once)."),
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="torch-fidelity Inception "
                                                      f"file (default: the hub cache's {INCEPTION_WEIGHTS.filename})."),
     alexnet_weights: Optional[Path] = typer.Option(None, "--alexnet-weights", help="torchvision AlexNet file "

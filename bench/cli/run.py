@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from bench.cli.common import command, int_list, offline_option, split_list
+from bench.launch import JOB_MINUTES
 from bench.runtime import DEVICE_HELP
 
 
@@ -33,7 +34,8 @@ def run_cmd(
                                               "(default: the preset)."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads of torch for every stage (default: "
-                                          "torch's choice); recorded in the result rows."),
+                                          "torch's choice; 1 in each training job of --launcher local with --jobs "
+                                          "above 1); recorded in the result rows."),
     vae: Optional[str] = typer.Option(None, "--vae", help="AutoencoderKL for latent-space models (paper preset): "
                                       "a local diffusers folder or a hub id (from the HF cache, fetched there on first use)."),
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="Inception file for FID/KID "
@@ -41,18 +43,32 @@ def run_cmd(
     offline: bool = offline_option(),
     alexnet_weights: Optional[Path] = typer.Option(None, "--alexnet-weights", help="AlexNet file for LPIPS "
                                                    "(default: torch's hub cache, fetched there on first use)."),
+    launcher: Optional[str] = typer.Option(None, "--launcher", help="Train each run as its own job: slurm (sbatch "
+                                           "through submitit; a re-run collects the recorded jobs) or local (one "
+                                           "process per job on this machine). Default: train in this process. The "
+                                           "other stages run here, after the training jobs. Needs the cluster extra."),
+    jobs: int = typer.Option(1, "--jobs", help="With --launcher: at most this many training jobs at once."),
+    gpus_per_job: int = typer.Option(1, "--gpus-per-job", help="With --launcher on CUDA: GPUs per training job "
+                                     "(torchrun over them when more than one)."),
+    job_minutes: int = typer.Option(JOB_MINUTES, "--job-minutes", help="With --launcher: a training job's time limit "
+                                    "(a job that runs out is requeued and resumes from its last checkpoint)."),
+    slurm: Optional[str] = typer.Option(None, "--slurm", help="With --launcher slurm: extra sbatch options as "
+                                        "KEY=VALUE pairs, e.g. partition=gpu,account=abc,qos=high."),
 ):
     """The whole comparison: data, training of each backbone, samples, speed, quality, report in reports/.
 
     Finished stages are skipped on a re-run; an interrupted training continues from its last checkpoint.
     """
+    from bench.launch import LaunchOptions, parse_slurm_options
     from bench.pipeline import Pipeline, RunOptions
     from bench.train import TrainingInterrupted
 
+    launch = LaunchOptions(launcher=launcher, jobs=jobs, gpus=gpus_per_job, minutes=job_minutes,
+                           slurm=parse_slurm_options(slurm), threads=threads)
     opts = RunOptions(preset=preset, data=data, models=split_list(models), seeds=int_list(seeds, "--seeds") or [],
                       steps=steps, force=force, results=results, reports=reports, report_name=report_name,
                       device=device, threads=threads, vae=vae, inception_weights=inception_weights,
-                      alexnet_weights=alexnet_weights)
+                      alexnet_weights=alexnet_weights, launch=launch)
     pipeline = Pipeline(opts, echo=typer.echo)
     if dry_run:
         typer.echo(pipeline.dry_run())

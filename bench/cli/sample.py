@@ -22,7 +22,8 @@ def sample_cmd(
                                          "the run's test split."),
     seed: int = typer.Option(0, "--seed", help="Seed; sample i's noise depends only on (seed, i)."),
     batch_size: int = typer.Option(16, "--batch-size", help="Samples per network call (does not change images)."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (autocast)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, bf16 or fp16 (default: the run's "
+                                            "training precision); the model is cast to it once."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint file (default "
                                               "RUN/checkpoints/last.pt)."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
@@ -32,9 +33,10 @@ def sample_cmd(
     from bench.runtime import check_precision, resolve_device
     from bench.sample import check_guidance, load_run, write_samples
 
-    check_precision(precision)
+    if precision is not None:
+        check_precision(precision)
     check_guidance(guidance)
-    run = load_run(run_dir, resolve_device(device), checkpoint)
+    run = load_run(run_dir, resolve_device(device), checkpoint, precision)
     if guidance != 1.0 and run.config.get("p_uncond", 0) == 0:
         typer.echo(f"warning: {run_dir} was trained without mask dropout (p_uncond 0); its unconditional "
                    f"velocity is untrained, so guidance {guidance} extrapolates from noise", err=True)

@@ -18,7 +18,9 @@ def speed_cmd(
                                     "larger ones give the images/s throughput."),
     resolutions: str = typer.Option(None, "--resolutions", help="Comma-separated image resolutions in pixels "
                                     "(default: the preset's; with --flops-only the preset's x1, x2, x4)."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (autocast)."),
+    precision: str = typer.Option(None, "--precision", help="fp32, bf16 or fp16 for every model (default: each "
+                                  "model's recipe precision at the preset: bf16 at paper, fp32 at cpu and tiny); the "
+                                  "model is cast to it once."),
     warmup: int = typer.Option(3, "--warmup", help="Untimed network evaluations before timing."),
     repeats: int = typer.Option(10, "--repeats", help="Timed network evaluations per setting."),
     image_repeats: int = typer.Option(3, "--image-repeats", help="Timed whole images per setting "

@@ -54,7 +54,9 @@ def speed_summary(sel: Selection, order: list[str]) -> Optional[SpeedSummary]:
         line["IQR (ms)"] = fmt(one["latency_nfe_iqr_s"] * 1e3)
         if pd.notna(one.get("latency_nfe_guided_median_s")):
             line["ms / guided NFE"] = fmt(one["latency_nfe_guided_median_s"] * 1e3)
-        if pd.notna(one["peak_cuda_allocated_mib"]):
+        if pd.notna(one.get("peak_cuda_delta_mib")):
+            line["peak memory (MiB)"] = f"{fmt(one['peak_cuda_delta_mib'])} (CUDA allocated, rise in one NFE)"
+        elif pd.notna(one["peak_cuda_allocated_mib"]):
             line["peak memory (MiB)"] = f"{fmt(one['peak_cuda_allocated_mib'])} (CUDA allocated)"
         elif pd.notna(one["peak_rss_delta_mib"]):
             line["peak memory (MiB)"] = f"{fmt(one['peak_rss_delta_mib'])} (RSS increase)"

@@ -22,8 +22,8 @@ Layout written (``i`` the face index, ``part`` one of :data:`bench.data.PART_NAM
 from bench.synth.geometry import Geometry, sample_geometry
 from bench.synth.writer import (GENERATOR_VERSION, MANIFEST_NAME, Manifest, SynthFace, default_set_dir,
                                 default_workers, ensure_default_set, ensure_synthetic, generate_synthetic, make_face,
-                                read_manifest)
+                                read_manifest, wait_for_default_set)
 
 __all__ = ["GENERATOR_VERSION", "MANIFEST_NAME", "Geometry", "Manifest", "SynthFace", "default_set_dir",
            "default_workers", "ensure_default_set", "ensure_synthetic", "generate_synthetic", "make_face",
-           "read_manifest", "sample_geometry"]
+           "read_manifest", "sample_geometry", "wait_for_default_set"]

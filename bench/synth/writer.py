@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,6 +27,8 @@ MIN_SIZE = 16
 DEFAULT_ROOT = Path("data")
 DEFAULT_SEED = 0
 DEFAULT_UPSCALE = 2
+WAIT_TIMEOUT_S = 4 * 3600  # how long the other processes of a DDP job wait for rank 0's synthetic set
+WAIT_POLL_S = 2.0
 
 # ----------------------------------------------------------------------------------------------
 # One face, the whole set
@@ -170,3 +173,21 @@ def default_set_dir(image_size: int, n: int) -> Path:
 def ensure_default_set(folder: str | os.PathLike, n: int, image_size: int, progress: bool = True) -> Path:
     """The default synthetic set for models of ``image_size`` px in ``folder``, generated if absent."""
     return ensure_synthetic(folder, n, DEFAULT_UPSCALE * image_size, DEFAULT_SEED, progress=progress)
+
+
+def wait_for_default_set(folder: str | os.PathLike, n: int, image_size: int, timeout_s: float = WAIT_TIMEOUT_S,
+                         poll_s: float = WAIT_POLL_S) -> Path:
+    """Wait until another process (rank 0 of a DDP job) has written the default set ``ensure_default_set`` would:
+    its manifest complete and matching. A one-line error after ``timeout_s``."""
+    root, size = Path(folder), DEFAULT_UPSCALE * image_size
+    deadline = time.monotonic() + timeout_s
+    while True:
+        m = read_manifest(root)
+        if m is not None and m.complete and (m.n, m.size, m.seed, m.version) == (n, size, DEFAULT_SEED,
+                                                                                 GENERATOR_VERSION):
+            return root
+        if time.monotonic() > deadline:
+            raise BenchError(f"waited {timeout_s / 60:.0f} min for {root}/{MANIFEST_NAME} to say that rank 0 wrote the "
+                             f"synthetic set ({n} faces at {size} px); is the folder on a file system every process "
+                             f"sees? Generate it first with `bench data synth --out {root} --n {n} --size {size}`")
+        time.sleep(poll_s)
