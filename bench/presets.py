@@ -118,13 +118,16 @@ def _small(base: Recipe, lr: float, why: str) -> Recipe:
     return dataclasses.replace(base, lr=lr, source=SMALL_SOURCE.format(lr=lr, why=why))
 
 
-UNTUNED = "not tuned (the default small-scale rate)"
+SWEPT = ("lowest held-out flow-matching loss of its sweep over 3e-4, 1e-3, 2e-3, 4e-3, 8e-3 at 300 steps "
+         "(bench tune lr --preset cpu; rows in results/lr_sweep.csv)")
+TINY_RATE = "the cpu sweep's rate (tiny runs 20 steps, too few to tune on)"
+CPU_RATES = {"sisma": 4e-3, "dit": 4e-3, "sdm": 1e-3}
 RECIPES: dict[str, dict[str, Recipe]] = {
     "paper": PAPER,
-    "cpu": {DEFAULT: _small(_CPU, 1e-3, UNTUNED), "sisma": _small(_CPU, 1e-3, UNTUNED),
-            "dit": _small(_CPU, 1e-3, UNTUNED), "sdm": _small(_CPU, 1e-3, UNTUNED)},
-    "tiny": {DEFAULT: _small(_TINY, 1e-3, UNTUNED), "sisma": _small(_TINY, 1e-3, UNTUNED),
-             "dit": _small(_TINY, 1e-3, UNTUNED), "sdm": _small(_TINY, 1e-3, UNTUNED)},
+    "cpu": {DEFAULT: _small(_CPU, 1e-3, "not tuned for backbones without a recipe (the default small-scale rate)"),
+            **{m: _small(_CPU, lr, SWEPT) for m, lr in CPU_RATES.items()}},
+    "tiny": {DEFAULT: _small(_TINY, 1e-3, "not tuned for backbones without a recipe (the default small-scale rate)"),
+             **{m: _small(_TINY, lr, TINY_RATE) for m, lr in CPU_RATES.items()}},
 }
 
 BUDGETS: dict[str, Budget] = {
