@@ -103,9 +103,19 @@ def select(speed: pd.DataFrame, quality: pd.DataFrame, preset: Optional[str],
 
 
 def resolve_path(text: str, results: Path) -> Path:
-    """A run folder named in a results row, relative to the folder the commands ran in (the results folder's
-    parent); one-line error if it points outside that folder."""
-    return contained(str(text), Path(results).resolve().parent, f"a row of {display_path(results)}")
+    """A run folder named in a results row. Rows name paths relative to the folder the command ran in: the working
+    folder when the report is made from there, else the results folder's parent. The folder must lie inside the
+    working folder or the results folder's parent (one-line error otherwise)."""
+    what = f"a row of {display_path(results)}"
+    cwd, parent = Path.cwd().resolve(), Path(results).resolve().parent
+    for base in dict.fromkeys([cwd, parent]):
+        try:
+            found = contained(str(text), base, what)
+        except BenchError:
+            continue
+        if found.exists():
+            return found
+    return contained(str(text), parent, what)
 
 
 def sample_sets(results: Path, preset: str) -> list[dict]:
