@@ -10,16 +10,20 @@ from pathlib import Path
 import torch
 
 
+CODE_PATHS = ("bench", "models", "pyproject.toml")
+
+
 @lru_cache(maxsize=None)
 def git_commit() -> str:
-    """Short commit of the checkout this package runs from ('unknown' outside git), '+dirty' if modified."""
+    """Short commit of the checkout this package runs from ('unknown' outside git), '+dirty' if its code is modified."""
     root = Path(__file__).resolve().parent.parent
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
                              text=True, timeout=10).stdout.strip()
         if not sha:
             return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        # Only the code counts: results and reports that a run rewrote do not make the measurement's code dirty.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS], cwd=root,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
