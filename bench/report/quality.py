@@ -128,6 +128,25 @@ def ablation_table(ctx: Context, final: dict[str, Scores], base: str, fields: tu
     return pd.DataFrame(lines)
 
 
+def mixing_verdict(final: dict[str, Scores], ablation: pd.DataFrame) -> str:
+    """Whether the default (the first row) is the non-causal setting with the highest mean mIoU, and if not, by how
+    much the best one beats it (a paired difference: only a difference when its interval excludes 0)."""
+    base = ablation["model"].iloc[0]
+    open_rows = ablation[ablation.get("causal", pd.Series("no", index=ablation.index)) == "no"]
+    means = {m: final[m].figures["miou"].value for m in open_rows["model"] if "miou" in final[m].figures}
+    if base not in means or len(means) < 2:
+        return "Too few scored settings to say which mixes best."
+    best = max(means, key=means.get)
+    if best == base:
+        return f"The default (`{base}`) has the highest mean mask mIoU of the settings that see the whole image."
+    d = paired(final[best], final[base]).get("miou")
+    if d is None or not d.excludes_zero:
+        return (f"`{best}` has the highest mean mask mIoU of the settings that see the whole image, but not detectably "
+                f"above the default `{base}` ({verdict(d)}).")
+    return (f"`{best}` scores higher than the default `{base}` ({verdict(d)}): at this scale and budget the default is "
+            f"not the best of the settings that see the whole image.")
+
+
 def training_curves(ctx: Context) -> dict[str, pd.DataFrame]:
     """Per model: mIoU with its interval at every scored step, and the training FLOPs spent up to it."""
     curves = {}
@@ -197,7 +216,7 @@ def section(ctx: Context) -> list[str]:
         md += ["### SISMA's token mixing: scan order x conv", "", markdown(ablation), "",
                "raster + causal1d is strictly causal (a token never sees the tokens after it in raster order, so "
                "the top of the image never sees the bottom); the other settings let every token see the whole "
-               "image. The default (the `sisma` row) is the setting this ablation chose.", ""]
+               f"image. {mixing_verdict(final, ablation)}", ""]
     dit = ablation_table(ctx, final, "dit", ("cond",))
     if not dit.empty:
         md += ["### DiT-SIS: cross-attention against the aligned mask", "", markdown(dit), "",
