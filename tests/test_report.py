@@ -280,8 +280,11 @@ def test_report_gives_intervals_paired_differences_and_the_ablations(seeded_resu
     assert set(ablation) == {"sisma", "sisma:conv=causal1d:scan=raster", "sisma:scan=raster"}
     assert ablation["sisma:conv=causal1d:scan=raster"]["causal"] == "yes"
     assert ablation["sisma:scan=raster"]["causal"] == "no"
-    # the report says which setting that sees the whole image scored best, here not the default
-    assert "`sisma:scan=raster` scores higher than the default `sisma` (+0." in md
+    assert ablation["sisma"]["a token sees"] == "the whole image"
+    assert ablation["sisma:scan=raster"]["a token sees"] == "the tokens before it and at most 12 token rows below (of 16)"
+    # the report says which setting scored best, here one that sees less than the default
+    assert "The default (`sisma`) has the highest mean mask mIoU of the settings that see the whole image." in md
+    assert "`sisma:scan=raster`, which sees less of the image, scores higher than the default `sisma` (+0." in md
     assert ablation["sisma"]["mIoU - sisma"] == "(reference)"
     assert set(by_model(table(md, "### DiT-SIS: cross-attention against the aligned mask"))) == {"dit", "dit:cond=add"}
     curves = by_model(table(md, "### Quality against training"))

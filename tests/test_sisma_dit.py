@@ -344,3 +344,30 @@ def test_the_default_sisma_sees_the_whole_image_and_raster_causal1d_does_not():
     for change in ("x", "mask"):
         assert top_half_changes(default.eval(), change) == (True, True)
         assert top_half_changes(causal.eval(), change) == (False, False)
+
+
+def test_raster_with_the_grid_conv_reaches_at_most_two_token_rows_down_per_block():
+    """What the report says of scan=raster, conv=grid2d: the first token row never sees x or the mask more than
+    2 x depth token rows below it (the 3 x 3 convs of Self- and Cross-Mamba), but does see the rows within reach."""
+    from bench.report.quality import token_reach
+
+    torch.manual_seed(0)
+    model = models.create_model("sisma", preset="tiny", scan="raster", conv="grid2d")
+    wake_zero_layers(model)
+    model.eval()
+    x, t, mask = inputs(model)
+    S, p, depth = model.image_size, model.config.patch_size, model.config.depth
+    assert token_reach(model.config) == f"the tokens before it and at most {2 * depth} token rows below (of {S // p})"
+
+    def first_row_changes(change: str, from_row: int) -> bool:
+        x2, mask2 = x.clone(), mask.clone()
+        if change == "x":
+            x2[..., from_row * p:, :] = torch.randn_like(x2[..., from_row * p:, :])
+        else:
+            mask2[..., from_row * p:, :] = random_mask(2, S, seed=5)[..., from_row * p:, :]
+        with torch.no_grad():
+            return (model(x, t, mask) - model(x2, t, mask2))[..., :p, :].abs().amax().item() > 0
+
+    for change in ("x", "mask"):
+        assert not first_row_changes(change, 2 * depth + 1)
+        assert first_row_changes(change, 1)

@@ -116,6 +116,7 @@ def ablation_table(ctx: Context, final: dict[str, Scores], base: str, fields: tu
             line[f] = str(getattr(cfg, f, "-"))
         if {"scan", "conv"} <= set(fields) and cfg is not None:
             line["causal"] = "yes" if (cfg.scan, cfg.conv) == ("raster", "causal1d") else "no"
+            line["a token sees"] = token_reach(cfg)
         timed = ctx.sel.timed[(ctx.sel.timed["model"] == model)] if not ctx.sel.timed.empty else ctx.sel.timed
         if not timed.empty:
             one = timed.loc[timed["batch_size"].idxmin()]
@@ -128,23 +129,53 @@ def ablation_table(ctx: Context, final: dict[str, Scores], base: str, fields: tu
     return pd.DataFrame(lines)
 
 
+WHOLE_IMAGE = "the whole image"
+GRID_CONVS_PER_BLOCK = 2  # Self- and Cross-Mamba each run a 3 x 3 conv: one token row further down each
+
+
+def token_reach(cfg) -> str:
+    """What one output token of SISMA depends on, from its scan order, conv and depth."""
+    if cfg.scan != "raster":  # scans from several corners or directions: every token sees every other
+        return WHOLE_IMAGE
+    if cfg.conv == "causal1d":
+        return "the tokens before it (raster order)"
+    rows, reach = cfg.input_size // cfg.patch_size, GRID_CONVS_PER_BLOCK * cfg.depth
+    if reach >= rows - 1:
+        return WHOLE_IMAGE
+    return f"the tokens before it and at most {reach} token rows below (of {rows})"
+
+
 def mixing_verdict(final: dict[str, Scores], ablation: pd.DataFrame) -> str:
-    """Whether the default (the first row) is the non-causal setting with the highest mean mIoU, and if not, by how
-    much the best one beats it (a paired difference: only a difference when its interval excludes 0)."""
+    """Which setting scored best: whether the default (the first row) leads the settings that see the whole image,
+    and any non-causal setting of shorter reach that beats it (paired differences: a difference only when the
+    interval excludes 0)."""
     base = ablation["model"].iloc[0]
-    open_rows = ablation[ablation.get("causal", pd.Series("no", index=ablation.index)) == "no"]
-    means = {m: final[m].figures["miou"].value for m in open_rows["model"] if "miou" in final[m].figures}
-    if base not in means or len(means) < 2:
+    means = {m: final[m].figures["miou"].value for m in ablation["model"] if "miou" in final[m].figures}
+    if base not in means or len(means) < 2 or "a token sees" not in ablation:
         return "Too few scored settings to say which mixes best."
-    best = max(means, key=means.get)
-    if best == base:
-        return f"The default (`{base}`) has the highest mean mask mIoU of the settings that see the whole image."
-    d = paired(final[best], final[base]).get("miou")
-    if d is None or not d.excludes_zero:
-        return (f"`{best}` has the highest mean mask mIoU of the settings that see the whole image, but not detectably "
-                f"above the default `{base}` ({verdict(d)}).")
-    return (f"`{best}` scores higher than the default `{base}` ({verdict(d)}): at this scale and budget the default is "
-            f"not the best of the settings that see the whole image.")
+    reach = dict(zip(ablation["model"], ablation["a token sees"]))
+    causal = dict(zip(ablation["model"], ablation["causal"]))
+    whole = [m for m in means if reach[m] == WHOLE_IMAGE]
+    lines = []
+    if base in whole:
+        best = max(whole, key=means.get)
+        if best == base:
+            lines.append(f"The default (`{base}`) has the highest mean mask mIoU of the settings that see the whole "
+                         f"image.")
+        else:
+            d = paired(final[best], final[base]).get("miou")
+            lines.append(f"Of the settings that see the whole image, `{best}` has the highest mean mask mIoU: "
+                         f"{verdict(d)} against the default `{base}`.")
+    for m in means:
+        if m != base and m not in whole and causal[m] == "no" and means[m] > means[base]:
+            d = paired(final[m], final[base]).get("miou")
+            if d is not None and d.excludes_zero:
+                lines.append(f"`{m}`, which sees less of the image, scores higher than the default `{base}` "
+                             f"({verdict(d)}).")
+            else:
+                lines.append(f"`{m}`, which sees less of the image, is not detectably different from the default "
+                             f"`{base}` ({verdict(d)}).")
+    return " ".join(lines)
 
 
 def training_curves(ctx: Context) -> dict[str, pd.DataFrame]:
@@ -215,8 +246,10 @@ def section(ctx: Context) -> list[str]:
     if not ablation.empty:
         md += ["### SISMA's token mixing: scan order x conv", "", markdown(ablation), "",
                "raster + causal1d is strictly causal (a token never sees the tokens after it in raster order, so "
-               "the top of the image never sees the bottom); the other settings let every token see the whole "
-               f"image. {mixing_verdict(final, ablation)}", ""]
+               "the top of the image never sees the bottom); raster + grid2d reaches at most two token rows further "
+               "down per block (the 3 x 3 convs of Self- and Cross-Mamba); zigzag (one snake path per block, its corner and direction "
+               "cycling) and bidirectional scans let every token see the whole image. "
+               f"{mixing_verdict(final, ablation)}", ""]
     dit = ablation_table(ctx, final, "dit", ("cond",))
     if not dit.empty:
         md += ["### DiT-SIS: cross-attention against the aligned mask", "", markdown(dit), "",
