@@ -10,7 +10,8 @@ field's help text is stored with the field (``help_text``).
 A backbone without an entry of its own (a plugin, say) uses the preset's ``DEFAULT`` recipe; a variant such as
 ``sisma:scan=raster`` uses its backbone's recipe. At ``paper`` each backbone trains with its own source's recipe
 (the SISMA paper, SDM's CelebA script, the DiT paper); at ``cpu`` and ``tiny`` they share a schedule and each has the
-learning rate that a sweep (``bench tune lr``, rows in results/lr_sweep.csv) found best for it.
+learning rate that a sweep (``bench tune lr``, rows of the committed one in
+results/study-cpu/lr_sweep.csv) found best for it.
 """
 from __future__ import annotations
 
@@ -119,7 +120,7 @@ def _small(base: Recipe, lr: float, why: str) -> Recipe:
 
 
 SWEPT = ("lowest held-out flow-matching loss of its sweep over 3e-4, 1e-3, 2e-3, 4e-3, 8e-3 at 300 steps "
-         "(bench tune lr --preset cpu; rows in results/lr_sweep.csv)")
+         "(bench tune lr --preset cpu; rows in results/study-cpu/lr_sweep.csv)")
 TINY_RATE = "the cpu sweep's rate (tiny runs 20 steps, too few to tune on)"
 CPU_RATES = {"sisma": 4e-3, "dit": 4e-3, "sdm": 1e-3}
 RECIPES: dict[str, dict[str, Recipe]] = {
@@ -140,7 +141,7 @@ BUDGETS: dict[str, Budget] = {
         quality_samples=2, quality_steps=10, quality_fractions=(0.5, 1.0), speed_steps=200, speed_batch_sizes=(1, 4), speed_scales=(2,),
         speed_warmup=1, speed_repeats=3, speed_scale_repeats=3, speed_image_repeats=1, full_image_max_seconds=5.0,
         paper_flops=False),
-    # The embedded default: about 20 minutes on two CPU cores.
+    # The embedded default: about half an hour on two CPU cores (the committed study's stage times).
     "cpu": Budget(
         note="about 3.4M-parameter models at 32 px in pixel space (256 tokens, like the paper's latent grid), "
              "trained for a few hundred steps on synthetic faces: a small-scale comparison under one trainer, "
