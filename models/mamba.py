@@ -33,6 +33,7 @@ selective_scan_fn on CUDA.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -52,15 +53,14 @@ ZIGZAG_CYCLE = (0, 6, 1, 7, 2, 4, 3, 5)
 DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4
 
 
-def scan_orders(kind: str, grid: int, block_index: int) -> list[Tensor | None]:
-    """Token orders scanned by block ``block_index``: permutations of raster positions, None for raster itself."""
-    L = grid * grid
+def scan_orders(kind: str, grid: int, block_index: int) -> list[ScanOrder | None]:
+    """Token orders scanned by block ``block_index``; None stands for raster order itself."""
     if kind == "raster":
         return [None]
     if kind == "bidirectional":
-        return [None, torch.arange(L - 1, -1, -1)]
+        return [None, ScanOrder(grid)]
     if kind == "zigzag":
-        return [snake_order(grid, variant=ZIGZAG_CYCLE[block_index % len(ZIGZAG_CYCLE)])]
+        return [ScanOrder(grid, snake=ZIGZAG_CYCLE[block_index % len(ZIGZAG_CYCLE)])]
     raise ValueError(f"unknown scan order {kind!r}; available: {', '.join(SCAN_ORDERS)}")
 
 
@@ -79,6 +79,59 @@ def snake_order(grid: int, variant: int) -> Tensor:
     idx = idx.clone()
     idx[1::2] = idx[1::2].flip(1)  # every other line runs backwards
     return idx.flatten()
+
+
+def _reverse_odd_lines(x: Tensor) -> Tensor:
+    """(..., g, g) -> a copy in which every other line (1, 3, ...) runs backwards."""
+    out = x.new_empty(x.shape)
+    out[..., 0::2, :] = x[..., 0::2, :]
+    out[..., 1::2, :] = x[..., 1::2, :].flip(-1)
+    return out
+
+
+@dataclass(frozen=True)
+class ScanOrder:
+    """A token order other than raster: a snake (variant bits as in ``snake_order``) or raster reversed.
+
+    ``to_scan`` and ``from_scan`` move the token axis (the last) in and out of this order with transposes and flips
+    of the token grid, the same copies ``perm`` describes as an index; a gather along the last axis costs several
+    times more on CPU.
+    """
+
+    grid: int
+    snake: int | None = None  # None: raster reversed
+
+    @property
+    def perm(self) -> Tensor:
+        """Raster positions in scan order: ``to_scan(s) == s[..., perm]``."""
+        if self.snake is None:
+            return torch.arange(self.grid * self.grid - 1, -1, -1)
+        return snake_order(self.grid, self.snake)
+
+    def _flips(self) -> list[int]:
+        return [dim for dim, bit in ((-2, 2), (-1, 4)) if self.snake & bit]
+
+    def to_scan(self, s: Tensor) -> Tensor:
+        """(..., L) in raster order -> (..., L) in this order."""
+        if self.snake is None:
+            return s.flip(-1)
+        x = s.unflatten(-1, (self.grid, self.grid))
+        if self.snake & 1:
+            x = x.transpose(-1, -2)
+        if self._flips():
+            x = x.flip(self._flips())
+        return _reverse_odd_lines(x).flatten(-2)
+
+    def from_scan(self, s: Tensor) -> Tensor:
+        """(..., L) in this order -> (..., L) in raster order."""
+        if self.snake is None:
+            return s.flip(-1)
+        x = _reverse_odd_lines(s.unflatten(-1, (self.grid, self.grid)))
+        if self._flips():
+            x = x.flip(self._flips())
+        if self.snake & 1:
+            x = x.transpose(-1, -2)
+        return x.reshape(s.shape)
 
 
 class TokenConv(nn.Module):
@@ -143,7 +196,7 @@ class SelectiveSSM(nn.Module):
         dt = dt.clamp(min=DT_FLOOR)
         self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
 
-    def forward(self, u: Tensor, z: Tensor, m: Tensor | None, orders: list[tuple[Tensor, Tensor] | None]) -> Tensor:
+    def forward(self, u: Tensor, z: Tensor, m: Tensor | None, orders: list[ScanOrder | None]) -> Tensor:
         """u, z (B, E, L) and the projected mask stream m (B, E, L) (cross only), all in raster order ->
         y (B, E, L) in raster order: the scans along every order, summed."""
         if self.conv.on_grid:  # the 2-D conv does not depend on the order: run it once
@@ -151,13 +204,12 @@ class SelectiveSSM(nn.Module):
             m = self.mask_conv(m) if self.cross else None
         y = 0
         for order in orders:
-            perm, inv = order if order is not None else (None, None)
-            up, zp, mp = (s if s is None or perm is None else s[..., perm] for s in (u, z, m))
+            up, zp, mp = (s if s is None or order is None else order.to_scan(s) for s in (u, z, m))
             if not self.conv.on_grid:  # the causal conv runs along the scan
                 up = self.conv(up)
                 mp = self.mask_conv(mp) if self.cross else None
             yp = self.scan(up, zp, mp)
-            y = y + (yp if inv is None else yp[..., inv])
+            y = y + (yp if order is None else order.from_scan(yp))
         return y
 
     def scan(self, u: Tensor, z: Tensor, m: Tensor | None) -> Tensor:
@@ -179,7 +231,7 @@ class SelectiveSSM(nn.Module):
 class MambaMixer(nn.Module):
     """Mamba layer on tokens (B, L, D) -> (B, L, D): one ``SelectiveSSM`` scanned along each of ``orders``."""
 
-    def __init__(self, d_model: int, cross: bool, orders: list[Tensor | None] = (None,), conv: str = "causal1d",
+    def __init__(self, d_model: int, cross: bool, orders: list[ScanOrder | None] = (None,), conv: str = "causal1d",
                  grid: int | None = None, d_state: int = 16, expand: int = 2, d_conv: int = 4,
                  dt_rank: int | None = None):
         super().__init__()
@@ -192,17 +244,8 @@ class MambaMixer(nn.Module):
         if cross:
             self.mask_proj = nn.Linear(d_model, d_inner, bias=False)
         self.ssm = SelectiveSSM(d_inner, d_state, dt_rank, d_conv, cross, conv, grid or 0)
-        self.n_orders = len(orders)
-        for i, perm in enumerate(orders):
-            if perm is not None:
-                self.register_buffer(f"perm{i}", perm, persistent=False)
-                self.register_buffer(f"inv{i}", torch.argsort(perm), persistent=False)
+        self.orders = list(orders)  # reorderings of the token grid: no tensors, so nothing to move between devices
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
-
-    def orders(self) -> list[tuple[Tensor, Tensor] | None]:
-        """(permutation, its inverse) per scan order; None for raster."""
-        return [(getattr(self, f"perm{i}"), getattr(self, f"inv{i}")) if hasattr(self, f"perm{i}") else None
-                for i in range(self.n_orders)]
 
     def mix(self, x: Tensor, m: Tensor | None) -> Tensor:
         """x (B, L, D), m (B, L, D) mask tokens or None -> (B, L, D)."""
@@ -210,7 +253,7 @@ class MambaMixer(nn.Module):
         xt = x.transpose(1, 2)  # (B, D, L)
         u, z = w_u @ xt, w_z @ xt  # (B, E, L) each, contiguous
         ms = self.mask_proj.weight @ m.transpose(1, 2) if self.cross else None  # (B, E, L)
-        y = self.ssm(u, z, ms, self.orders())
+        y = self.ssm(u, z, ms, self.orders)
         return (self.out_proj.weight @ y).transpose(1, 2)  # (B, L, D)
 
 
@@ -223,7 +266,7 @@ class SelfMamba(MambaMixer):
     @property
     def fusable(self) -> bool:
         """True when the layer is Mamba's own on reordered tokens: causal 1-D conv, one scan order."""
-        return not self.ssm.conv.on_grid and self.n_orders == 1
+        return not self.ssm.conv.on_grid and len(self.orders) == 1
 
     def forward(self, x: Tensor) -> Tensor:
         fused = ssm.fused_inner(x) if self.fusable else None
@@ -233,16 +276,16 @@ class SelfMamba(MambaMixer):
 
     def mix_fused(self, x: Tensor, fused) -> Tensor:
         """x (B, L, D) -> (B, L, D) through ``fused`` (mamba_inner_fn's signature; see the module docstring)."""
-        order = self.orders()[0]
-        if order is not None:
-            x = x[:, order[0]]  # tokens in scan order
+        order = self.orders[0]
         xz = self.in_proj.weight @ x.transpose(1, 2)  # (B, 2E, L): u then z, as mamba_inner_fn splits it
+        if order is not None:
+            xz = order.to_scan(xz)  # tokens in scan order
         s = self.ssm
         conv = s.conv.conv1d
         out = fused(xz, conv.weight, conv.bias, s.x_proj.weight, s.dt_proj.weight, self.out_proj.weight, None,
                     -torch.exp(s.A_log.float()), None, None, s.D.float(), delta_bias=s.dt_proj.bias.float(),
                     delta_softplus=True)
-        return out if order is None else out[:, order[1]]  # back to raster order
+        return out if order is None else order.from_scan(out.transpose(1, 2)).transpose(1, 2)  # raster order
 
 
 class CrossMamba(MambaMixer):

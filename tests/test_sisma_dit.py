@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import models
 from models.layers import sincos_pos_embed_2d, unpatchify
-from models.mamba import CrossMamba, SelfMamba, scan_orders, snake_order
+from models.mamba import CrossMamba, ScanOrder, SelfMamba, scan_orders, snake_order
 
 TOKEN_BACKBONES = ["sisma", "dit"]
 PAPER_SISMA_PARAMS = 799e6  # the paper's Table 2
@@ -203,8 +203,24 @@ def test_snake_orders_are_continuous_permutations(variant):
 
 
 def test_zigzag_cycles_through_eight_distinct_snakes():
-    orders = [tuple(scan_orders("zigzag", 4, i)[0].tolist()) for i in range(16)]
+    orders = [tuple(scan_orders("zigzag", 4, i)[0].perm.tolist()) for i in range(16)]
     assert len(set(orders[:8])) == 8 and orders[8:] == orders[:8]
+
+
+@pytest.mark.parametrize("order", [ScanOrder(5)] + [ScanOrder(4, snake=v) for v in range(8)] + [ScanOrder(5, snake=3)],
+                         ids=lambda o: f"grid{o.grid}-{'reverse' if o.snake is None else f'snake{o.snake}'}")
+def test_scan_order_moves_tokens_as_its_permutation_says(order):
+    """The grid transposes and flips are the gather by ``perm`` and its inverse, values and gradients, bit for bit."""
+    L = order.grid ** 2
+    s = torch.randn(2, 3, L, requires_grad=True)
+    scanned = order.to_scan(s)
+    assert torch.equal(scanned, s[..., order.perm])
+    assert torch.equal(order.from_scan(scanned), s)
+    assert torch.equal(order.from_scan(s), s[..., torch.argsort(order.perm)])
+    g = torch.randn(2, 3, L)
+    (grad,) = torch.autograd.grad(scanned, s, g)
+    assert torch.equal(grad, g[..., torch.argsort(order.perm)])
+    assert torch.equal(order.to_scan(s.detach().transpose(0, 1)), s.detach().transpose(0, 1)[..., order.perm])
 
 
 @pytest.mark.parametrize("scan, sees_the_end", [("raster", False), ("bidirectional", True)])
