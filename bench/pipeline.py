@@ -231,8 +231,10 @@ class Pipeline:
                             ("data",), self.stage_parser,
                             lambda out: all(Path(p).is_file() for p in out.get("parsers", {}).values())))
         stages.append(Stage("quality", f"quality ({b.quality_masks or 'all'} masks x {b.quality_samples} samples, "
-                                       f"{b.quality_steps} steps, {len(names) * len(o.seeds)} runs)",
+                                       f"{b.quality_steps} steps, {len(names) * len(o.seeds)} runs; earlier "
+                                       f"snapshots on {self.snapshot_masks() or 'all'} masks)",
                             {"models": names, "seeds": list(o.seeds), "masks": b.quality_masks,
+                             "snapshot_masks": self.snapshot_masks(),
                              "samples": b.quality_samples, "steps": b.quality_steps, "seed": SAMPLE_SEED,
                              "fractions": list(b.quality_fractions),
                              "guidance": {v.name: presets.recipe(o.preset, v.model).guidance for v in self.variants},
@@ -456,6 +458,13 @@ class Pipeline:
         steps = self.train_steps(variant)
         return sorted({max(1, round(f * steps)) for f in self.budget.quality_fractions if f <= 1} | {steps})
 
+    def snapshot_masks(self) -> int:
+        """Test masks scored at the snapshots before a run's last step (0: the whole split, as the last step)."""
+        b = self.budget
+        if not b.quality_snapshot_masks:
+            return b.quality_masks
+        return min(b.quality_snapshot_masks, b.quality_masks) if b.quality_masks else b.quality_snapshot_masks
+
     def train_options(self, variant: Variant, seed: int) -> dict:
         """Trainer options of one run beyond the preset's table: steps, seed, snapshots, data and VAE."""
         o = self.opts
@@ -561,10 +570,12 @@ class Pipeline:
                 if snapshots[-1] not in found:  # a run trained without its final snapshot: its last checkpoint
                     found.append(run / "checkpoints" / "last.pt")
                 for checkpoint in found:
+                    last = checkpoint in (snapshots[-1], run / "checkpoints" / "last.pt")
                     row, masks = evaluate_run(run, self.data_dir(size), resources, self.dir / f"parser-{size}px.pt",
                                               torch.device(self.device), batch_size=QUALITY_BATCH, progress=True,
                                               echo=self.echo, checkpoint=checkpoint, split="test",
-                                              n_masks=b.quality_masks, samples_per_mask=b.quality_samples,
+                                              n_masks=b.quality_masks if last else self.snapshot_masks(),
+                                              samples_per_mask=b.quality_samples,
                                               steps=b.quality_steps, guidance=guidance, seed=SAMPLE_SEED,
                                               precision=self.precision(v))
                     append_rows(out, [row], masks)

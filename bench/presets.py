@@ -67,7 +67,10 @@ class Budget:
     parser_batch: int = doc("Face-parser batch.")
     sample_masks: int = doc("Test masks in the report's sample grid (one sample per model each).")
     sample_steps: int = doc("Euler steps of the report's grid samples.")
-    quality_masks: int = doc("Test masks scored (0: the whole test split).")
+    quality_masks: int = doc("Test masks scored at each run's last step (0: the whole test split).")
+    quality_snapshot_masks: int = doc("Test masks scored at the earlier snapshots, the first of those scored at the "
+                                      "last step (0: the same masks); the curves of quality against training use "
+                                      "the masks every step has.")
     quality_samples: int = doc("Samples per mask (diversity; sample 0 for FID).")
     quality_steps: int = doc("Euler steps of the scored samples.")
     quality_fractions: tuple = doc("Checkpoints scored, as fractions of each run's steps (quality against training).")
@@ -131,16 +134,19 @@ RECIPES: dict[str, dict[str, Recipe]] = {
              **{m: _small(_TINY, lr, TINY_RATE) for m, lr in CPU_RATES.items()}},
 }
 
+# cpu: the 25% and 50% snapshots are scored on the first 48 test masks (a third of the synthetic test split): the
+# curves of quality against training are drawn on those masks; the last step is scored on all of them.
+SNAPSHOT_MASKS_CPU = 48
 BUDGETS: dict[str, Budget] = {
     # CI's end-to-end test: under a minute of CPU time (one thread, quiet machine).
     "tiny": Budget(
         note="a smoke test of the whole pipeline: 0.3M-parameter models at 16 px, 20 training steps, 4 test "
              "masks, 10 sampling steps; its numbers say nothing about the backbones.",
         synth_n=64, ckpt_every=10, keep_every=0, sample_every=10, log_every=1, grid_masks=4, grid_steps=8,
-        workers=0, parser_steps=100, parser_batch=16, sample_masks=4, sample_steps=20, quality_masks=4,
-        quality_samples=2, quality_steps=10, quality_fractions=(0.5, 1.0), speed_steps=200, speed_batch_sizes=(1, 4), speed_scales=(2,),
-        speed_warmup=1, speed_repeats=3, speed_scale_repeats=3, speed_image_repeats=1, full_image_max_seconds=5.0,
-        paper_flops=False),
+        workers=0, parser_steps=100, parser_batch=16, sample_masks=4, sample_steps=20,
+        quality_masks=4, quality_snapshot_masks=0, quality_samples=2, quality_steps=10, quality_fractions=(0.5, 1.0),
+        speed_steps=200, speed_batch_sizes=(1, 4), speed_scales=(2,), speed_warmup=1, speed_repeats=3,
+        speed_scale_repeats=3, speed_image_repeats=1, full_image_max_seconds=5.0, paper_flops=False),
     # The embedded default: about half an hour on two CPU cores (the committed study's stage times).
     "cpu": Budget(
         note="about 3.4M-parameter models at 32 px in pixel space (256 tokens, like the paper's latent grid), "
@@ -148,19 +154,21 @@ BUDGETS: dict[str, Budget] = {
              "sampler, timer and protocol, not a reproduction of the paper's numbers. Quality uses fewer masks, "
              "samples and sampling steps than the paper's protocol (see the budget table).",
         synth_n=2000, ckpt_every=50, keep_every=0, sample_every=200, log_every=10, grid_masks=4, grid_steps=50,
-        workers=1, parser_steps=1000, parser_batch=32, sample_masks=6, sample_steps=50, quality_masks=0,
-        quality_samples=2, quality_steps=20, quality_fractions=(0.25, 0.5, 1.0), speed_steps=200, speed_batch_sizes=(1, 8), speed_scales=(2, 4),
-        speed_warmup=2, speed_repeats=20, speed_scale_repeats=5, speed_image_repeats=5, full_image_max_seconds=15.0,
-        paper_flops=True),
+        workers=1, parser_steps=1000, parser_batch=32, sample_masks=6, sample_steps=50,
+        quality_masks=0, quality_snapshot_masks=SNAPSHOT_MASKS_CPU, quality_samples=2, quality_steps=20,
+        quality_fractions=(0.25, 0.5, 1.0),
+        speed_steps=200, speed_batch_sizes=(1, 8), speed_scales=(2, 4), speed_warmup=2, speed_repeats=20,
+        speed_scale_repeats=5, speed_image_repeats=5, full_image_max_seconds=15.0, paper_flops=True),
     # The paper's experiment, with --data CelebAMask-HQ on a GPU machine: days of training.
     "paper": Budget(
         note="the paper's setting (150k steps at batch 8, EMA 0.9999, the whole test split, 10 samples per mask, "
              "200 steps); meant for a GPU and the real CelebAMask-HQ (--data).",
         synth_n=30_000, ckpt_every=5000, keep_every=50_000, sample_every=5000, log_every=100, grid_masks=4,
         grid_steps=50, workers=4, parser_steps=3000, parser_batch=32, sample_masks=8, sample_steps=200,
-        quality_masks=0, quality_samples=10, quality_steps=200, quality_fractions=(0.25, 0.5, 1.0), speed_steps=200, speed_batch_sizes=(1, 8),
-        speed_scales=(2,), speed_warmup=5, speed_repeats=20, speed_scale_repeats=10, speed_image_repeats=3,
-        full_image_max_seconds=120.0, paper_flops=True),
+        quality_masks=0, quality_snapshot_masks=0, quality_samples=10, quality_steps=200,
+        quality_fractions=(0.25, 0.5, 1.0),
+        speed_steps=200, speed_batch_sizes=(1, 8), speed_scales=(2,), speed_warmup=5, speed_repeats=20,
+        speed_scale_repeats=10, speed_image_repeats=3, full_image_max_seconds=120.0, paper_flops=True),
 }
 
 

@@ -223,6 +223,11 @@ def mask_counts(model: str, seed: int, step: int, mask: int):
 @pytest.fixture
 def seeded_results(tmp_path):
     """Results of `bench run --models <VARIANTS> --seeds 0,1`: two checkpoints per run, per-mask scores."""
+    return make_seeded_results(tmp_path)
+
+
+def make_seeded_results(tmp_path, snapshot_masks: int = N_MASKS):
+    """The results of ``seeded_results``, the step-150 snapshots scored on the first ``snapshot_masks`` masks."""
     from bench.io import ResultsFile
     from bench.rows import MaskScoreRow, QualityRow, SpeedRow
 
@@ -245,15 +250,16 @@ def seeded_results(tmp_path):
                                                              data="data/x", space="pixel", lr=1e-3)))
             for step in (150, 300):
                 key = f"{model}-{seed}-{step}"
-                inter_union = [mask_counts(model, seed, step, i) for i in range(N_MASKS)]
-                ceiling = [mask_counts("sdm", 99, 300, i) for i in range(N_MASKS)]
+                n_masks = snapshot_masks if step == 150 else N_MASKS
+                inter_union = [mask_counts(model, seed, step, i) for i in range(n_masks)]
+                ceiling = [mask_counts("sdm", 99, 300, i) for i in range(n_masks)]
                 for i, ((inter, union), (ci, cu)) in enumerate(zip(inter_union, ceiling)):
                     masks.append(dict(eval_key=key, model=model, preset="cpu", train_seed=seed, train_step=step, mask=i,
                                       mask_source=f"test-{1900 + i}", samples=2, pixel_diversity=0.2 + 0.001 * i,
                                       inter=" ".join(map(str, inter)), union=" ".join(map(str, union)),
                                       ceiling_inter=" ".join(map(str, ci)), ceiling_union=" ".join(map(str, cu))))
                 quality.append(dict(PROVENANCE, run=str(run), model=model, preset="cpu", train_seed=seed,
-                                    train_step=step, train_steps=300, image_size=32, n_masks=N_MASKS,
+                                    train_step=step, train_steps=300, image_size=32, n_masks=n_masks,
                                     samples_per_mask=2, method="euler", guidance=1.0, steps=20, nfe=20,
                                     fid_status=INCEPTION_REASON, kid_status=INCEPTION_REASON,
                                     lpips_status=ALEXNET_REASON, miou=0.5, miou_ceiling=0.7, pixel_diversity=0.2,
@@ -293,3 +299,24 @@ def test_report_gives_intervals_paired_differences_and_the_ablations(seeded_resu
     assert f"SDM / SISMA time per network evaluation: {ratio:.2f} [" in md
     assert "different scale and hardware, not a target" in md
     assert (tmp_path / "reports" / "s" / "quality_training.png").is_file()
+
+
+def test_curves_use_the_masks_every_checkpoint_has_when_snapshots_score_fewer(tmp_path):
+    """Snapshots scored on the first 12 of 30 masks: each curve point is the mIoU over those 12 (means over seeds of
+    the pooled per-class IoU), while the quality table keeps all 30 masks of the last step."""
+    from bench.stats import miou_of
+
+    res = make_seeded_results(tmp_path, snapshot_masks=12)
+    md = build_report(res, tmp_path / "reports", "s").read_text()
+    assert all(r["masks x samples"] == f"{N_MASKS} x 2" for r in table(md, "## Quality"))
+    curves = by_model(table(md, "### Quality against training"))
+    for model in VARIANTS:
+        for step in (150, 300):
+            per_seed = []
+            for seed in (0, 1):
+                inter, union = (np.stack(a) for a in zip(*[mask_counts(model, seed, step, i) for i in range(12)]))
+                per_seed.append(miou_of(inter.sum(0), union.sum(0)))
+            assert curves[model][f"step {step}"].startswith(f"{np.mean(per_seed):.3f} [")
+    assert "every point of these curves uses the masks all its checkpoints have (12)" in md
+    assert "every point of these curves" not in build_report(make_seeded_results(tmp_path / "all"),
+                                                             tmp_path / "r2", "s").read_text()

@@ -77,6 +77,14 @@ def scores(sel: Selection, model: str, step: Optional[int] = None) -> Optional[S
     return out
 
 
+def restrict(s: Scores, sources: list[str]) -> Scores:
+    """The same runs with their per-mask arrays cut to ``sources`` (masks they all have), figures cleared."""
+    keep = [s.sources.index(src) for src in sources]
+    cut = {name: getattr(s, name)[:, keep] for name in ("inter", "union", "ceiling_inter", "ceiling_union", "pixel",
+                                                          "lpips")}
+    return Scores(s.model, s.step, s.rows, s.seeds, sources=list(sources), **cut)
+
+
 def estimate_all(s: Scores) -> Scores:
     """Fill ``s.figures``: each metric with its interval (or the plain mean over seeds when there is none)."""
     draws = stats.Draws(len(s.seeds), s.inter.shape[1]) if s.per_mask else None

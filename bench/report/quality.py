@@ -16,7 +16,7 @@ import pandas as pd
 
 from bench import plots
 from bench.report.common import Context, Footnotes, fmt, markdown
-from bench.report.estimates import Scores, estimate_all, fmt_estimate, paired, scores, steps_of, verdict
+from bench.report.estimates import Scores, estimate_all, fmt_estimate, paired, restrict, scores, steps_of, verdict
 
 FID_RELIABLE_IMAGES = 2048  # Inception's feature size: fewer images per side make FID's covariance rank-deficient
 REFERENCE = "sisma"  # the backbone every other is compared with
@@ -183,19 +183,29 @@ def training_curves(ctx: Context) -> dict[str, pd.DataFrame]:
     curves = {}
     for model in ctx.order:
         points = []
-        for step in steps_of(ctx.sel, model):
-            s = scores(ctx.sel, model, step)
-            if s is None:
-                continue
+        runs = [s for s in (scores(ctx.sel, model, step) for step in steps_of(ctx.sel, model)) if s is not None]
+        common = common_masks(runs)
+        for s in runs:
+            if common and len(common) < len(s.sources):  # snapshots scored on fewer masks
+                s = restrict(s, common)
             e = estimate_all(s).figures.get("miou")
             if e is not None:
-                points.append({"step": step, "miou": e.value, "low": e.low, "high": e.high, "seeds": len(s.seeds)})
+                points.append({"step": s.step, "miou": e.value, "low": e.low, "high": e.high, "seeds": len(s.seeds),
+                               "masks": len(s.sources) if s.per_mask else np.nan})
         if points:
             df = pd.DataFrame(points)
             flops = train_flops_per_step(ctx, model)
             df["train_flops"] = df["step"] * flops if flops else np.nan
             curves[model] = df
     return curves
+
+
+def common_masks(runs: list[Scores]) -> Optional[list[str]]:
+    """The masks every one of ``runs`` was scored on, in the order of the first; None without per-mask scores."""
+    if not runs or not all(s.per_mask for s in runs):
+        return None
+    others = [set(s.sources) for s in runs[1:]]
+    return [m for m in runs[0].sources if all(m in o for o in others)]
 
 
 def train_flops_per_step(ctx: Context, model: str) -> Optional[float]:
@@ -262,6 +272,7 @@ def section(ctx: Context) -> list[str]:
         table = pd.DataFrame([{"model": m, **{f"step {int(p.step)}": fmt_estimate_row(p) for p in c.itertuples()}}
                               for m, c in curves.items()]).fillna("-")
         md += ["### Quality against training", "", markdown(table), ""]
+        md += curve_masks_note(curves, final)
         md.append(ctx.figures.add(
             "quality_training.png",
             "mask mIoU (mean over seeds, 95% interval shaded) against training steps (left) and training FLOPs "
@@ -292,6 +303,19 @@ def fmt_estimate_row(p) -> str:
     if not np.isfinite(p.low):
         return f"{p.miou:.3f}"
     return f"{p.miou:.3f} [{p.low:.3f}, {p.high:.3f}]"
+
+
+def curve_masks_note(curves: dict[str, pd.DataFrame], final: dict[str, Scores]) -> list[str]:
+    """Says so where a curve is drawn on fewer masks than its model's last-step figure (snapshots scored on fewer)."""
+    cut = {m: int(c["masks"].iloc[-1]) for m, c in curves.items()
+           if m in final and final[m].per_mask and c["masks"].notna().all()
+           and c["masks"].iloc[-1] < len(final[m].sources)}
+    if not cut:
+        return []
+    counts = ", ".join(sorted({str(n) for n in cut.values()}))
+    return [f"The snapshots before each run's last step were scored on fewer test masks (the preset's "
+            f"quality_snapshot_masks), so every point of these curves uses the masks all its checkpoints have "
+            f"({counts}); the figures at the last step elsewhere in this report use every mask scored there.", ""]
 
 
 def rising_note(curves: dict[str, pd.DataFrame], ctx: Context) -> list[str]:
