@@ -197,6 +197,7 @@ def test_report_cli_and_errors(results, tmp_path):
     bad = runner.invoke(app, ["report", "--results", str(empty), "--reports", str(tmp_path / "out")])
     assert bad.exit_code == 2
     assert bad.output.strip().startswith("error:") and len(bad.output.strip().splitlines()) == 1
+    assert f"no result rows to report in {empty}" in bad.output and str(empty / "speed.csv") in bad.output
 
     missing = runner.invoke(app, ["report", "--results", str(results), "--reports", str(tmp_path / "out"),
                                   "--preset", "paper"])

@@ -40,7 +40,7 @@ def build_report(results: Path = DEFAULT_RESULTS, reports: Path = DEFAULT_REPORT
     """Write ``reports/<name>.md`` and its plots in ``reports/<name>/``; returns the Markdown file's path."""
     results, reports = Path(results), Path(reports)
     speed_rows, quality_rows, mask_rows = read_results(results)
-    sel = select(speed_rows, quality_rows, preset, mask_rows)
+    sel = select(speed_rows, quality_rows, preset, mask_rows, results)
     name = name or sel.preset
     ctx = Context(sel=sel, order=model_order([*sel.timed["model"], *sel.quality["model"]]), results=results,
                   figures=Figures(name), state=find_state(results, sel.preset),

@@ -59,16 +59,18 @@ def native_resolution(model: str, preset: str, resolutions) -> int:
 
 
 def select(speed: pd.DataFrame, quality: pd.DataFrame, preset: Optional[str],
-           masks: Optional[pd.DataFrame] = None) -> Selection:
-    """Pick the preset, then the rows of it the report shows (see the module docstring)."""
+           masks: Optional[pd.DataFrame] = None, results: Path = Path("results")) -> Selection:
+    """Pick the preset, then the rows of it the report shows (see the module docstring); ``results`` names the
+    folder the rows were read from, in errors."""
     if preset is None:
         stamps = pd.concat([speed.loc[speed["mode"] == "timed", ["timestamp", "preset"]],
                             quality[["timestamp", "preset"]]]).dropna()
         if stamps.empty:
             stamps = speed[["timestamp", "preset"]].dropna()
         if stamps.empty:
-            raise BenchError("no result rows to report: run `bench run`, or `bench speed` and `bench quality`, first "
-                             "(they write results/speed.csv and results/quality.csv)")
+            raise BenchError(f"no result rows to report in {results}: run `bench run`, or `bench speed` and "
+                             f"`bench quality`, first (they write {results / 'speed.csv'} and "
+                             f"{results / 'quality.csv'}), or give --results the folder they wrote")
         preset = str(stamps.sort_values("timestamp", kind="stable").iloc[-1]["preset"])
     notes = []
     timed = speed[(speed["mode"] == "timed") & (speed["preset"] == preset)]
