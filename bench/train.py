@@ -1,9 +1,8 @@
 """The one flow-matching trainer for every backbone: ``bench train MODEL``.
 
 A run is a folder: ``config.json`` (the TrainConfig, plain data), ``loss.csv`` (step, loss, lr, grad norm,
-steps/s, wall time), ``checkpoints/last.pt`` (plus ``step_*.pt`` snapshots every ``keep_every`` steps and at the
-steps of ``keep_at``) and
-``samples/step_*.png`` grids (mask | samples from fixed noise, EMA weights). The conventions (time, path,
+steps/s, wall time, CPU threads), ``checkpoints/last.pt`` (plus ``step_*.pt`` snapshots every ``keep_every`` steps
+and at the steps of ``keep_at``) and ``samples/step_*.png`` grids (mask | samples from fixed noise, EMA weights). The conventions (time, path,
 target, guidance) are those of ``bench.flow``.
 
 Exact resume: everything random is a function of the seed and the step. The data order is a seeded
@@ -461,10 +460,11 @@ class LossLog:
 
     Each row averages the loss over the ``log_every`` steps before it; ``steps_per_s`` is over the same
     window, data loading included; ``wall_s`` is the run's training time so far, across resumes, without
-    the time spent writing checkpoints and sample grids.
+    the time spent writing checkpoints and sample grids; ``threads`` is torch's CPU thread count then (a resumed
+    run may have another).
     """
 
-    COLUMNS = ["step", "loss", "lr", "grad_norm", "steps_per_s", "wall_s"]
+    COLUMNS = ["step", "loss", "lr", "grad_norm", "steps_per_s", "wall_s", "threads"]
 
     def __init__(self, path: Path, keep_until: int):
         self.path = path
@@ -665,7 +665,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ddp: Distributed, prog
                     mean = window_sum / ddp.world / window_steps
                     log.write(step=step, loss=f"{mean:.6g}", lr=f"{lr_at(step - 1, cfg):.6g}",
                               grad_norm=f"{float(grad_norm):.6g}", steps_per_s=f"{window_steps / window_time:.4g}",
-                              wall_s=f"{wall:.2f}")
+                              wall_s=f"{wall:.2f}", threads=torch.get_num_threads())
                     bar.set_postfix(loss=f"{mean:.4f}", steps_s=f"{window_steps / window_time:.2f}", refresh=False)
                 window_loss.zero_()
                 window_steps, window_time = 0, 0.0

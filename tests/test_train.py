@@ -84,6 +84,7 @@ def test_resume_continues_exactly(data, tmp_path):
     for k, v in sa["optimizer"]["state"].items():
         torch.testing.assert_close(sb["optimizer"]["state"][k]["exp_avg_sq"], v["exp_avg_sq"], **RESUME_TOL)
     assert [r["loss"] for r in loss_rows(a)] == [r["loss"] for r in loss_rows(b)]
+    assert {r["threads"] for r in loss_rows(b)} == {str(torch.get_num_threads())}  # the speed's context
     assert (b / "samples" / "step_0000002.png").exists() and (b / "samples" / "step_0000004.png").exists()
 
 
