@@ -22,8 +22,9 @@ What one timed row holds (one model at one resolution and batch size):
   evaluation (classifier-free guidance: the conditional and the null-mask halves in one call on a doubled batch).
 - ``image_latency_s``: one whole batch of images at ``--steps``: the sampler of ``bench sample``
   (``bench.sample.sample_batch``: Euler, steps NFE, then decode and copy to the host), median over
-  ``image_repeats`` runs after one untimed whole image. It is measured only when
-  the projection ``latency_nfe_median_s * steps + decode_latency_s`` fits ``--full-image-max-seconds``;
+  ``image_repeats`` runs after one untimed whole image. It is measured only when all of them (the untimed one
+  included) fit ``--full-image-max-seconds`` by the projection ``latency_nfe_median_s * steps + decode_latency_s``,
+  so that a measured image is always a median of ``image_repeats`` runs;
   the projection itself always goes to ``image_latency_projected_s``, never to the measured column.
   ``image_vs_projected`` = measured / projected: far from 1, the whole image costs more (or less) than its parts.
   ``decode_latency_s`` is the decoder alone (the identity clamp for pixel-space models).
@@ -59,7 +60,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import statistics
 import warnings
 from dataclasses import dataclass, field
@@ -91,6 +91,9 @@ PIXEL_DECODER_LABEL = "none (pixel space)"
 COLUMNS = [f for f in SpeedRow.__dataclass_fields__]
 
 
+MIN_IMAGE_REPEATS = 5  # the fewest timed whole images whose median a report shows as measured
+
+
 @dataclass
 class SpeedConfig:
     """Everything one `bench speed` sweep needs."""
@@ -103,7 +106,7 @@ class SpeedConfig:
     precision: str | None = None  # None: each model's recipe precision at the preset (bench.presets)
     warmup: int = 3
     repeats: int = 10
-    image_repeats: int = 3
+    image_repeats: int = MIN_IMAGE_REPEATS
     device: str = "auto"
     compile: bool = False
     tf32: bool = False
@@ -419,9 +422,8 @@ def measure_batch(model: torch.nn.Module, decoder: tuple, s: Setting, batch_size
                decode_latency_s=decode_median, image_latency_projected_s=projected,
                images_per_s_projected=batch_size / projected, nfe=nfe)
 
-    if projected <= cfg.full_image_max_seconds:
-        # the untimed image counts against the budget too: at most floor(budget / projected) images in all
-        runs = min(cfg.image_repeats, max(1, math.floor(cfg.full_image_max_seconds / projected) - 1))
+    if projected * (cfg.image_repeats + 1) <= cfg.full_image_max_seconds:  # the untimed image counts too
+        runs = cfg.image_repeats
         noise = torch.randn(x.shape, generator=gen)
         counted = []
 

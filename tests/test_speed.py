@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn as nn
@@ -306,3 +307,18 @@ def test_cuda_peak_memory_is_the_rise_over_what_was_allocated(monkeypatch):
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: counters["peak"])
     out = timing.peak_memory(lambda: counters.update(peak=counters["peak"] + 48 * timing.MIB), torch.device("cuda"))
     assert out == {"peak_cuda_allocated_mib": 348.0, "peak_cuda_delta_mib": 48.0}
+
+
+@pytest.mark.parametrize("budget, measured", [(0.29, False), (0.31, True)])
+def test_whole_images_are_timed_only_when_every_repeat_fits_the_budget(tmp_path, monkeypatch, budget, measured):
+    """Calls timed at 10 ms: an image of 4 steps is projected at 4 x 10 + 10 (decode) = 50 ms, so the untimed image
+    and 5 timed ones need 0.30 s: a budget short of that gives the projection alone, never a median of fewer."""
+    monkeypatch.setattr(speed, "time_calls", lambda fn, warmup, repeats, device: [0.01] * repeats)
+    rows = speed.run_speed(quick_config(tmp_path, models=["dit"], batch_sizes=[1], image_repeats=speed.MIN_IMAGE_REPEATS,
+                                        full_image_max_seconds=budget), echo=lambda s: None)
+    row = rows.iloc[0]
+    assert row["image_latency_projected_s"] == pytest.approx(0.05)
+    if measured:
+        assert row["image_repeats"] == speed.MIN_IMAGE_REPEATS and row["image_latency_s"] > 0
+    else:
+        assert pd.isna(row["image_latency_s"]) and pd.isna(row["image_repeats"])

@@ -7,6 +7,7 @@ import typer
 
 from bench.cli.common import command, int_list, offline_option, split_list
 from bench.runtime import DEVICE_HELP
+from bench.speed import MIN_IMAGE_REPEATS
 
 
 @command("speed")
@@ -23,16 +24,18 @@ def speed_cmd(
                                   "model is cast to it once."),
     warmup: int = typer.Option(3, "--warmup", help="Untimed network evaluations before timing."),
     repeats: int = typer.Option(10, "--repeats", help="Timed network evaluations per setting."),
-    image_repeats: int = typer.Option(3, "--image-repeats", help="Timed whole images per setting "
-                                      "(fewer when the time budget is short)."),
+    image_repeats: int = typer.Option(MIN_IMAGE_REPEATS, "--image-repeats", help="Timed whole images per setting, "
+                                      f"after an untimed one (the report shows fewer than {MIN_IMAGE_REPEATS} as "
+                                      "projected)."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile every model alike."),
     tf32: bool = typer.Option(False, "--tf32/--no-tf32", help="Allow TF32 for fp32 matmuls and convs on CUDA."),
     flops_only: bool = typer.Option(False, "--flops-only", help="Only parameters and FLOPs, on the meta device "
                                     "(no memory, no time): works at any preset and resolution."),
     full_image_max_seconds: float = typer.Option(30.0, "--full-image-max-seconds", help="Time budget of a "
-                                                 "whole-image measurement; beyond it the image latency is only "
-                                                 "projected (per-NFE x steps + decode), in its own column."),
+                                                 "whole-image measurement (the untimed image and every timed one, "
+                                                 "by the projection); when they do not fit, the image latency is "
+                                                 "only projected (per-NFE x steps + decode), in its own column."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random weights and inputs."),
     vae: str = typer.Option(None, "--vae", help="Decoder of latent models: diffusers AutoencoderKL folder or "
                             "hub id (default: the SD-VAE, fetched on first use; when it cannot be had, its "

@@ -9,8 +9,8 @@ from bench import plots
 from bench.report.common import Context, Selection, SpeedSummary, fmt, markdown
 from bench.report.paper import PAPER_FIGURES, PAPER_HARDWARE
 from bench.report.select import latest, native_resolution
+from bench.speed import MIN_IMAGE_REPEATS
 
-MIN_IMAGE_REPEATS = 5  # fewer timed whole images are not shown as measured
 IMAGE_FLAG = 0.15  # a measured image this far from steps x per-NFE + decode is flagged
 
 
