@@ -2,8 +2,8 @@
 
 A run is a folder: ``config.json`` (the TrainConfig, plain data), ``loss.csv`` (step, loss, lr, grad norm,
 steps/s, wall time, CPU threads), ``checkpoints/last.pt`` (plus ``step_*.pt`` snapshots every ``keep_every`` steps
-and at the steps of ``keep_at``) and ``samples/step_*.png`` grids (mask | samples from fixed noise, EMA weights). The conventions (time, path,
-target, guidance) are those of ``bench.flow``.
+and at the steps of ``keep_at``) and ``samples/step_*.png`` grids (mask | samples from fixed noise, EMA weights).
+The conventions (time, path, target, guidance) are those of ``bench.flow``.
 
 Exact resume: everything random is a function of the seed and the step. The data order is a seeded
 permutation per epoch, indexed by step; the noise, times and mask drops of the GLOBAL batch come from one

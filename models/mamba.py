@@ -108,8 +108,10 @@ class ScanOrder:
             return torch.arange(self.grid * self.grid - 1, -1, -1)
         return snake_order(self.grid, self.snake)
 
-    def _flips(self) -> list[int]:
-        return [dim for dim, bit in ((-2, 2), (-1, 4)) if self.snake & bit]
+    def _flip(self, x: Tensor) -> Tensor:
+        """The grid flipped as the variant's bits 2 (rows) and 4 (columns) say: its own inverse."""
+        dims = [dim for dim, bit in ((-2, 2), (-1, 4)) if self.snake & bit]
+        return x.flip(dims) if dims else x
 
     def to_scan(self, s: Tensor) -> Tensor:
         """(..., L) in raster order -> (..., L) in this order."""
@@ -118,17 +120,13 @@ class ScanOrder:
         x = s.unflatten(-1, (self.grid, self.grid))
         if self.snake & 1:
             x = x.transpose(-1, -2)
-        if self._flips():
-            x = x.flip(self._flips())
-        return _reverse_odd_lines(x).flatten(-2)
+        return _reverse_odd_lines(self._flip(x)).flatten(-2)
 
     def from_scan(self, s: Tensor) -> Tensor:
         """(..., L) in this order -> (..., L) in raster order."""
         if self.snake is None:
             return s.flip(-1)
-        x = _reverse_odd_lines(s.unflatten(-1, (self.grid, self.grid)))
-        if self._flips():
-            x = x.flip(self._flips())
+        x = self._flip(_reverse_odd_lines(s.unflatten(-1, (self.grid, self.grid))))
         if self.snake & 1:
             x = x.transpose(-1, -2)
         return x.reshape(s.shape)

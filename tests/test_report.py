@@ -288,7 +288,8 @@ def test_report_gives_intervals_paired_differences_and_the_ablations(seeded_resu
     assert ablation["sisma:conv=causal1d:scan=raster"]["causal"] == "yes"
     assert ablation["sisma:scan=raster"]["causal"] == "no"
     assert ablation["sisma"]["a token sees"] == "the whole image"
-    assert ablation["sisma:scan=raster"]["a token sees"] == "the tokens before it and at most 12 token rows below (of 16)"
+    assert ablation["sisma:scan=raster"]["a token sees"] == ("the tokens before it and at most 12 token rows below "
+                                                             "(of 16)")
     # the report says which setting scored best, here one that sees less than the default
     assert "The default (`sisma`) has the highest mean mask mIoU of the settings that see the whole image." in md
     assert "`sisma:scan=raster`, which sees less of the image, scores higher than the default `sisma` (+0." in md

@@ -314,8 +314,9 @@ def test_whole_images_are_timed_only_when_every_repeat_fits_the_budget(tmp_path,
     """Calls timed at 10 ms: an image of 4 steps is projected at 4 x 10 + 10 (decode) = 50 ms, so the untimed image
     and 5 timed ones need 0.30 s: a budget short of that gives the projection alone, never a median of fewer."""
     monkeypatch.setattr(speed, "time_calls", lambda fn, warmup, repeats, device: [0.01] * repeats)
-    rows = speed.run_speed(quick_config(tmp_path, models=["dit"], batch_sizes=[1], image_repeats=speed.MIN_IMAGE_REPEATS,
-                                        full_image_max_seconds=budget), echo=lambda s: None)
+    cfg = quick_config(tmp_path, models=["dit"], batch_sizes=[1], image_repeats=speed.MIN_IMAGE_REPEATS,
+                       full_image_max_seconds=budget)
+    rows = speed.run_speed(cfg, echo=lambda s: None)
     row = rows.iloc[0]
     assert row["image_latency_projected_s"] == pytest.approx(0.05)
     if measured:

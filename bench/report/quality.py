@@ -257,8 +257,8 @@ def section(ctx: Context) -> list[str]:
         md += ["### SISMA's token mixing: scan order x conv", "", markdown(ablation), "",
                "raster + causal1d is strictly causal (a token never sees the tokens after it in raster order, so "
                "the top of the image never sees the bottom); raster + grid2d reaches at most two token rows further "
-               "down per block (the 3 x 3 convs of Self- and Cross-Mamba); zigzag (one snake path per block, its corner and direction "
-               "cycling) and bidirectional scans let every token see the whole image. "
+               "down per block (the 3 x 3 convs of Self- and Cross-Mamba); zigzag (one snake path per block, its "
+               "corner and direction cycling) and bidirectional scans let every token see the whole image. "
                f"{mixing_verdict(final, ablation)}", ""]
     dit = ablation_table(ctx, final, "dit", ("cond",))
     if not dit.empty:
