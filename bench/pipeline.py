@@ -223,7 +223,7 @@ class Pipeline:
                              "precision": precision,
                              **{k: getattr(b, k) for k in (
                                 "speed_steps", "speed_batch_sizes", "speed_scales", "speed_warmup", "speed_repeats",
-                                "speed_scale_repeats", "speed_image_repeats", "full_image_max_seconds",
+                                "speed_processes", "speed_scale_repeats", "speed_image_repeats", "full_image_max_seconds",
                                 "paper_flops")}},
                             (), self.stage_speed, lambda out: (self.results / "speed.csv").is_file()))
         stages.append(Stage("parser", f"face parser ({b.parser_steps} steps)",
@@ -518,18 +518,23 @@ class Pipeline:
         b, out = self.budget, self.results / "speed.csv"
         device = "cuda" if self.device.startswith("cuda") else self.device
         names = [v.name for v in self.variants]
-        # precision None: each model at its recipe's precision (the same table as here: bench.speed.recipe_precision)
+        # precision None: each model at its recipe's precision (the same table as here: bench.speed.recipe_precision).
+        # A busy machine does not stop the run: after waiting for quiet, its rows are flagged and the report leaves
+        # them out of its ratios, saying so.
         common = dict(preset=self.opts.preset, steps=b.speed_steps, image_repeats=b.speed_image_repeats,
-                      device=device, seed=self.opts.seeds[0], vae=self.opts.vae, out=out, precision=None)
+                      device=device, seed=self.opts.seeds[0], vae=self.opts.vae, out=out, precision=None,
+                      allow_busy=True)
         run_speed(SpeedConfig(models=names, batch_sizes=list(b.speed_batch_sizes), warmup=b.speed_warmup,
-                              repeats=b.speed_repeats, full_image_max_seconds=b.full_image_max_seconds, **common),
+                              repeats=b.speed_repeats, processes=b.speed_processes,
+                              full_image_max_seconds=b.full_image_max_seconds, **common),
                   echo=self.echo)
         for v in self.variants:  # per-NFE cost at larger images, batch 1: the scaling plot
             if b.speed_scales:
                 resolutions = [self.sizes[v.name] * s for s in b.speed_scales]
                 self.echo(f"   scaling: {v.name} at {', '.join(map(str, resolutions))} px (per NFE, batch 1)")
                 run_speed(SpeedConfig(models=[v.name], batch_sizes=[1], resolutions=resolutions,
-                                      warmup=SCALING_WARMUP, repeats=b.speed_scale_repeats, full_image_max_seconds=0.0,
+                                      warmup=SCALING_WARMUP, repeats=b.speed_scale_repeats, processes=1,
+                                      full_image_max_seconds=0.0,
                                       **common), echo=lambda *_: None)
         with_paper = [v.name for v in self.variants if "paper" in models.list_presets(v.model)]
         if b.paper_flops and with_paper:

@@ -20,6 +20,7 @@ MODEL_COLOURS = {"sisma": "#1f77b4", "dit": "#ff7f0e", "sdm": "#2ca02c"}
 EXTRA_COLOURS = ["#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
 LOSS_SMOOTHING_POINTS = 20  # the moving average of a loss curve spans 1/20 of its logged points
 PROJECTED_HATCH = "//"
+TITLE_CHARS = 38  # a panel title wraps at this many characters
 
 
 def display_name(model: str) -> str:
@@ -59,33 +60,34 @@ def save_figure(fig, path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- latency
 
-def latency_figure(ours: pd.DataFrame, paper: pd.DataFrame, steps: int, ours_label: str, paper_label: str):
-    """Bars of seconds per image at ``steps`` steps: ours (measured solid, projected hatched) beside the paper's.
+def latency_figure(panels: list[tuple[str, pd.DataFrame]], paper: pd.DataFrame, steps: int, paper_label: str):
+    """Bars of seconds per image at ``steps`` steps: one panel per device of ours (measured solid, projected
+    hatched), then the paper's.
 
-    ``ours``: model, latency_s, projected (bool), iqr_s (spread of the per-NFE latency times steps, or NaN).
-    ``paper``: model, latency_s.
+    ``panels``: (title, DataFrame of model, latency_s, projected (bool), iqr_s (spread of the per-NFE latency times
+    steps, or NaN)). ``paper``: model, latency_s.
     """
-    if ours.empty:
+    panels = [(label, df) for label, df in panels if not df.empty]
+    if not panels:
         return None
-    order = list(ours["model"])
-    fig = new_figure(9.0, 3.6)
-    axes = fig.subplots(1, 2, width_ratios=[max(len(ours), 2), max(len(paper), 1) + 0.5])
-    ax = axes[0]
-    x = np.arange(len(ours))
-    for i, row in enumerate(ours.itertuples()):
-        err = None if not np.isfinite(row.iqr_s) else [[row.iqr_s / 2], [row.iqr_s / 2]]
-        ax.bar(i, row.latency_s, color=colour(row.model, order), hatch=PROJECTED_HATCH if row.projected else None,
-               edgecolor="black", linewidth=0.6, yerr=err, capsize=4)
-        ax.annotate(f"{row.latency_s:.4g} s" + ("\n(projected)" if row.projected else ""),
-                    (i, row.latency_s), ha="center", va="bottom", fontsize=8, xytext=(0, 3),
-                    textcoords="offset points")
-    ax.set_xticks(x, [display_name(m) for m in order])
-    ax.set_ylabel(f"seconds per image ({steps} Euler steps)")
-    ax.set_title(ours_label, fontsize=9)
-    ax.set_ylim(0, ours["latency_s"].max() * 1.3)
-    ax.grid(axis="y", alpha=0.3)
-
-    ax = axes[1]
+    order = list(dict.fromkeys(m for _, df in panels for m in df["model"]))
+    widths = [max(len(df), 2) for _, df in panels] + [max(len(paper), 1) + 0.5]
+    fig = new_figure(3.0 + 1.1 * sum(widths), 3.8)
+    axes = np.atleast_1d(fig.subplots(1, len(widths), width_ratios=widths))
+    for ax, (label, ours) in zip(axes, panels):
+        for i, row in enumerate(ours.itertuples()):
+            err = None if not np.isfinite(row.iqr_s) else [[row.iqr_s / 2], [row.iqr_s / 2]]
+            ax.bar(i, row.latency_s, color=colour(row.model, order), hatch=PROJECTED_HATCH if row.projected else None,
+                   edgecolor="black", linewidth=0.6, yerr=err, capsize=4)
+            ax.annotate(f"{row.latency_s:.4g} s" + ("\n(projected)" if row.projected else ""),
+                        (i, row.latency_s), ha="center", va="bottom", fontsize=8, xytext=(0, 3),
+                        textcoords="offset points")
+        ax.set_xticks(np.arange(len(ours)), [display_name(m) for m in ours["model"]], fontsize=8)
+        ax.set_title(wrap(label), fontsize=8)
+        ax.set_ylim(0, ours["latency_s"].max() * 1.3)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel(f"seconds per image ({steps} Euler steps)")
+    ax = axes[-1]
     if paper.empty:
         ax.set_axis_off()
     else:
@@ -93,11 +95,18 @@ def latency_figure(ours: pd.DataFrame, paper: pd.DataFrame, steps: int, ours_lab
             ax.bar(i, row.latency_s, color=colour(row.model, order), edgecolor="black", linewidth=0.6, alpha=0.75)
             ax.annotate(f"{row.latency_s:.4g} s", (i, row.latency_s), ha="center", va="bottom", fontsize=8,
                         xytext=(0, 3), textcoords="offset points")
-        ax.set_xticks(np.arange(len(paper)), [display_name(m) for m in paper["model"]])
+        ax.set_xticks(np.arange(len(paper)), [display_name(m) for m in paper["model"]], fontsize=8)
         ax.set_ylim(0, paper["latency_s"].max() * 1.3)
-        ax.set_title(paper_label, fontsize=9)
+        ax.set_title(wrap(paper_label), fontsize=8)
         ax.grid(axis="y", alpha=0.3)
     return fig
+
+
+def wrap(text: str, width: int = TITLE_CHARS) -> str:
+    """A title broken into lines of at most ``width`` characters, so that neighbouring panels' titles do not meet."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width)) or text
 
 
 # ---------------------------------------------------------------------------------------------- scaling
@@ -257,4 +266,47 @@ def sample_grid_figure(masks: list[np.ndarray], columns: dict[str, list[np.ndarr
             if r == 0:
                 ax.set_title(names[c], fontsize=10)
         axes[r, 0].set_ylabel(row_labels[r], fontsize=7)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------- time breakdown
+
+OP_CLASS_COLOURS = {  # one colour per class of bench.breakdown.OP_CLASSES, in its order
+    "matmul": "#4e79a7", "attention": "#f28e2b", "scan": "#e15759", "conv": "#76b7b2",
+    "norm_elementwise": "#59a14f", "layout": "#edc948", "other": "#bab0ac",
+}
+LEGEND_COLUMNS_PER_PANEL = 4
+
+
+def breakdown_figure(panels: list[tuple[str, pd.DataFrame]]):
+    """Stacked bars of milliseconds per network evaluation by operator class: a bar per model, a panel per device.
+
+    ``panels``: (title, DataFrame of model and one column per class of ``OP_CLASS_COLOURS``, ms per NFE).
+    """
+    panels = [(title, df) for title, df in panels if not df.empty]
+    if not panels:
+        return None
+    fig = new_figure(4.2 * len(panels), 1.8 + 0.45 * max(len(df) for _, df in panels))
+    axes = np.atleast_1d(fig.subplots(1, len(panels)))
+    for ax, (title, df) in zip(axes, panels):
+        rows = np.arange(len(df))
+        ends = np.zeros(len(df))
+        for cls, col in OP_CLASS_COLOURS.items():
+            ms = df[cls].to_numpy(dtype=float)
+            ax.barh(rows, ms, left=ends, color=col, edgecolor="black", linewidth=0.4, label=cls.replace("_", " + "))
+            ends += ms
+        for row, total in zip(rows, ends):
+            ax.annotate(f"{total:.3g} ms", (total, row), xytext=(3, 0), textcoords="offset points", va="center",
+                        fontsize=7)
+        ax.set_yticks(rows, [display_name(m) for m in df["model"]], fontsize=8)
+        ax.invert_yaxis()  # the first model on top
+        ax.margins(x=0.2)  # room for the totals
+        ax.set_xlabel("ms per network evaluation (batch 1)", fontsize=8)
+        ax.tick_params(axis="x", labelsize=8)
+        ax.set_title(wrap(title), fontsize=8)
+        ax.set_axisbelow(True)
+        ax.grid(axis="x", alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", fontsize=7,
+               ncols=min(len(OP_CLASS_COLOURS), LEGEND_COLUMNS_PER_PANEL * len(panels)))
     return fig

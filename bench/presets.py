@@ -78,7 +78,8 @@ class Budget:
     speed_batch_sizes: tuple = doc("Batch sizes timed: batch 1 for latency, the largest for images/s.")
     speed_scales: tuple = doc("Extra resolutions (times the preset's) timed per NFE at batch 1 (scaling).")
     speed_warmup: int = doc("Untimed evaluations before timing.")
-    speed_repeats: int = doc("Timed evaluations per setting.")
+    speed_repeats: int = doc("Interleaved rounds per timing process (one timed call of every setting each).")
+    speed_processes: int = doc("Timing processes, one after another (fresh interpreters when more than one).")
     speed_scale_repeats: int = doc("Timed evaluations at the extra resolutions.")
     speed_image_repeats: int = doc("Timed whole images per setting (after an untimed one).")
     full_image_max_seconds: float = doc("Whole images are timed only when the untimed one and every timed one fit "
@@ -148,7 +149,7 @@ BUDGETS: dict[str, Budget] = {
         workers=0, parser_steps=100, parser_batch=16, sample_masks=4, sample_steps=20,
         quality_masks=4, quality_snapshot_masks=0, quality_samples=2, quality_steps=10, quality_fractions=(0.5, 1.0),
         speed_steps=200, speed_batch_sizes=(1, 4), speed_scales=(2,), speed_warmup=1, speed_repeats=3,
-        speed_scale_repeats=3, speed_image_repeats=1, full_image_max_seconds=5.0, paper_flops=False),
+        speed_processes=1, speed_scale_repeats=3, speed_image_repeats=1, full_image_max_seconds=5.0, paper_flops=False),
     # The embedded default: 26 minutes on two CPU cores (a fresh `bench run`, README "bench run").
     "cpu": Budget(
         note="about 3.4M-parameter models at 32 px in pixel space (256 tokens, like the paper's latent grid), "
@@ -159,8 +160,8 @@ BUDGETS: dict[str, Budget] = {
         workers=1, parser_steps=1000, parser_batch=32, sample_masks=6, sample_steps=50,
         quality_masks=0, quality_snapshot_masks=SNAPSHOT_MASKS_CPU, quality_samples=2, quality_steps=20,
         quality_fractions=(0.5, 1.0),
-        speed_steps=200, speed_batch_sizes=(1, 8), speed_scales=(2, 4), speed_warmup=2, speed_repeats=20,
-        speed_scale_repeats=5, speed_image_repeats=5, full_image_max_seconds=15.0, paper_flops=True),
+        speed_steps=200, speed_batch_sizes=(1, 8), speed_scales=(2, 4), speed_warmup=2, speed_repeats=10,
+        speed_processes=3, speed_scale_repeats=5, speed_image_repeats=5, full_image_max_seconds=15.0, paper_flops=True),
     # The paper's experiment, with --data CelebAMask-HQ on a GPU machine: days of training.
     "paper": Budget(
         note="the paper's setting (150k steps at batch 8, EMA 0.9999, the whole test split, 10 samples per mask, "
@@ -169,8 +170,8 @@ BUDGETS: dict[str, Budget] = {
         grid_steps=50, workers=4, parser_steps=3000, parser_batch=32, sample_masks=8, sample_steps=200,
         quality_masks=0, quality_snapshot_masks=0, quality_samples=10, quality_steps=200,
         quality_fractions=(0.25, 0.5, 1.0),
-        speed_steps=200, speed_batch_sizes=(1, 8), speed_scales=(2,), speed_warmup=5, speed_repeats=20,
-        speed_scale_repeats=10, speed_image_repeats=5, full_image_max_seconds=120.0, paper_flops=True),
+        speed_steps=200, speed_batch_sizes=(1, 8), speed_scales=(2,), speed_warmup=5, speed_repeats=10,
+        speed_processes=3, speed_scale_repeats=10, speed_image_repeats=5, full_image_max_seconds=120.0, paper_flops=True),
 }
 
 

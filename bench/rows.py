@@ -78,6 +78,43 @@ class SpeedRow(Provenance):
     peak_cuda_delta_mib: Optional[float] = None  # max_memory_allocated less memory_allocated just before the call
     peak_rss_delta_mib: Optional[float] = None
     loadavg_1m: Optional[float] = None
+    # the protocol (bench.speed): interleaved rounds in fresh processes, on a quiet machine
+    sweep: Optional[str] = None  # the sweep's id: its per-round times in speed_rounds.csv, paired across models
+    processes: Optional[int] = None  # timing processes, one after another; ``repeats`` rounds each
+    latency_nfe_process_medians_s: Optional[str] = None  # the per-NFE median of each process, space-separated
+    busy: Optional[str] = None  # why the machine was not quiet ('' when it was): rows a report leaves out
+    other_cpus_max: Optional[float] = None  # the most CPUs other processes used in a kept round
+    rounds_discarded: Optional[int] = None  # busy rounds thrown away and timed again
+    calibration_gflops: Optional[float] = None  # the sweep's best calibration matmul at its threads and precision
+    achieved_gflops: Optional[float] = None  # flops_per_nfe x batch / per-NFE median
+    achieved_share: Optional[float] = None  # achieved_gflops / calibration_gflops
+    # where one NFE's time goes (batch 1, torch profiler, self time by operator class: bench.breakdown)
+    profile_nfe_ms: Optional[float] = None
+    share_matmul: Optional[float] = None
+    share_attention: Optional[float] = None
+    share_scan: Optional[float] = None
+    share_conv: Optional[float] = None
+    share_norm_elementwise: Optional[float] = None
+    share_layout: Optional[float] = None
+    share_other: Optional[float] = None
+
+
+@dataclass
+class RoundRow:
+    """One row of results/speed_rounds.csv: one timed call of one round of a ``bench speed`` sweep."""
+
+    sweep: Optional[str] = None
+    process: Optional[int] = None
+    round: Optional[int] = None
+    position: Optional[int] = None  # its place in the round's shuffled order
+    model: Optional[str] = None
+    resolution: Optional[int] = None
+    batch_size: Optional[int] = None
+    kind: Optional[str] = None  # nfe, guided, decode or image
+    seconds: Optional[float] = None
+    busy: Optional[str] = None
+    other_cpus: Optional[float] = None
+    calibration_gflops: Optional[float] = None
 
 
 @dataclass

@@ -14,12 +14,26 @@ What one timed row holds (one model at one resolution and batch size):
   (``bench.runtime.cast_for_inference``) and its inputs with it, as ``bench sample`` runs it, so that no call spends
   time casting weights. ``--tf32`` holds for the sweep only (``bench.runtime.tf32``, the flags restored after).
 - Grad mode: every call (probe, memory, per-NFE, guided, whole images) runs under ``torch.no_grad()``, the mode of the
-  sampler; with ``--compile`` the compiled model is warmed in that mode and at those shapes before each timed region,
-  and a recompilation inside a timed region is an error (``torch.compiler.set_stance("fail_on_recompile")``).
-- ``latency_nfe_*_s``: one network evaluation of the whole batch, after ``warmup`` untimed calls, over
-  ``repeats`` timed calls: median, interquartile range, standard deviation and minimum; ``latency_nfe_all_s``
-  every timed call (so ratios between models get intervals); ``latency_nfe_guided_median_s`` one guided
+  sampler; with ``--compile`` the compiled model is warmed in that mode and at those shapes before the rounds,
+  and a recompilation inside a round is an error (``torch.compiler.set_stance("fail_on_recompile")``).
+- The protocol (``bench.rounds``, ``bench.quiet``): first a gate waits up to ``--quiet-wait`` seconds for a quiet
+  machine (no other process using the CPUs the timing needs, a calibration matmul at full speed) and refuses with one
+  line naming the competing load, unless ``--allow-busy``. Then ``--processes`` timing processes run one after
+  another (fresh interpreters when more than one, as pyperf runs its workers: memory layout, thread placement and
+  the machine's drift between processes end up inside the intervals). Each builds and warms up every model, then
+  times ``--repeats`` rounds: one call of every model at every batch size and resolution, as a network evaluation,
+  a guided one and a decode, in an order shuffled per round from the seed. A round during which the machine was
+  busy is thrown away and timed again after the machine is quiet (with ``--allow-busy`` kept, and the rows flagged
+  in ``busy``). Every timed call goes to ``speed_rounds.csv`` beside the rows (``sweep``, process, round, position,
+  kind, seconds), so a report can compare two models round by round.
+- ``latency_nfe_*_s``: one network evaluation of the whole batch over every round of every process: median,
+  interquartile range, standard deviation and minimum; ``latency_nfe_all_s`` every timed call,
+  ``latency_nfe_process_medians_s`` the median of each process; ``latency_nfe_guided_median_s`` one guided
   evaluation (classifier-free guidance: the conditional and the null-mask halves in one call on a doubled batch).
+- ``calibration_gflops``: the best calibration matmul of the sweep (its threads and precision), ``achieved_gflops``
+  the model's FLOPs per NFE times the batch over its median, and ``achieved_share`` the ratio of the two: "slow" read
+  as many FLOPs, or FLOPs done slowly. ``profile_nfe_ms`` and ``share_*``: where one evaluation's time goes at the
+  smallest batch, by operator class (``bench.breakdown``: torch profiler, self time), from the first process.
 - ``image_latency_s``: one whole batch of images at ``--steps``: the sampler of ``bench sample``
   (``bench.sample.sample_batch``: Euler, steps NFE, then decode and copy to the host), median over
   ``image_repeats`` runs after one untimed whole image. It is measured only when all of them (the untimed one
@@ -39,29 +53,28 @@ What one timed row holds (one model at one resolution and batch size):
   ``models.ssm.used_backends()``; ``attention_kernel`` from the aten operators dispatched by
   ``scaled_dot_product_attention`` (flash, flash-cpu, mem-efficient, cudnn, or math when SDPA ran but none
   of the fused kernels did; "none" without SDPA); ``sdpa_enabled`` the backends enabled on CUDA.
-- ``loadavg_1m``: the machine's load average when the row was measured (other work slows CPU timings).
+- ``loadavg_1m``: the machine's load average when the row was written (it counts the timing's own threads, so it
+  decides nothing; ``other_cpus_max`` is the most CPUs other processes used in a kept round).
 - The provenance columns of ``bench.provenance`` (device, versions, precision, batch, steps, NFE, seed,
   commit) and ``threads`` (torch's intra-op threads; CPU latency is wall clock with time.perf_counter,
   CUDA latency uses CUDA events after synchronisation).
 
 ``--flops-only`` rows (``mode`` flops-only, ``device`` meta) hold only the parameter and FLOP columns and
-the provenance; timed rows have ``mode`` timed. On a shared, busy CPU, ``--threads 1`` gives far steadier
-timings than several intra-op threads competing with other processes.
+the provenance; timed rows have ``mode`` timed.
 
 Resolution scaling changes only the image-size fields of a backbone's config (``image_size``, and
 ``input_size`` for latent and patch models, keeping the preset's image-to-input factor); widths, depth and
 SDM's attention resolutions (feature-map sizes in pixels, as in ADM) stay the preset's.
 
-Latent models decode with the SD-VAE (``--vae``, from a local folder or the Hugging Face cache, fetched
-there on first use unless downloads are off: ``bench.weights``). When no weights are reachable, a randomly initialised AutoencoderKL with the SD-VAE architecture decodes instead:
-weights do not change its cost, and the ``decoder`` column says so.
+Latent models decode with the SD-VAE, or its architecture with random weights where none are reachable
+(``bench.timed_models``).
 """
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import functools
 import statistics
-import warnings
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,21 +85,15 @@ from bench.errors import BenchError
 from bench.flops import FlopCount, count_flops, equivalent_tokens, example_inputs, fit_power_law
 from bench.io import ResultsFile
 from bench.provenance import provenance
-from bench.rows import SpeedRow
-from bench.runtime import PRECISIONS, autocast, cast_for_inference, resolve_device, tf32
-from bench.timing import (free_memory, is_out_of_memory, load_average, no_recompiles, peak_memory, probe_kernels,
-                          sdpa_enabled, time_calls)
-from bench.variants import build_model
+from bench.quiet import Quietness, wait_for_quiet
+from bench.rounds import GUIDED_SCALE, Job, image_rounds_per_process, time_process  # noqa: F401 (GUIDED_SCALE: API)
+from bench.rows import RoundRow, SpeedRow
+from bench.runtime import PRECISIONS, resolve_device
+from bench.timed_models import (PIXEL_DECODER_LABEL, RANDOM_VAE_LABEL, SD_VAE_ARCH, eval_model,  # noqa: F401
+                                load_decoder, sd_vae_architecture)
+from bench.timing import load_average, sdpa_enabled
 
-GUIDED_SCALE = 1.5  # the guidance scale of the guided per-NFE timing (any s != 1 costs the same doubled call)
 FLOPS_ONLY_SCALES = (1, 2, 4)  # default resolutions of --flops-only: the preset's image size times these
-ERROR_CHARS = 200  # an error message is cut to this length in its CSV cell
-# SD-VAE (sd-vae-ft-mse) architecture, for decoding cost when its weights are not on this machine.
-SD_VAE_ARCH = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
-                   block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                   up_block_types=("UpDecoderBlock2D",) * 4, act_fn="silu", scaling_factor=0.18215, sample_size=256)
-RANDOM_VAE_LABEL = "sd-vae-arch, random weights"
-PIXEL_DECODER_LABEL = "none (pixel space)"
 
 COLUMNS = [f for f in SpeedRow.__dataclass_fields__]
 
@@ -105,7 +112,10 @@ class SpeedConfig:
     resolutions: list[int] | None = None  # None: the preset's (times FLOPS_ONLY_SCALES with flops_only)
     precision: str | None = None  # None: each model's recipe precision at the preset (bench.presets)
     warmup: int = 3
-    repeats: int = 10
+    repeats: int = 10  # interleaved rounds per timing process
+    processes: int | None = None  # None: the preset's (bench.presets: 3 at cpu and paper, 1 at tiny)
+    allow_busy: bool = False  # time on a busy machine and flag the rows, instead of refusing
+    quiet_wait: float = 60.0  # seconds to wait for a quiet machine before refusing
     image_repeats: int = MIN_IMAGE_REPEATS
     device: str = "auto"
     compile: bool = False
@@ -162,11 +172,17 @@ def run_speed(cfg: SpeedConfig, echo=print):
                              f"available: {', '.join(models.list_presets(v.model))}")
     if cfg.steps < 1 or cfg.repeats < 1 or cfg.warmup < 0 or cfg.image_repeats < 1:
         raise BenchError("--steps, --repeats and --image-repeats must be at least 1 and --warmup at least 0")
+    if cfg.processes is None:
+        cfg.processes = default_processes(cfg.preset)
+    if cfg.processes < 1 or cfg.quiet_wait < 0:
+        raise BenchError(f"--processes must be at least 1 and --quiet-wait at least 0, got {cfg.processes} and "
+                         f"{cfg.quiet_wait:g}")
     if cfg.compile and cfg.warmup < 1:
         raise BenchError("--compile needs --warmup 1 or more: the first call compiles and must not be timed")
     if not cfg.batch_sizes or min(cfg.batch_sizes) < 1:
         raise BenchError("--batch-sizes must be positive integers, e.g. 1,4")
     ResultsFile(cfg.out, SpeedRow).check()  # a file that is not ours is refused before anything is timed
+    ResultsFile(rounds_path(cfg.out), RoundRow).check()
     device = torch.device("meta") if cfg.flops_only else resolve_device(cfg.device)
     if cfg.threads is not None and cfg.threads < 1:
         raise BenchError(f"--threads must be at least 1, got {cfg.threads}")
@@ -190,8 +206,10 @@ def _sweep(cfg: SpeedConfig, device: torch.device, echo):
         echo("")
         echo(exponent_table(settings))
         return pd.DataFrame(rows, columns=COLUMNS)
-    rows = timed_sweep(settings, cfg, device)
+    rows = timed_sweep(settings, cfg, device, echo)
     echo(timed_table(rows))
+    echo("")
+    echo(ratio_summary(rows, cfg))
     echo("")
     echo(exponent_table(settings, rows))
     return pd.DataFrame(rows, columns=COLUMNS)
@@ -218,6 +236,16 @@ def plan(cfg: SpeedConfig) -> list[Setting]:
     return settings
 
 
+def default_processes(preset: str) -> int:
+    """Timing processes of a preset's sweep (bench.presets); 1 for a preset without a budget."""
+    from bench import presets
+
+    try:
+        return presets.budget(preset).speed_processes
+    except BenchError:  # a plugin's own preset
+        return 1
+
+
 def recipe_precision(name: str, preset: str) -> str:
     """The training precision of the variant ``name``'s backbone at ``preset`` (fp32 for a preset without recipes)."""
     from bench import presets
@@ -227,11 +255,6 @@ def recipe_precision(name: str, preset: str) -> str:
         return presets.recipe(preset, parse_variant(name).model).precision
     except BenchError:  # a plugin's own preset: no recipe table
         return "fp32"
-
-
-def eval_model(name: str, preset: str, overrides: dict, device: torch.device | str) -> torch.nn.Module:
-    """The variant ``name`` with ``overrides`` on ``device``, in eval mode without gradients."""
-    return build_model(name, preset, overrides, device).eval().requires_grad_(False)
 
 
 def resolution_overrides(name: str, base: torch.nn.Module, resolution: int) -> dict:
@@ -298,72 +321,132 @@ def _sd_vae_decode_flops(latent_shape: tuple) -> int:
     return count_flops(space.decode, torch.empty(1, *latent_shape, device="meta")).total
 
 
-def sd_vae_architecture() -> torch.nn.Module:
-    """A randomly initialised AutoencoderKL with the SD-VAE architecture, on the current default device."""
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(**SD_VAE_ARCH)
-
-
-def load_decoder(space: str, vae: str | None, device: torch.device) -> tuple[torch.nn.Module, str]:
-    """(module with .decode, label) for a model space: identity for pixels, the SD-VAE (or its architecture)."""
-    from bench.autoencoder import SD_VAE, LatentSpace, PixelSpace, load_vae
-    from bench.weights import WeightsMissing
-
-    if space != "latent":
-        return PixelSpace().to(device), PIXEL_DECODER_LABEL
-    try:
-        with warnings.catch_warnings():  # the hub client's deprecation notices are not the user's concern
-            warnings.simplefilter("ignore")
-            return LatentSpace(load_vae(vae or SD_VAE), vae or SD_VAE).to(device), vae or SD_VAE
-    except WeightsMissing:  # not cached and not fetched (offline, no network); a wrong file is still an error
-        if vae:  # weights the user asked for by name must exist
-            raise
-    return LatentSpace(sd_vae_architecture(), RANDOM_VAE_LABEL).to(device), RANDOM_VAE_LABEL
-
-
 # ---------------------------------------------------------------------------------------------- timing
 
-def timed_sweep(settings: list[Setting], cfg: SpeedConfig, device: torch.device) -> list[dict]:
-    """Time every setting at every batch size; a setting that runs out of memory becomes an 'oom' row."""
-    from tqdm import tqdm
+def timed_sweep(settings: list[Setting], cfg: SpeedConfig, device: torch.device, echo=print) -> list[dict]:
+    """The gate, then ``processes`` timing processes one after another; rows and per-round times appended at the
+    end (nothing is appended when the sweep stops)."""
+    import secrets
 
-    torch.manual_seed(cfg.seed)
-    # one decoder per space, loaded before anything is timed (a --vae that cannot load fails here)
-    decoders = {space: load_decoder(space, cfg.vae, device) for space in dict.fromkeys(s.space for s in settings)}
-    with tf32(cfg.tf32) if device.type == "cuda" else contextlib.nullcontext():
-        return _timed_sweep(settings, cfg, device, decoders)
-
-
-def _timed_sweep(settings: list[Setting], cfg: SpeedConfig, device: torch.device, decoders: dict) -> list[dict]:
-    from tqdm import tqdm
-
-    rows = []
-    bar = tqdm(total=len(settings) * len(cfg.batch_sizes), desc="bench speed", unit="setting")
-    for s in settings:
-        model = None
-        for batch_size in cfg.batch_sizes:
-            bar.set_postfix_str(f"{s.name} {s.resolution}px batch {batch_size}")
-            row = {**s.describe(cfg.steps), **base_columns(cfg, device, batch_size, s.precision)}
-            try:
-                if model is None:
-                    torch.manual_seed(cfg.seed)
-                    model = cast_for_inference(eval_model(s.name, cfg.preset, s.overrides, device), s.precision)
-                row.update(measure_batch(model, decoders[s.space], s, batch_size, cfg, device))
-            except Exception as e:
-                if not is_out_of_memory(e):
-                    raise
-                message = str(e).strip().splitlines()[0][:ERROR_CHARS] if str(e).strip() else "out of memory"
-                row.update(status="oom", error=message)
-                model = None  # rebuilt for the next batch size: an OOM can leave it half-moved
-                free_memory(device)
-            rows.append(row)
-            ResultsFile(cfg.out, SpeedRow).append([row])
-            bar.update()
-        del model
-        free_memory(device)
-    bar.close()
+    threads = torch.get_num_threads()
+    quiet = Quietness(threads)
+    dtype = PRECISIONS[settings[0].precision]
+    gate = wait_for_quiet(quiet, device, dtype, cfg.quiet_wait, echo=echo)
+    if gate and not cfg.allow_busy:
+        raise BenchError(f"the machine is busy: {gate}; wait for it to finish, or time anyway with --allow-busy "
+                         "(the rows are flagged busy and left out of the report's ratios)")
+    if gate:
+        echo(f"timing on a busy machine (--allow-busy): {gate}")
+    processes = cfg.processes or 1
+    job = Job(settings=[{"name": s.name, "resolution": s.resolution, "overrides": s.overrides, "space": s.space,
+                         "precision": s.precision} for s in settings],
+              preset=cfg.preset, steps=cfg.steps, batch_sizes=list(cfg.batch_sizes), warmup=cfg.warmup,
+              rounds=cfg.repeats, image_rounds=image_rounds_per_process(cfg.image_repeats, processes),
+              processes=processes, full_image_max_seconds=cfg.full_image_max_seconds, device=str(device),
+              threads=threads, seed=cfg.seed, compile=cfg.compile, tf32=cfg.tf32, vae=cfg.vae,
+              allow_busy=cfg.allow_busy, quiet_wait=cfg.quiet_wait, best_gflops=quiet.best_gflops)
+    results = []
+    for k in range(processes):
+        job = dataclasses.replace(job, process=k, profile=k == 0)
+        # one process: this one (no start-up cost); several: each a fresh interpreter, as pyperf runs its workers
+        result = time_process(job) if processes == 1 else run_worker(job)
+        job = dataclasses.replace(job, best_gflops=result["best_gflops"], images=result["images"])
+        results.append(result)
+    sweep = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
+    rows, rounds = sweep_rows(settings, cfg, device, results, sweep, gate)
+    ResultsFile(cfg.out, SpeedRow).append(rows)
+    ResultsFile(rounds_path(cfg.out), RoundRow).append(rounds)
     return rows
+
+
+def rounds_path(out: Path) -> Path:
+    """The per-round times beside a speed CSV: results/speed.csv -> results/speed_rounds.csv."""
+    return out.with_name(f"{out.stem}_rounds{out.suffix or '.csv'}")
+
+
+def run_worker(job) -> dict:
+    """``job`` in a fresh Python process (bench.speed_worker); its one-line error becomes ours."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="sis-bench-speed-") as tmp:
+        job_file, result_file = Path(tmp) / "job.json", Path(tmp) / "result.json"
+        job_file.write_text(json.dumps(job.as_dict()))
+        done = subprocess.run([sys.executable, "-m", "bench.speed_worker", str(job_file), str(result_file)],
+                              stdin=subprocess.DEVNULL)
+        result = json.loads(result_file.read_text()) if result_file.exists() else None
+    if result is None:
+        raise BenchError(f"timing process {job.process + 1} of {job.processes} failed (exit status "
+                         f"{done.returncode}; its traceback is above); --processes 1 times in this process")
+    if "error" in result:
+        raise BenchError(result["error"])
+    return result
+
+
+def sweep_rows(settings: list[Setting], cfg: SpeedConfig, device: torch.device, results: list[dict], sweep: str,
+               gate: str) -> tuple[list[dict], list[dict]]:
+    """One row per setting and batch size from every process's rounds, and the per-round rows."""
+    from bench.flow import NFE_PER_STEP
+
+    rounds = [{**r, "sweep": sweep, "model": settings[r["setting"]].name,
+               "resolution": settings[r["setting"]].resolution}
+              for res in results for r in res["rounds"]]
+    busy_rounds = [r for r in rounds if r["busy"]]
+    busy = "; ".join(filter(None, [f"busy at the start: {gate}" if gate else "",
+                                   f"busy in {len({(r['process'], r['round'], r['kind'] == 'image') for r in busy_rounds})}"
+                                   f" rounds: {busy_rounds[0]['busy']}" if busy_rounds else ""]))
+    discarded = sum(res["discarded"] for res in results)
+    best = max(res["best_gflops"] for res in results)
+    nfe = cfg.steps * NFE_PER_STEP["euler"]
+    rows = []
+    for index, s in enumerate(settings):
+        for batch_size in cfg.batch_sizes:
+            row = {**s.describe(cfg.steps), **base_columns(cfg, device, batch_size, s.precision),
+                   "sweep": sweep, "processes": len(results), "busy": busy, "rounds_discarded": discarded,
+                   "calibration_gflops": best}
+            item = next(it for it in results[0]["items"] if (it["setting"], it["batch_size"]) == (index, batch_size))
+            row.update(item["extra"])
+            failed = [it for res in results for it in res["items"] if
+                      (it["setting"], it["batch_size"]) == (index, batch_size) and it["status"] != "ok"]
+            if failed:
+                row.update(status=failed[0]["status"], error=failed[0]["error"])
+                rows.append(row)
+                continue
+            mine = [r for r in rounds if (r["setting"], r["batch_size"]) == (index, batch_size)]
+            row.update(latency_columns(mine, s, batch_size, nfe, best))
+            rows.append(row)
+    rounds = [{k: r[k] for k in RoundRow.__dataclass_fields__} for r in rounds]
+    return rows, rounds
+
+
+def latency_columns(mine: list[dict], s: Setting, batch_size: int, nfe: int, best_gflops: float) -> dict:
+    """Latency, throughput and achieved-FLOPs columns of one setting and batch size from its round records."""
+    def times(kind, process=None):
+        return [r["seconds"] for r in mine if r["kind"] == kind and (process is None or r["process"] == process)]
+
+    nfe_times, decode_times = times("nfe"), times("decode")
+    nfe_median, decode_median = statistics.median(nfe_times), statistics.median(decode_times)
+    q25, q75 = np.percentile(nfe_times, [25, 75])
+    projected = nfe_median * nfe + decode_median
+    achieved = s.flops.total * batch_size / nfe_median / 1e9
+    others = [r["other_cpus"] for r in mine if r["other_cpus"] is not None]
+    out = dict(latency_nfe_median_s=nfe_median, latency_nfe_iqr_s=float(q75 - q25),
+               latency_nfe_std_s=statistics.pstdev(nfe_times), latency_nfe_min_s=min(nfe_times),
+               latency_nfe_all_s=" ".join(f"{v:.6g}" for v in nfe_times),
+               latency_nfe_process_medians_s=" ".join(
+                   f"{statistics.median(times('nfe', p)):.6g}" for p in sorted({r['process'] for r in mine})),
+               latency_nfe_guided_median_s=statistics.median(times("guided")),
+               decode_latency_s=decode_median, image_latency_projected_s=projected,
+               images_per_s_projected=batch_size / projected, nfe=nfe, other_cpus_max=max(others, default=None),
+               achieved_gflops=achieved, achieved_share=achieved / best_gflops if best_gflops else None)
+    image_times = times("image")
+    if image_times:
+        image_median = statistics.median(image_times)
+        out.update(image_latency_s=image_median, image_repeats=len(image_times),
+                   images_per_s=batch_size / image_median, image_vs_projected=image_median / projected)
+    return out
 
 
 def base_columns(cfg: SpeedConfig, device: torch.device, batch_size: int, precision: str) -> dict:
@@ -374,68 +457,6 @@ def base_columns(cfg: SpeedConfig, device: torch.device, batch_size: int, precis
         "sdpa_enabled": sdpa_enabled(device), "loadavg_1m": load_average(),
         **provenance(device, precision, batch_size, cfg.steps, cfg.steps, cfg.seed),
     }
-
-
-def measure_batch(model: torch.nn.Module, decoder: tuple, s: Setting, batch_size: int, cfg: SpeedConfig,
-                  device: torch.device) -> dict:
-    """Kernels, memory, per-NFE latency and whole-image latency of ``model`` (cast to ``s.precision``) at
-    ``batch_size``, every call under torch.no_grad() as the sampler makes it (see the module docstring)."""
-    from bench.flow import NFE_PER_STEP, guided_velocity
-    from bench.sample import sample_batch
-
-    space, decoder_label = decoder
-    dtype = PRECISIONS[s.precision]
-    gen = torch.Generator().manual_seed(cfg.seed)
-    x, t, mask = example_inputs(model, batch_size, device, generator=gen)
-    xd, maskd = x.to(dtype), mask.to(dtype)  # the sampler's inputs: x and the mask in the model's dtype, t in fp32
-    out = {"decoder": decoder_label}
-    # no_grad, not inference_mode: under it SDPA's kernel choice is not dispatched visibly, and a compiled model
-    # would see inference tensors in one region and normal ones in another (a recompilation)
-    with torch.no_grad(), autocast(device, s.precision):
-        out.update(probe_kernels(model, xd, t, maskd))
-        out.update(peak_memory(lambda: model(xd, t, maskd), device))
-    net = torch.compile(model) if cfg.compile else model
-
-    def timed(fn, warmup: int, repeats: int) -> list[float]:
-        """Seconds per call of fn: the warm-up calls (compilation included) first, then the timed ones, during
-        which a recompilation is an error."""
-        for _ in range(warmup):
-            fn()
-        with no_recompiles(cfg.compile):
-            return time_calls(fn, 0, repeats, device)
-
-    with torch.no_grad(), autocast(device, s.precision):
-        nfe_times = timed(lambda: net(xd, t, maskd), cfg.warmup, cfg.repeats)
-        # classifier-free guidance: both halves in one call on a doubled batch (the scale does not change the cost)
-        guided = guided_velocity(lambda xs, ts, ms: net(xs.to(dtype), ts, ms), maskd, GUIDED_SCALE)
-        guided_times = timed(lambda: guided(x, t), cfg.warmup, cfg.repeats)
-    with torch.no_grad():  # the sampler decodes in fp32, outside autocast
-        decode_times = time_calls(lambda: space.decode(x.float()), 1, cfg.repeats, device)
-    nfe_median, decode_median = statistics.median(nfe_times), statistics.median(decode_times)
-    q25, q75 = np.percentile(nfe_times, [25, 75])
-    nfe = cfg.steps * NFE_PER_STEP["euler"]
-    projected = nfe_median * nfe + decode_median
-    out.update(latency_nfe_median_s=nfe_median, latency_nfe_iqr_s=float(q75 - q25),
-               latency_nfe_std_s=statistics.pstdev(nfe_times), latency_nfe_min_s=min(nfe_times),
-               latency_nfe_all_s=" ".join(f"{v:.6g}" for v in nfe_times),
-               latency_nfe_guided_median_s=statistics.median(guided_times),
-               decode_latency_s=decode_median, image_latency_projected_s=projected,
-               images_per_s_projected=batch_size / projected, nfe=nfe)
-
-    if projected * (cfg.image_repeats + 1) <= cfg.full_image_max_seconds:  # the untimed image counts too
-        runs = cfg.image_repeats
-        noise = torch.randn(x.shape, generator=gen)
-        counted = []
-
-        def one_image():  # the real sampler of `bench sample`: Euler on t_i = i / steps, decode, to host
-            counted.append(sample_batch(net, space, mask, noise, cfg.steps, "euler", 1.0, s.precision)[1])
-
-        with torch.no_grad():
-            image_times = timed(one_image, 1, runs)  # one untimed image first: the sampler's own first-call costs
-        image_median = statistics.median(image_times)
-        out.update(image_latency_s=image_median, image_repeats=runs, images_per_s=batch_size / image_median,
-                   image_vs_projected=image_median / projected, nfe=counted[-1])
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- rows, tables
@@ -489,6 +510,38 @@ def timed_table(rows: list[dict]) -> str:
     note = ("latencies cover the whole batch; 'image' = --steps Euler NFE + decode, measured only within "
             "--full-image-max-seconds, else projected from the per-NFE median")
     return table.to_markdown(index=False) + f"\n\n{note}"
+
+
+def ratio_summary(rows: list[dict], cfg: SpeedConfig) -> str:
+    """Each model's per-NFE time over the first model's (SISMA's when timed) at the smallest batch and each model's
+    first resolution, paired by round, with the per-process ratios; and why rows are flagged busy."""
+    from bench.stats import paired_ratio
+
+    rounds = ResultsFile(rounds_path(cfg.out), RoundRow).read()
+    ok = [r for r in rows if r["status"] == "ok" and r["batch_size"] == min(cfg.batch_sizes)]
+    firsts = list({r["model"]: r for r in reversed(ok)}.values())[::-1]  # each model's first resolution
+    if len(firsts) < 2 or rounds.empty:
+        return ""
+    ref = next((r for r in firsts if r["model"] == "sisma"), firsts[0])
+
+    def times(row):
+        mine = rounds[(rounds["sweep"] == row["sweep"]) & (rounds["model"] == row["model"]) & (rounds["kind"] == "nfe")
+                      & (rounds["resolution"] == row["resolution"]) & (rounds["batch_size"] == row["batch_size"])]
+        return mine.set_index(["process", "round"])["seconds"].astype(float)
+
+    lines = [f"per-NFE time over {ref['model']}'s at batch {ref['batch_size']}, paired by round (95% interval over "
+             f"processes, then rounds; each process's ratio in brackets):"]
+    for row in firsts:
+        if row is ref:
+            continue
+        ratio = (times(row) / times(ref)).dropna()
+        groups = [g.to_numpy() for _, g in ratio.groupby(level="process")]
+        e = paired_ratio(groups)
+        each = ", ".join(f"{np.median(g):.2f}" for g in groups)
+        lines.append(f"  {row['model']} / {ref['model']}: {e.value:.2f} [{e.low:.2f}, {e.high:.2f}] ({each})")
+    if rows[0].get("busy"):
+        lines.append(f"flagged busy (left out of the report's ratios): {rows[0]['busy']}")
+    return "\n".join(lines)
 
 
 def _scaled(column, factor: float, digits: int):

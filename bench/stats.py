@@ -121,3 +121,16 @@ def ratio_estimate(a: np.ndarray, b: np.ndarray, replicates: int = REPLICATES,
     ra = np.median(rng.choice(a, (replicates, len(a))), axis=1)
     rb = np.median(rng.choice(b, (replicates, len(b))), axis=1)
     return interval(float(np.median(a) / np.median(b)), ra / rb, 0, 0)
+
+
+def paired_ratio(per_process: list[np.ndarray], replicates: int = REPLICATES, seed: int = BOOTSTRAP_SEED) -> Estimate:
+    """The median of per-round ratios a_r / b_r, pooled over processes, with a two-level bootstrap: processes drawn
+    with replacement, then rounds within each drawn process (``seeds`` holds the processes, ``masks`` the rounds)."""
+    rng = np.random.default_rng(seed)
+    groups = [np.asarray(p, float) for p in per_process if len(p)]
+    value = float(np.median(np.concatenate(groups)))
+    draws = np.empty(replicates)
+    for i in range(replicates):
+        picked = rng.integers(len(groups), size=len(groups))
+        draws[i] = np.median(np.concatenate([rng.choice(groups[k], len(groups[k])) for k in picked]))
+    return interval(value, draws, len(groups), sum(len(g) for g in groups))

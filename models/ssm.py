@@ -25,6 +25,12 @@ for CUDA tensors when mamba-ssm's scan and causal-conv1d's kernel both load and 
 shape-only stand-in on fake CUDA tensors, and None elsewhere; ``models.mamba.SelfMamba`` uses it where its semantics
 match. ``SIS_BENCH_SCAN=cuda`` keeps the unfused ``selective_scan_fn``. ``mamba_inner_reference`` is the same
 computation from this module's parts, with ``mamba_inner_fn``'s signature: the CPU stand-in of the fused kernel.
+
+Profiler ranges (``torch.profiler.record_function``, read by ``bench/breakdown.py``): every scan that computes runs
+inside ``SCAN_LABEL``, each fused layer inside ``FUSED_LABEL`` and causal-conv1d's kernel inside ``CAUSAL_CONV_LABEL``,
+so that work no aten operator shows (the C kernel called through ctypes, the CUDA extensions' kernels) is still
+seen and attributed; shapes-only calls (meta, fake) open no range, and no range opens while no profiler records
+(entering one costs microseconds).
 """
 from __future__ import annotations
 
@@ -57,6 +63,10 @@ KERNEL_FLAG_SETS = (  # tried in order: OpenMP threads, then single-threaded SIM
     ("-march=native", "-fopenmp-simd"),
     ("-fopenmp-simd",),
 )
+# profiler ranges (see the module docstring): one selective scan, one fused Mamba layer, one causal-conv1d kernel call
+SCAN_LABEL = "sis_bench::selective_scan"
+FUSED_LABEL = "sis_bench::mamba_inner_fused"
+CAUSAL_CONV_LABEL = "sis_bench::causal_conv1d"
 
 
 def scan_flops(batch: int, dim: int, length: int, state: int) -> int:
@@ -97,6 +107,13 @@ def used_backends() -> set[str]:
 def reset_used_backends() -> None:
     """Forget which implementations ran."""
     _USED_BACKENDS.clear()
+
+
+def _profiler_range(label: str | None):
+    """A profiler range named ``label`` while a profiler records; otherwise (or without a label) nothing, at no cost."""
+    if label and torch.autograd.profiler._is_profiler_enabled:  # a plain flag torch keeps for fast checks like this
+        return torch.profiler.record_function(label)
+    return contextlib.nullcontext()
 
 
 def _record(backend: str, u: Tensor | tuple, A: Tensor) -> None:
@@ -421,7 +438,8 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, activat
     if x.is_cuda:
         fused = _cuda_op("causal_conv1d", "causal_conv1d_fn")
         if fused is not None:
-            return fused(x, weight, bias, activation=activation)
+            with _profiler_range(CAUSAL_CONV_LABEL):
+                return fused(x, weight, bias, activation=activation)
         _warn_missing_cuda_op("causal-conv1d")
     width = weight.shape[1]
     y = F.conv1d(F.pad(x, (width - 1, 0)), weight.unsqueeze(1), bias, groups=x.shape[1])  # left pad: causal
@@ -497,10 +515,11 @@ def selective_scan(
     backend = _choose_backend(u)
     _record(backend, u, A)
     if backend == "cuda":
-        fn = _cuda_op("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn")
-        return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    impl = {"cpu": selective_scan_cpu, "torch": selective_scan_torch, "ref": selective_scan_ref}[backend]
-    return impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+        impl = _cuda_op("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn")
+    else:
+        impl = {"cpu": selective_scan_cpu, "torch": selective_scan_torch, "ref": selective_scan_ref}[backend]
+    with _profiler_range(SCAN_LABEL):
+        return impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 
 # --- the fused Mamba layer: mamba-ssm's mamba_inner_fn ---
@@ -531,15 +550,17 @@ def fused_inner(t: Tensor):
 
         return _recording("fake", mamba_inner_shapes)
     fn = _fused_op()
-    return None if fn is None else _recording(FUSED_BACKEND, fn)
+    return None if fn is None else _recording(FUSED_BACKEND, fn, FUSED_LABEL)
 
 
-def _recording(name: str, fn):
+def _recording(name: str, fn, label: str | None = None):
+    """``fn`` noting each call in ``used_backends()`` under ``name``, inside the profiler range ``label`` if given."""
     def call(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight, out_proj_bias, A,
              *args, **kwargs):
         _record(name, (xz.shape[0], xz.shape[1] // 2, xz.shape[2]), A)
-        return fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight, out_proj_bias,
-                  A, *args, **kwargs)
+        with _profiler_range(label):
+            return fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+                      out_proj_bias, A, *args, **kwargs)
 
     return call
 

@@ -50,7 +50,7 @@ def import_graph() -> dict[str, set[str]]:
 
 def test_the_library_never_imports_typer_or_the_cli():
     code = ("import sys, bench.train, bench.sample, bench.speed, bench.quality, bench.report, bench.pipeline, "
-            "bench.data, bench.synth, bench.parser, models; "
+            "bench.data, bench.synth, bench.parser, bench.doctor, bench.gpucheck, models; "
             "print(sorted(m for m in sys.modules if m == 'typer' or m.startswith(('typer.', 'bench.cli'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]", out.stdout

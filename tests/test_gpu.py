@@ -3,11 +3,13 @@
 - the CUDA selective scan (mamba-ssm's ``selective_scan_fn``, through ``models.ssm`` with SIS_BENCH_SCAN=cuda) and
   the causal conv (causal-conv1d) against the CPU implementations, at the libraries' own test tolerances
   (mamba-ssm tests/ops/test_selective_scan.py; causal-conv1d tests/test_causal_conv1d.py);
-- mamba-ssm's fused ``mamba_inner_fn`` against ``models.ssm.mamba_inner_reference`` on the CPU, and SISMA's Self-Mamba
-  on CUDA (the fused kernel) against the same layer on the CPU;
+- mamba-ssm's fused ``mamba_inner_fn`` against ``models.ssm.mamba_inner_reference`` on the CPU
+  (``bench.gpucheck.fused_mamba_comparison``, which ``bench gpu-check`` runs too), and SISMA's Self-Mamba on CUDA (the
+  fused kernel) against the same layer on the CPU;
 - one bf16 training step and one sampled image per backbone;
 - one ``bench speed`` row on CUDA;
-- ``bench plan``'s prediction against ``torch.cuda.max_memory_allocated`` of the same training steps (15%);
+- ``bench plan``'s prediction against ``torch.cuda.max_memory_allocated`` of the same training steps (15%;
+  ``bench.gpucheck.measured_training_peak``);
 - DDP over NCCL when two GPUs are visible.
 """
 import os
@@ -18,11 +20,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.gpucheck import PLAN_TOLERANCE, SCAN_TOL, fused_mamba_comparison, measured_training_peak, self_mamba_layer
+
 CUDA = torch.cuda.is_available()
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU: torch.cuda.is_available() is False here "
                                                   "(`bench doctor` says why)")]
-PLAN_TOL = 0.15
+PLAN_TOL = PLAN_TOLERANCE  # 0.15
 MODELS = ["sisma", "dit", "sdm"]
 BENCH = str(Path(sys.executable).with_name("bench"))
 
@@ -46,8 +50,7 @@ def faces(tmp_path_factory):
 
 # ---------------------------------------------------------------------------------------------- kernels
 
-# mamba-ssm's tolerances: outputs (rtol, atol); weights (rtolw, atolw) raised to the outputs' with z
-SCAN_TOL = {torch.float32: (6e-4, 2e-3), torch.bfloat16: (3e-2, 5e-2)}
+# SCAN_TOL: mamba-ssm's tolerances, outputs (rtol, atol); weights (rtolw, atolw) raised to the outputs' with z
 
 
 @pytest.mark.parametrize("itype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -123,47 +126,14 @@ def _fused_kernel():
                     "Running on a GPU; `bench doctor` says what is missing)")
 
 
-def _self_mamba(width=64, grid=16, scan="zigzag"):
-    from models.mamba import SelfMamba, scan_orders
-
-    torch.manual_seed(0)
-    layer = SelfMamba(width, orders=scan_orders(scan, grid, 1), conv="causal1d", grid=grid)
-    with torch.no_grad():
-        for p in layer.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.1)
-        layer.ssm.conv.conv1d.bias.normal_(0, 0.1)
-    return layer
-
-
 @pytest.mark.parametrize("itype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_fused_mamba_inner_matches_the_cpu_reference(itype):
     """The kernel against models.ssm.mamba_inner_reference (fp32 on the CPU) with Self-Mamba's weights, as SISMA
-    calls it: xz in the input dtype, the weights fp32 (bf16 autocast casts the projections inside)."""
-    from models import ssm
-
+    calls it: xz in the input dtype, the weights fp32 (bf16 autocast casts the projections inside); the output within
+    5x the scan's tolerances, each gradient within 10 x (atol + rtol x its largest value)."""
     _fused_kernel()
-    rtol, atol = SCAN_TOL[itype]
-    layer = _self_mamba()
-    s = layer.ssm
-    xz = torch.randn(2, 2 * s.D.shape[0], 256).to(itype)
-    weights = [s.conv.conv1d.weight, s.conv.conv1d.bias, s.x_proj.weight, s.dt_proj.weight, layer.out_proj.weight]
-    rest = dict(D=s.D.float(), delta_bias=s.dt_proj.bias.float(), delta_softplus=True)
-    gpu = [t.detach().cuda().requires_grad_() for t in [xz, *weights]]
-    cpu = [t.detach().float().clone().requires_grad_() for t in [xz, *weights]]
-    A = -torch.exp(s.A_log.detach().float())
-    with torch.autocast("cuda", dtype=itype, enabled=itype != torch.float32):
-        out = ssm._fused_op()(*gpu, None, A.cuda(), None, None, **{k: v.detach().cuda() if torch.is_tensor(v) else v
-                                                                     for k, v in rest.items()})
-    ref = ssm.mamba_inner_reference(*cpu, None, A, None, None, **{k: v.detach() if torch.is_tensor(v) else v
-                                                                  for k, v in rest.items()})
-    torch.testing.assert_close(out.float().cpu(), ref, rtol=5 * rtol, atol=5 * atol)
-    g = torch.randn_like(ref)
-    out.backward(g.cuda().to(out.dtype))
-    ref.backward(g)
-    for name, a, b in zip(["xz", "conv1d.weight", "conv1d.bias", "x_proj", "dt_proj", "out_proj"], gpu, cpu):
-        scale = b.grad.abs().max().item() or 1.0
-        assert (a.grad.float().cpu() - b.grad).abs().max().item() <= 10 * (atol + rtol * scale), name
+    result = fused_mamba_comparison(itype)
+    assert result["ok"], result
 
 
 @pytest.mark.parametrize("scan", ["raster", "zigzag"])
@@ -173,7 +143,7 @@ def test_self_mamba_on_cuda_runs_the_fused_kernel_and_matches_the_cpu(scan):
     from models import ssm
 
     _fused_kernel()
-    layer = _self_mamba(scan=scan)
+    layer = self_mamba_layer(scan=scan)
     x = torch.randn(2, 256, 64)
     ssm.reset_used_backends()
     out = copy.deepcopy(layer).cuda()(x.cuda())
@@ -228,50 +198,6 @@ def test_one_speed_row_on_cuda(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- bench plan
 
-def _measured_peak(model: str, preset: str, batch: int, setting, precision: str) -> int:
-    """max_memory_allocated of two real training steps of ``setting``, as bench.train runs them: the model, EMA,
-    AdamW (fused, as the trainer makes it), gradient clipping, the EMA update, micro-batches and checkpointing."""
-    import copy
-
-    from bench import recompute
-    from bench.plan import _space
-    from bench.runtime import PRECISIONS
-    from bench.train import forward_backward, make_optimizer, update_ema
-    from bench.variants import build_model
-
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    start = torch.cuda.memory_allocated()
-    net = build_model(model, preset, {}, "cuda").train()
-    ema = copy.deepcopy(net).requires_grad_(False).eval()
-    if setting.checkpointing:
-        recompute.enable(net)
-    space = _space(net, "cuda")
-    opt = make_optimizer(net.parameters(), 1e-4, torch.device("cuda"))
-    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
-    autocast = torch.autocast("cuda", dtype=PRECISIONS[precision], enabled=precision != "fp32")
-    c, h, w = net.input_shape
-    for _ in range(2):
-        images = torch.randn(batch, 3, net.image_size, net.image_size, device="cuda").clamp(-1, 1)
-        masks = torch.zeros(batch, net.num_classes, net.image_size, net.image_size, device="cuda")
-        masks[:, 1] = 1
-        t, x0, drop = torch.rand(batch), torch.randn(batch, c, h, w), torch.zeros(batch, dtype=torch.bool)
-        forward_backward(net, lambda part: space.encode(images[part]), masks, t, x0, drop,
-                         setting.micro_batch if setting.accumulation > 1 else 0, autocast, scaler,
-                         torch.device("cuda"))
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        update_ema(ema, net, 0.9999)
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - start
-    del net, ema, opt, space
-    torch.cuda.empty_cache()
-    return peak
-
-
 @pytest.mark.parametrize("model, batch, micro, checkpointing", [
     ("sisma", 4, 4, False), ("dit", 4, 4, False), ("sdm", 4, 4, False),
     ("sisma", 8, 4, True), ("sdm", 8, 4, True),  # sdm's 24 GiB plan at the paper's batch 8
@@ -287,7 +213,7 @@ def test_plan_predicts_max_memory_allocated(model, batch, micro, checkpointing):
     predicted = training_memory(model, "paper", batch, setting, "bf16", grid_batch=0).peak
     if predicted > 0.8 * free:
         pytest.skip(f"predicted {predicted / 2 ** 30:.1f} GiB does not fit this GPU's free memory")
-    measured = _measured_peak(model, "paper", batch, setting, "bf16")
+    measured = measured_training_peak(model, "paper", batch, setting, "bf16", steps=2)
     assert predicted == pytest.approx(measured, rel=PLAN_TOL), (predicted / 2 ** 30, measured / 2 ** 30)
 
 

@@ -19,8 +19,9 @@ from models.ssm import scan_flops, selective_scan
 
 STEPS = 4  # whole images of 4 Euler steps keep the timed tests short
 # One thread: on a shared, loaded machine two intra-op threads can make tiny convolutions 20x slower.
+# --allow-busy --quiet-wait 0: these tests check what is measured, not the machine's quiet (tests/test_quiet.py does)
 QUICK = ["--steps", str(STEPS), "--preset", "tiny", "--warmup", "1", "--repeats", "3", "--image-repeats", "1",
-         "--device", "cpu", "--threads", "1"]
+         "--device", "cpu", "--threads", "1", "--allow-busy", "--quiet-wait", "0"]
 
 
 def read_csv(path):
@@ -30,7 +31,8 @@ def read_csv(path):
 
 def quick_config(tmp_path, **kw) -> speed.SpeedConfig:
     base = dict(models=["sisma", "dit", "sdm"], preset="tiny", steps=STEPS, batch_sizes=[1, 2], warmup=1,
-                repeats=3, image_repeats=1, device="cpu", threads=1, out=tmp_path / "speed.csv")
+                repeats=3, image_repeats=1, device="cpu", threads=1, out=tmp_path / "speed.csv", allow_busy=True,
+                quiet_wait=0.0)
     return speed.SpeedConfig(**{**base, **kw})
 
 
@@ -177,14 +179,16 @@ def test_unavailable_device_is_a_one_line_error(tmp_path):
 
 
 def test_out_of_memory_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
-    real = speed.measure_batch
+    from bench import rounds
 
-    def measure(model, decoder, s, batch_size, cfg, device):
-        if s.name == "dit" and batch_size == 2:
+    real = rounds.warm_up
+
+    def warm_up(job, it, model, inputs, device, precision):
+        if job.settings[it.setting]["name"] == "dit" and it.batch_size == 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
-        return real(model, decoder, s, batch_size, cfg, device)
+        return real(job, it, model, inputs, device, precision)
 
-    monkeypatch.setattr(speed, "measure_batch", measure)
+    monkeypatch.setattr(rounds, "warm_up", warm_up)
     rows = speed.run_speed(quick_config(tmp_path, models=["dit", "sdm"], full_image_max_seconds=0.0),
                            echo=lambda s: None)
     status = dict(zip(zip(rows["model"], rows["batch_size"]), rows["status"]))
@@ -210,8 +214,10 @@ def test_output_is_appended_never_truncated(tmp_path):
 def test_a_results_file_that_is_not_ours_is_refused_before_anything_is_timed(tmp_path, monkeypatch):
     out = tmp_path / "speed.csv"
     out.write_text("model,note\nold,kept\n")
+    from bench import rounds
+
     timed = []
-    monkeypatch.setattr(speed, "measure_batch", lambda *a, **k: timed.append(1) or {})
+    monkeypatch.setattr(rounds, "warm_up", lambda *a, **k: timed.append(1))
     with pytest.raises(BenchError, match="not a sis-bench SpeedRow file"):
         speed.run_speed(quick_config(tmp_path, models=["sdm"]), echo=lambda s: None)
     assert timed == [] and out.read_text() == "model,note\nold,kept\n"
@@ -242,18 +248,20 @@ def test_each_model_runs_at_its_recipe_precision_cast_once(tmp_path, monkeypatch
 
     assert speed.recipe_precision("sisma", "paper") == "bf16" and speed.recipe_precision("sdm", "paper") == "bf16"
     assert speed.recipe_precision("sisma:scan=raster", "tiny") == "fp32"
-    seen, images = [], []
-    real_measure, real_sample = speed.measure_batch, bench.sample.sample_batch
+    from bench import rounds
 
-    def measure(model, decoder, s, batch_size, cfg, device):
-        seen.append((s.precision, next(model.parameters()).dtype))
-        return real_measure(model, decoder, s, batch_size, cfg, device)
+    seen, images = [], []
+    real_warm_up, real_sample = rounds.warm_up, bench.sample.sample_batch
+
+    def warm_up(job, it, model, inputs, device, precision):
+        seen.append((precision, next(model.parameters()).dtype))
+        return real_warm_up(job, it, model, inputs, device, precision)
 
     def sample(model, *args, **kwargs):
         images.append(model.x_embedder.proj.weight.dtype)
         return real_sample(model, *args, **kwargs)
 
-    monkeypatch.setattr(speed, "measure_batch", measure)
+    monkeypatch.setattr(rounds, "warm_up", warm_up)
     monkeypatch.setattr(bench.sample, "sample_batch", sample)
     rows = speed.run_speed(quick_config(tmp_path, models=["dit"], batch_sizes=[1], image_repeats=2),
                            echo=lambda s: None)
@@ -313,7 +321,9 @@ def test_cuda_peak_memory_is_the_rise_over_what_was_allocated(monkeypatch):
 def test_whole_images_are_timed_only_when_every_repeat_fits_the_budget(tmp_path, monkeypatch, budget, measured):
     """Calls timed at 10 ms: an image of 4 steps is projected at 4 x 10 + 10 (decode) = 50 ms, so the untimed image
     and 5 timed ones need 0.30 s: a budget short of that gives the projection alone, never a median of fewer."""
-    monkeypatch.setattr(speed, "time_calls", lambda fn, warmup, repeats, device: [0.01] * repeats)
+    from bench import rounds
+
+    monkeypatch.setattr(rounds, "time_calls", lambda fn, warmup, repeats, device: [0.01] * repeats)
     cfg = quick_config(tmp_path, models=["dit"], batch_sizes=[1], image_repeats=speed.MIN_IMAGE_REPEATS,
                        full_image_max_seconds=budget)
     rows = speed.run_speed(cfg, echo=lambda s: None)

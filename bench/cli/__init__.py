@@ -18,6 +18,7 @@ from bench.cli import quality  # noqa: F401
 from bench.cli import run  # noqa: F401
 from bench.cli import report  # noqa: F401
 from bench.cli import doctor  # noqa: F401
+from bench.cli import gpucheck  # noqa: F401
 from bench.cli.common import app
 
 __all__ = ["app"]

@@ -23,7 +23,16 @@ def speed_cmd(
                                   "model's recipe precision at the preset: bf16 at paper, fp32 at cpu and tiny); the "
                                   "model is cast to it once."),
     warmup: int = typer.Option(3, "--warmup", help="Untimed network evaluations before timing."),
-    repeats: int = typer.Option(10, "--repeats", help="Timed network evaluations per setting."),
+    repeats: int = typer.Option(10, "--repeats", help="Interleaved rounds per timing process: each round times one "
+                                "call of every model and batch size in a shuffled order."),
+    processes: int = typer.Option(None, "--processes", help="Timing processes, one after another, each a fresh "
+                                  "interpreter (default: the preset's, 3 at cpu and paper, 1 at tiny; 1 times in "
+                                  "this process); intervals resample processes, then rounds."),
+    allow_busy: bool = typer.Option(False, "--allow-busy", help="Time even when other processes compete for the "
+                                    "CPUs or the calibration runs slow; the rows are flagged busy and the report "
+                                    "leaves them out of its ratios (default: wait, then refuse)."),
+    quiet_wait: float = typer.Option(60.0, "--quiet-wait", help="Seconds to wait for a quiet machine, before the "
+                                     "sweep and after a busy round, before refusing."),
     image_repeats: int = typer.Option(MIN_IMAGE_REPEATS, "--image-repeats", help="Timed whole images per setting, "
                                       f"after an untimed one (the report shows fewer than {MIN_IMAGE_REPEATS} as "
                                       "projected)."),
@@ -44,13 +53,20 @@ def speed_cmd(
     out: Path = typer.Option(Path("results/speed.csv"), "--out", "-o", help="CSV the rows are appended to."),
     offline: bool = offline_option(),
 ):
-    """Parameters, FLOPs, latency per NFE and per image, memory and throughput of each backbone."""
+    """Parameters, FLOPs, latency per NFE and per image, memory and throughput of each backbone.
+
+    Models are timed in interleaved rounds (shuffled per round) in several fresh processes, on a quiet machine;
+    per-round times go to speed_rounds.csv beside --out, so that a report's ratios are paired by round. To add a
+    GPU's rows to a CPU's: run `bench speed --out gpu.csv` there and append its rows (and gpu_rounds.csv's) to
+    results/speed.csv (and speed_rounds.csv), or give `bench report` both results folders.
+    """
     from bench.speed import SpeedConfig, run_speed
 
     cfg = SpeedConfig(
         models=split_list(models), preset=preset, steps=steps,
         batch_sizes=int_list(batch_sizes, "--batch-sizes") or [], resolutions=int_list(resolutions, "--resolutions"),
-        precision=precision, warmup=warmup, repeats=repeats, image_repeats=image_repeats, device=device,
+        precision=precision, warmup=warmup, repeats=repeats, processes=processes, allow_busy=allow_busy,
+        quiet_wait=quiet_wait, image_repeats=image_repeats, device=device,
         compile=compile, tf32=tf32, flops_only=flops_only, full_image_max_seconds=full_image_max_seconds,
         seed=seed, vae=vae, threads=threads, out=out,
     )

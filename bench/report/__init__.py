@@ -10,9 +10,11 @@ What it reads (everything under ``--results``, default ``results/``):
   newest sets that share masks, seed and sampler (one per model).
 - ``run_<preset>*/state.json`` (``bench run``) -> the budget of each stage and the time it took.
 
-Which rows: those of one preset (default: the preset of the newest row). For speed, one device, precision,
-``torch.compile`` setting and step count: those of the newest timed row. Where several rows share a model and
-setting, the newest (the last in the file, since rows are only ever appended) is used. The report says what it
+Which rows: those of one preset (default: the preset of the newest row). For speed, one table per device (its name
+with threads or GPU), precision, ``torch.compile`` setting and step count, the newest first; rows timed on a busy
+machine (``busy``) are left out and counted. Ratios between models pair their times round by round where both rows
+come from one sweep (``speed_rounds.csv``). Where several rows share a model and setting, the newest (the last in
+the file, since rows are only ever appended) is used. The report says what it
 kept and how many rows it left out. Every number it prints is a value of those rows (or of the paper, labelled).
 
 One module per section (speed, quality, paper, training, samples, setup), each ``section(ctx) -> lines``;
@@ -39,13 +41,15 @@ def build_report(results: Path = DEFAULT_RESULTS, reports: Path = DEFAULT_REPORT
                  preset: Optional[str] = None) -> Path:
     """Write ``reports/<name>.md`` and its plots in ``reports/<name>/``; returns the Markdown file's path."""
     results, reports = Path(results), Path(reports)
-    speed_rows, quality_rows, mask_rows = read_results(results)
-    sel = select(speed_rows, quality_rows, preset, mask_rows, results)
+    speed_rows, quality_rows, mask_rows, round_rows = read_results(results)
+    sel = select(speed_rows, quality_rows, preset, mask_rows, results, round_rows)
     name = name or sel.preset
-    ctx = Context(sel=sel, order=model_order([*sel.timed["model"], *sel.quality["model"]]), results=results,
+    ctx = Context(sel=sel, order=model_order([*(m for g in sel.devices for m in g["model"]), *sel.quality["model"]]),
+                  results=results,
                   figures=Figures(name), state=find_state(results, sel.preset),
                   samples=sample_sets(results, sel.preset))
-    ctx.speed = speed.speed_summary(sel, ctx.order)
+    ctx.speeds = [s for s in (speed.speed_summary(group, sel, ctx.order) for group in sel.devices) if s]
+    ctx.speed = ctx.speeds[0] if ctx.speeds else None
     ctx.final = quality.final_scores(ctx)
     md = header(ctx) + at_a_glance(ctx)
     for section in SECTIONS:

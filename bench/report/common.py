@@ -60,6 +60,9 @@ class Selection:
     notes: list[str]
     quality_all: pd.DataFrame = field(default_factory=pd.DataFrame)  # latest per model, seed and training step
     masks: pd.DataFrame = field(default_factory=pd.DataFrame)  # per-mask scores of those rows
+    devices: list = field(default_factory=list)  # timed rows per device (bench.report.select.device_groups)
+    rounds: pd.DataFrame = field(default_factory=pd.DataFrame)  # per-round times of the sweeps of those rows
+    busy_rows: int = 0  # timed rows flagged busy, left out
 
 
 
@@ -68,9 +71,11 @@ class SpeedSummary:
     """Per model at its native resolution: what the speed table shows, also used by the plots."""
 
     table: pd.DataFrame       # the Markdown table
-    latency: pd.DataFrame     # model, latency_s, projected, iqr_s, params
+    latency: pd.DataFrame     # model, latency_s, projected, iqr_s, params, nfe_s, nfe_all, sweep, resolution, batch
     steps: int
     device: str
+    rows: pd.DataFrame = field(default_factory=pd.DataFrame)  # the timed row behind each latency line
+    rounds: pd.DataFrame = field(default_factory=pd.DataFrame)  # per-round times of those rows' sweeps
 
 
 
@@ -105,5 +110,6 @@ class Context:
     figures: Figures
     state: Optional[dict] = None
     samples: list[dict] = field(default_factory=list)
-    speed: Optional[SpeedSummary] = None
+    speed: Optional[SpeedSummary] = None  # the newest device's (the headline)
+    speeds: list = field(default_factory=list)  # every device's SpeedSummary, newest first
     final: dict = field(default_factory=dict)  # model -> bench.report.estimates.Scores at the end of training

@@ -147,13 +147,60 @@ def verdict(e: Optional[stats.Estimate], digits: int = 3) -> str:
     return text if e.excludes_zero else text + ", no detectable difference"
 
 
-def nfe_ratio(summary: Optional[SpeedSummary], a: str, b: str):
-    """Per-NFE median of ``a`` over ``b`` at batch 1, with a bootstrap interval over their timed repeats (None if
-    either is absent or has no repeats recorded)."""
+@dataclass
+class Ratio:
+    """Per-NFE time of one model over another's, with how it was drawn."""
+
+    estimate: stats.Estimate
+    paired: bool  # per-round ratios of one sweep (else a ratio of medians over the repeats of each)
+    processes: int
+    rounds: int  # calls of each model behind it
+    per_process: list = field(default_factory=list)  # the median per-round ratio of each process
+
+    def text(self) -> str:
+        e = self.estimate
+        return f"{e.value:.2f} [{e.low:.2f}, {e.high:.2f}]"
+
+    def how(self) -> str:
+        if not self.paired:
+            return (f"ratio of the medians over {self.rounds} timed repeats each, bootstrap over the repeats; not "
+                    "paired: the two rows come from different sweeps")
+        return (f"median of the per-round ratios over {self.processes} process(es) x "
+                f"{self.rounds // max(self.processes, 1)} rounds, bootstrap over processes then rounds")
+
+
+def nfe_ratio(summary: Optional[SpeedSummary], a: str, b: str) -> Optional[Ratio]:
+    """Per-NFE time of ``a`` over ``b`` at their latency rows (batch 1, native resolution): paired round by round when
+    both come from one sweep with per-round times, else the ratio of medians (None when either has no times)."""
     if summary is None:
         return None
     lat = summary.latency.set_index("model")
-    if a not in lat.index or b not in lat.index or not lat.loc[a, "nfe_all"] or not lat.loc[b, "nfe_all"]:
+    if a not in lat.index or b not in lat.index:
         return None
-    times = [[float(v) for v in lat.loc[m, "nfe_all"].split()] for m in (a, b)]
-    return stats.ratio_estimate(*times), len(times[0]), len(times[1])
+    la, lb = lat.loc[a], lat.loc[b]
+    pairs = _round_pairs(summary.rounds, la, lb, a, b)
+    if pairs is not None:
+        groups = [g["ratio"].to_numpy() for _, g in pairs.groupby("process")]
+        return Ratio(stats.paired_ratio(groups), True, len(groups), len(pairs),
+                     [float(np.median(g)) for g in groups])
+    if not la["nfe_all"] or not lb["nfe_all"]:
+        return None
+    times = [[float(v) for v in row["nfe_all"].split()] for row in (la, lb)]
+    return Ratio(stats.ratio_estimate(*times), False, 1, min(map(len, times)))
+
+
+def _round_pairs(rounds: pd.DataFrame, la, lb, a: str, b: str) -> Optional[pd.DataFrame]:
+    """The NFE times of ``a`` and ``b`` joined on (process, round) with their ratio; None unless one sweep."""
+    if rounds is None or rounds.empty or pd.isna(la["sweep"]) or la["sweep"] != lb["sweep"]:
+        return None
+
+    def times(model, row):
+        r = rounds[(rounds["sweep"] == row["sweep"]) & (rounds["model"] == model) & (rounds["kind"] == "nfe")
+                   & (rounds["resolution"].astype(int) == row["resolution"])
+                   & (rounds["batch_size"].astype(int) == row["batch"])]
+        return r[["process", "round", "seconds"]].astype(float)
+
+    pairs = times(a, la).merge(times(b, lb), on=["process", "round"], suffixes=("_a", "_b"))
+    if pairs.empty:
+        return None
+    return pairs.assign(ratio=pairs["seconds_a"] / pairs["seconds_b"])

@@ -83,13 +83,11 @@ def speed_ratio_sentence(speed: Optional[SpeedSummary]) -> str:
     context = (f"For context only (different scale and hardware, not a target): the paper's SDM / SISMA ratio is "
                f"{paper['sdm'] / paper['sisma']:.2f} ({paper['sdm']} s / {paper['sisma']} s per image, {PAPER_STEPS} "
                f"steps, {PAPER_HARDWARE}, ~0.7-0.8B-parameter models; \"{PAPER_SPEEDUP_TEXT}\" in its text).")
-    found = nfe_ratio(speed, "sdm", "sisma")
-    if found is None:
+    ratio = nfe_ratio(speed, "sdm", "sisma")
+    if ratio is None:
         return context
-    ratio, n_sdm, n_sisma = found
-    return (f"SDM / SISMA time per network evaluation: {ratio.value:.2f} [{ratio.low:.2f}, {ratio.high:.2f}] (ratio of "
-            f"the per-NFE medians at batch 1 over {n_sdm} and {n_sisma} timed repeats, 95% bootstrap interval over "
-            f"the repeats; {speed.device}). {context}")
+    return (f"SDM / SISMA time per network evaluation: {ratio.text()} (batch 1; {ratio.how()}; 95% interval; "
+            f"{speed.device}). {context}")
 
 
 def section(ctx: Context) -> list[str]:

@@ -10,20 +10,34 @@ import pandas as pd
 from bench.errors import BenchError
 from bench.io import ResultsFile, contained, display_path, read_json
 from bench.report.common import Selection
-from bench.rows import MaskScoreRow, QualityRow, SpeedRow
+from bench.rows import MaskScoreRow, QualityRow, RoundRow, SpeedRow
 
 SPEED_FILE = "speed.csv"
+ROUNDS_FILE = "speed_rounds.csv"
 QUALITY_FILE = "quality.csv"
 MASKS_FILE = "quality_masks.csv"
 STATE_FILE = "state.json"
 SAMPLES_FILE = "samples.json"
 
 
-def read_results(results: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(speed, quality, per-mask) rows of a results folder; empty frames for absent files, one line for foreign
-    ones."""
+def read_results(results: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(speed, quality, per-mask, per-round) rows of a results folder; empty frames for absent files, one line for
+    foreign ones."""
     return (ResultsFile(results / SPEED_FILE, SpeedRow).read(), ResultsFile(results / QUALITY_FILE, QualityRow).read(),
-            ResultsFile(results / MASKS_FILE, MaskScoreRow).read())
+            ResultsFile(results / MASKS_FILE, MaskScoreRow).read(), ResultsFile(results / ROUNDS_FILE, RoundRow).read())
+
+
+DEVICE_KEY = ["device_name", "precision", "compile", "steps"]  # rows of one speed table
+
+
+def device_groups(timed: pd.DataFrame) -> list[pd.DataFrame]:
+    """Timed rows split by device (name with threads or GPU), precision, torch.compile and steps, the newest
+    group first; within each, the newest row per model, resolution and batch size."""
+    if timed.empty:
+        return []
+    keys = timed[DEVICE_KEY].astype(str).agg(" | ".join, axis=1)
+    newest_first = list(dict.fromkeys(reversed(list(keys))))
+    return [latest(timed[keys == k], ["model", "resolution", "batch_size"]) for k in newest_first]
 
 
 def latest(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
@@ -59,7 +73,8 @@ def native_resolution(model: str, preset: str, resolutions) -> int:
 
 
 def select(speed: pd.DataFrame, quality: pd.DataFrame, preset: Optional[str],
-           masks: Optional[pd.DataFrame] = None, results: Path = Path("results")) -> Selection:
+           masks: Optional[pd.DataFrame] = None, results: Path = Path("results"),
+           rounds: Optional[pd.DataFrame] = None) -> Selection:
     """Pick the preset, then the rows of it the report shows (see the module docstring); ``results`` names the
     folder the rows were read from, in errors."""
     if preset is None:
@@ -74,16 +89,21 @@ def select(speed: pd.DataFrame, quality: pd.DataFrame, preset: Optional[str],
         preset = str(stamps.sort_values("timestamp", kind="stable").iloc[-1]["preset"])
     notes = []
     timed = speed[(speed["mode"] == "timed") & (speed["preset"] == preset)]
-    if not timed.empty:
-        newest = timed.iloc[-1]
-        same = ((timed["device_name"] == newest["device_name"]) & (timed["precision"] == newest["precision"])
-                & (timed["compile"].astype(str) == str(newest["compile"])) & (timed["steps"] == newest["steps"]))
-        kept = latest(timed[same], ["model", "resolution", "batch_size"])
-        notes.append(f"speed: {len(kept)} timed rows of preset `{preset}` on {newest['device_name']}, "
-                     f"{newest['precision']}, torch.compile {'on' if str(newest['compile']) == 'True' else 'off'}, "
-                     f"{int(newest['steps'])} steps (the newest row per model, resolution and batch size; "
-                     f"{len(timed) - len(kept)} older or other-setting rows of this preset not used)")
-        timed = kept
+    flagged = timed["busy"].map(lambda v: isinstance(v, str) and v.strip() != "").astype(bool)
+    busy_rows = int(flagged.sum())
+    groups = device_groups(timed[~flagged])
+    for group in groups:
+        first = group.iloc[-1]
+        notes.append(f"speed: {len(group)} timed rows of preset `{preset}` on {first['device_name']}, "
+                     f"{first['precision']}, torch.compile {'on' if str(first['compile']) == 'True' else 'off'}, "
+                     f"{int(first['steps'])} steps (the newest row per model, resolution and batch size)")
+    left = [f"{n} {what}" for n, what in ((len(timed) - busy_rows - sum(len(g) for g in groups),
+                                           "older timed rows of this preset not used"),
+                                          (busy_rows, "rows timed on a busy machine (column `busy`) left out of "
+                                                      "every table and ratio")) if n]
+    if left:
+        notes.append(f"speed: {'; '.join(left)}")
+    timed = groups[0] if groups else timed.iloc[:0]
     flops = latest(speed[speed["mode"] == "flops-only"], ["model", "preset", "resolution"])
     q = quality[quality["preset"] == preset]
     q = q.assign(train_seed=q["train_seed"].fillna(0))
@@ -100,7 +120,10 @@ def select(speed: pd.DataFrame, quality: pd.DataFrame, preset: Optional[str],
                          f"run `bench run --preset {preset}` (or `bench speed`/`bench quality`) first")
     masks = masks if masks is not None else pd.DataFrame(columns=["eval_key"])
     masks = masks[masks["eval_key"].isin(q_all["eval_key"].dropna())] if not q_all.empty else masks.iloc[:0]
-    return Selection(preset, timed, flops, kept_q, notes, q_all, masks)
+    rounds = rounds if rounds is not None else pd.DataFrame(columns=["sweep"])
+    sweeps = set(pd.concat(groups)["sweep"].dropna()) if groups else set()
+    return Selection(preset, timed, flops, kept_q, notes, q_all, masks, devices=groups,
+                     rounds=rounds[rounds["sweep"].isin(sweeps)], busy_rows=busy_rows)
 
 
 

@@ -14,12 +14,12 @@ from bench.speed import MIN_IMAGE_REPEATS
 IMAGE_FLAG = 0.15  # a measured image this far from steps x per-NFE + decode is flagged
 
 
-def speed_summary(sel: Selection, order: list[str]) -> Optional[SpeedSummary]:
-    timed = sel.timed
+def speed_summary(timed: pd.DataFrame, sel: Selection, order: list[str]) -> Optional[SpeedSummary]:
+    """The speed table of one device's rows (``timed``) and the latency line per model behind it."""
     if timed.empty:
         return None
     steps = int(timed["steps"].iloc[-1])
-    lines, latency = [], []
+    lines, latency, used = [], [], []
     for model in order:
         rows = timed[timed["model"] == model]
         if rows.empty:
@@ -31,6 +31,7 @@ def speed_summary(sel: Selection, order: list[str]) -> Optional[SpeedSummary]:
             here = rows[rows["resolution"] == native]
         one = here.loc[here["batch_size"].idxmin()]
         big = here.loc[here["batch_size"].idxmax()]
+        used.append(one)
         line = {"model": model, "px": fmt(int(native)), "params (M)": fmt(one["params"] / 1e6),
                 "GFLOPs / NFE": fmt(one["flops_per_nfe"] / 1e9)}
         if one["status"] != "ok":
@@ -74,11 +75,16 @@ def speed_summary(sel: Selection, order: list[str]) -> Optional[SpeedSummary]:
         iqr = one["latency_nfe_iqr_s"] * steps if not measured else float("nan")
         latency.append({"model": model, "latency_s": float(seconds), "projected": not measured, "iqr_s": iqr,
                         "params": one["params"], "nfe_s": float(one["latency_nfe_median_s"]),
-                        "nfe_all": str(one["latency_nfe_all_s"]) if pd.notna(one.get("latency_nfe_all_s")) else ""})
+                        "nfe_all": str(one["latency_nfe_all_s"]) if pd.notna(one.get("latency_nfe_all_s")) else "",
+                        "sweep": one.get("sweep"), "resolution": int(one["resolution"]),
+                        "batch": int(one["batch_size"])})
     table = pd.DataFrame(lines).fillna("-")
+    rows = pd.DataFrame(used)
+    sweeps = set(rows["sweep"].dropna()) if "sweep" in rows else set()
+    rounds = sel.rounds[sel.rounds["sweep"].isin(sweeps)] if not sel.rounds.empty else sel.rounds
     return SpeedSummary(table, pd.DataFrame(latency, columns=["model", "latency_s", "projected", "iqr_s", "params",
-                                                              "nfe_s", "nfe_all"]),
-                        steps, str(timed["device_name"].iloc[-1]))
+                                                              "nfe_s", "nfe_all", "sweep", "resolution", "batch"]),
+                        steps, str(timed["device_name"].iloc[-1]), rows=rows, rounds=rounds)
 
 
 def sdm_shape_note(ctx: Context) -> list[str]:
@@ -145,34 +151,144 @@ def scaling_panels(sel: Selection, order: list[str]) -> tuple[list[dict], pd.Dat
 
 
 
+REFERENCE = "sisma"  # ratios are each model's time over this one's (the first model when it is absent)
+SHARE_LABELS = {"matmul": "matmul", "attention": "attention", "scan": "scan", "conv": "conv",
+                "norm_elementwise": "norm / elementwise", "layout": "layout (copies, permutes)", "other": "other"}
+
+
+def device_title(summary: SpeedSummary) -> str:
+    """What one speed table was measured on: device, precision, torch, commit and the protocol of its rows."""
+    r = summary.rows.iloc[0]
+    protocol = ""
+    if pd.notna(r.get("processes")):
+        protocol = f", {int(r['processes'])} processes x {int(r['repeats'])} interleaved rounds"
+    return (f"{summary.device}: {r['precision']}, torch {r['torch']}, CUDA {r['cuda']}, commit {r['commit']}"
+            f"{protocol}")
+
+
+def ratio_table(summary: SpeedSummary, order: list[str]) -> tuple[pd.DataFrame, str]:
+    """Each model's per-NFE time over the reference's (paired by round where possible), and the reference's name."""
+    from bench.report.estimates import nfe_ratio
+
+    models = [m for m in order if m in set(summary.latency["model"])]
+    if len(models) < 2:
+        return pd.DataFrame(), ""
+    ref = REFERENCE if REFERENCE in models else models[0]
+    lines = []
+    for model in models:
+        if model == ref:
+            continue
+        ratio = nfe_ratio(summary, model, ref)
+        if ratio is None:
+            continue
+        spread = "-"
+        if len(ratio.per_process) > 1:
+            spread = (f"{', '.join(f'{v:.2f}' for v in ratio.per_process)} "
+                      f"(spread {max(ratio.per_process) - min(ratio.per_process):.2f})")
+        lines.append({"model": model, f"time / {ref}'s (95%)": ratio.text(), "each process": spread,
+                      "calls": ratio.rounds, "paired by round": "yes" if ratio.paired else "no (different sweeps)"})
+    return pd.DataFrame(lines), ref
+
+
+def breakdown_table(summary: SpeedSummary, order: list[str]) -> pd.DataFrame:
+    """Where one NFE's time goes per model (shares of the profiled self time), and the FLOPs it achieves."""
+    from bench.breakdown import OP_CLASSES
+
+    lines = []
+    for model in order:
+        rows = summary.rows[summary.rows["model"] == model] if not summary.rows.empty else summary.rows
+        if rows.empty:
+            continue
+        r = rows.iloc[0]
+        line = {"model": model, "ms / NFE (profiled)": fmt(r.get("profile_nfe_ms"))}
+        for c in OP_CLASSES:
+            share = r.get(f"share_{c}")
+            line[SHARE_LABELS[c]] = f"{share:.0%}" if pd.notna(share) else "-"
+        line["GFLOP/s achieved"] = fmt(r.get("achieved_gflops"), 3)
+        share = r.get("achieved_share")
+        line["of the calibration matmul"] = f"{share:.0%}" if pd.notna(share) else "-"
+        lines.append(line)
+    return pd.DataFrame(lines)
+
+
+def breakdown_panel(summary: SpeedSummary) -> pd.DataFrame:
+    """Milliseconds per NFE by operator class per model, for the stacked-bar figure."""
+    from bench.breakdown import OP_CLASSES
+
+    rows = summary.rows[summary.rows["profile_nfe_ms"].notna()] if "profile_nfe_ms" in summary.rows else summary.rows
+    data = {"model": list(rows["model"])} if not rows.empty else {"model": []}
+    for c in OP_CLASSES:
+        data[c] = list(rows[f"share_{c}"].astype(float) * rows["profile_nfe_ms"].astype(float)) if not rows.empty \
+            else []
+    return pd.DataFrame(data)
+
+
+def device_section(ctx: Context, summary: SpeedSummary) -> list[str]:
+    """One device's speed table, ratios and breakdown."""
+    md = [f"### {device_title(summary)}", "", markdown(summary.table), ""]
+    ratios, ref = ratio_table(summary, ctx.order)
+    if not ratios.empty:
+        calibration = summary.rows["calibration_gflops"].dropna() if "calibration_gflops" in summary.rows else []
+        md += [f"Time per network evaluation over {plots.display_name(ref)}'s, batch 1:", "", markdown(ratios), "",
+               "Paired by round: in every round each model was timed once, in a shuffled order, so a ratio is "
+               "taken within a round and a drift of the machine reaches both models; the interval resamples the "
+               "processes, then the rounds within each, so that the spread between processes (a second run) is "
+               "inside it. 'each process': the ratio of each timing process alone.", ""]
+        if len(calibration):
+            md += [f"Calibration: a square matmul at the timing's threads and precision ran at "
+                   f"{fmt(float(calibration.iloc[0]), 3)} GFLOP/s (the sweep's best).", ""]
+    shares = breakdown_table(summary, ctx.order)
+    if not shares.empty and (shares["ms / NFE (profiled)"] != "-").any():
+        md += ["Where the time of one network evaluation goes (batch 1; torch profiler, self time of each operator "
+               "by class, from the first timing process) and the FLOPs it achieves (FLOPs per NFE over the median "
+               "time, and as a share of the calibration matmul's rate: a low share is FLOPs done slowly, not many "
+               "FLOPs):", "", markdown(shares), "",
+               "The profiled time leaves out the Python between operators and adds the profiler's own cost, so it "
+               "differs from the timed median.", ""]
+    return md
+
+
 def section(ctx: Context) -> list[str]:
     md = ["## Speed", ""]
     panels, exponents = scaling_panels(ctx.sel, ctx.order)
-    if ctx.speed is None:
-        md += ["No timed speed rows for this preset (run `bench speed --preset "
-               f"{ctx.sel.preset}`).", ""]
+    if not ctx.speeds:
+        left = f" ({ctx.sel.busy_rows} rows timed on a busy machine left out)" if ctx.sel.busy_rows else ""
+        md += [f"No timed speed rows for this preset{left} (run `bench speed --preset {ctx.sel.preset}` on a "
+               "quiet machine).", ""]
     else:
-        md += [markdown(ctx.speed.table), ""]
-        md.append(f"One image at batch 1 and {ctx.speed.steps} Euler steps (1 NFE per step) plus decoding, "
-                  f"median over at least {MIN_IMAGE_REPEATS} timed images after warm-up; 'projected' is the per-NFE "
-                  "median times the steps plus the decoder's time, given where fewer whole images were timed; a "
-                  f"flag marks a measured image more than {IMAGE_FLAG:.0%} away from its projection. ms / NFE and "
-                  "its IQR: one network evaluation at batch 1; ms / guided NFE: one classifier-free-guided "
-                  "evaluation (conditional and null mask in one call on a doubled batch). Peak memory: CUDA bytes allocated during one evaluation, or on CPU the rise "
-                  "of the resident set during one (a lower bound). images / s: at the largest batch timed. "
-                  "scan / attention: the kernels that ran.")
+        if ctx.sel.busy_rows:
+            md += [f"{ctx.sel.busy_rows} rows timed on a busy machine (column `busy` of speed.csv) are left out of "
+                   "every table and ratio.", ""]
+        if len(ctx.speeds) > 1:
+            md += [f"Rows of {len(ctx.speeds)} devices: one table each, newest first; nothing of one device is mixed "
+                   "into another's.", ""]
+        for summary in ctx.speeds:
+            md += device_section(ctx, summary)
+        md.append(f"s / image: one image at batch 1 and {ctx.speed.steps} Euler steps (1 NFE per step) plus "
+                  f"decoding, median over at least {MIN_IMAGE_REPEATS} timed images after warm-up; 'projected' is "
+                  "the per-NFE median times the steps plus the decoder's time, given where fewer whole images were "
+                  f"timed; a flag marks a measured image more than {IMAGE_FLAG:.0%} away from its projection. ms / NFE "
+                  "and its IQR: one network evaluation at batch 1 over every round of every process; ms / guided "
+                  "NFE: one classifier-free-guided evaluation (conditional and null mask in one call on a doubled "
+                  "batch). Peak memory: CUDA bytes allocated during one evaluation, or on CPU the rise of the "
+                  "resident set during one (a lower bound). images / s: at the largest batch timed. scan / "
+                  "attention: the kernels that ran.")
         md.append("")
         md.append(ctx.figures.add(
             "latency.png",
-            f"seconds per image at {ctx.speed.steps} steps, batch 1. Left: this report's rows ({ctx.sel.preset} preset, "
-            f"{ctx.speed.device}); hatched bars are projected, solid ones measured, error bars the per-NFE IQR times "
-            f"the steps. Right: the paper's Table 2 ({PAPER_HARDWARE}, paper scale). Different scales and hardware: "
-            "compare ratios, not seconds.",
-            plots.latency_figure(ctx.speed.latency,
+            f"seconds per image at {ctx.speed.steps} steps, batch 1, one panel per device of this report's rows "
+            f"({ctx.sel.preset} preset); hatched bars are projected, solid ones measured, error bars the per-NFE IQR "
+            f"times the steps. Last panel: the paper's Table 2 ({PAPER_HARDWARE}, paper scale). Different scales "
+            "and hardware: compare ratios, not seconds.",
+            plots.latency_figure([(s.device, s.latency) for s in ctx.speeds],
                                  pd.DataFrame([{"model": p.model, "latency_s": p.seconds_per_image}
                                                for p in PAPER_FIGURES]),
-                                 ctx.speed.steps, f"this report: `{ctx.sel.preset}` preset, {ctx.speed.device}",
-                                 f"paper: {PAPER_HARDWARE}, paper scale")))
+                                 ctx.speed.steps, f"paper: {PAPER_HARDWARE}, paper scale")))
+        breakdown = [(s.device, breakdown_panel(s)) for s in ctx.speeds]
+        md.append(ctx.figures.add(
+            "breakdown.png", "milliseconds of one network evaluation (batch 1) by operator class, one panel per "
+            "device (torch profiler, self time; the shares of the tables above).",
+            plots.breakdown_figure([(label, df) for label, df in breakdown if not df.empty])))
     if panels:
         md += ["### Cost against resolution", ""]
         if not exponents.empty:
@@ -182,7 +298,7 @@ def section(ctx: Context) -> list[str]:
         titles = "; ".join(p["title"].replace("`", "") for p in panels)
         where = f" Latency measured on {ctx.speed.device}." if ctx.speed is not None else ""
         md += sdm_shape_note(ctx)
-        md.append(ctx.figures.add("scaling.png", f"cost against image resolution on log-log axes, with fitted power laws "
-                                        f"(dashed) and exponents k in the legends. Panels: {titles}.{where}",
-                         plots.scaling_figure(panels, ctx.order)))
+        md.append(ctx.figures.add("scaling.png", f"cost against image resolution on log-log axes, with fitted power "
+                                  f"laws (dashed) and exponents k in the legends. Panels: {titles}.{where}",
+                                  plots.scaling_figure(panels, ctx.order)))
     return md
