@@ -79,9 +79,9 @@ def latency_figure(panels: list[tuple[str, pd.DataFrame]], paper: pd.DataFrame, 
             err = None if not np.isfinite(row.iqr_s) else [[row.iqr_s / 2], [row.iqr_s / 2]]
             ax.bar(i, row.latency_s, color=colour(row.model, order), hatch=PROJECTED_HATCH if row.projected else None,
                    edgecolor="black", linewidth=0.6, yerr=err, capsize=4)
+            top = row.latency_s + (row.iqr_s / 2 if np.isfinite(row.iqr_s) else 0)  # above the error bar
             ax.annotate(f"{row.latency_s:.4g} s" + ("\n(projected)" if row.projected else ""),
-                        (i, row.latency_s), ha="center", va="bottom", fontsize=8, xytext=(0, 3),
-                        textcoords="offset points")
+                        (i, top), ha="center", va="bottom", fontsize=8, xytext=(0, 3), textcoords="offset points")
         ax.set_xticks(np.arange(len(ours)), [display_name(m) for m in ours["model"]], fontsize=8)
         ax.set_title(wrap(label), fontsize=8)
         ax.set_ylim(0, ours["latency_s"].max() * 1.3)

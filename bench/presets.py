@@ -160,8 +160,8 @@ BUDGETS: dict[str, Budget] = {
         workers=1, parser_steps=1000, parser_batch=32, sample_masks=6, sample_steps=50,
         quality_masks=0, quality_snapshot_masks=SNAPSHOT_MASKS_CPU, quality_samples=2, quality_steps=20,
         quality_fractions=(0.5, 1.0),
-        speed_steps=200, speed_batch_sizes=(1, 8), speed_scales=(2, 4), speed_warmup=2, speed_repeats=10,
-        speed_processes=3, speed_scale_repeats=5, speed_image_repeats=5, full_image_max_seconds=15.0, paper_flops=True),
+        speed_steps=200, speed_batch_sizes=(1, 8), speed_scales=(2, 4), speed_warmup=2, speed_repeats=5,
+        speed_processes=6, speed_scale_repeats=5, speed_image_repeats=5, full_image_max_seconds=15.0, paper_flops=True),
     # The paper's experiment, with --data CelebAMask-HQ on a GPU machine: days of training.
     "paper": Budget(
         note="the paper's setting (150k steps at batch 8, EMA 0.9999, the whole test split, 10 samples per mask, "
@@ -170,8 +170,8 @@ BUDGETS: dict[str, Budget] = {
         grid_steps=50, workers=4, parser_steps=3000, parser_batch=32, sample_masks=8, sample_steps=200,
         quality_masks=0, quality_snapshot_masks=0, quality_samples=10, quality_steps=200,
         quality_fractions=(0.25, 0.5, 1.0),
-        speed_steps=200, speed_batch_sizes=(1, 8), speed_scales=(2,), speed_warmup=5, speed_repeats=10,
-        speed_processes=3, speed_scale_repeats=10, speed_image_repeats=5, full_image_max_seconds=120.0, paper_flops=True),
+        speed_steps=200, speed_batch_sizes=(1, 8), speed_scales=(2,), speed_warmup=5, speed_repeats=6,
+        speed_processes=5, speed_scale_repeats=10, speed_image_repeats=5, full_image_max_seconds=120.0, paper_flops=True),
 }
 
 

@@ -112,8 +112,8 @@ class SpeedConfig:
     resolutions: list[int] | None = None  # None: the preset's (times FLOPS_ONLY_SCALES with flops_only)
     precision: str | None = None  # None: each model's recipe precision at the preset (bench.presets)
     warmup: int = 3
-    repeats: int = 10  # interleaved rounds per timing process
-    processes: int | None = None  # None: the preset's (bench.presets: 3 at cpu and paper, 1 at tiny)
+    repeats: int | None = None  # interleaved rounds per timing process; None: the preset's (bench.presets)
+    processes: int | None = None  # None: the preset's (bench.presets: 6 at cpu, 5 at paper, 1 at tiny)
     allow_busy: bool = False  # time on a busy machine and flag the rows, instead of refusing
     quiet_wait: float = 60.0  # seconds to wait for a quiet machine before refusing
     image_repeats: int = MIN_IMAGE_REPEATS
@@ -170,10 +170,10 @@ def run_speed(cfg: SpeedConfig, echo=print):
         if cfg.preset not in models.list_presets(v.model):
             raise BenchError(f"model {v.model!r} has no preset {cfg.preset!r}; "
                              f"available: {', '.join(models.list_presets(v.model))}")
+    cfg.repeats, cfg.processes = (v if v is not None else default for v, default in
+                                  zip((cfg.repeats, cfg.processes), preset_protocol(cfg.preset)))
     if cfg.steps < 1 or cfg.repeats < 1 or cfg.warmup < 0 or cfg.image_repeats < 1:
         raise BenchError("--steps, --repeats and --image-repeats must be at least 1 and --warmup at least 0")
-    if cfg.processes is None:
-        cfg.processes = default_processes(cfg.preset)
     if cfg.processes < 1 or cfg.quiet_wait < 0:
         raise BenchError(f"--processes must be at least 1 and --quiet-wait at least 0, got {cfg.processes} and "
                          f"{cfg.quiet_wait:g}")
@@ -236,14 +236,18 @@ def plan(cfg: SpeedConfig) -> list[Setting]:
     return settings
 
 
-def default_processes(preset: str) -> int:
-    """Timing processes of a preset's sweep (bench.presets); 1 for a preset without a budget."""
+DEFAULT_PROTOCOL = (10, 1)  # rounds per process and processes of a preset without a budget (a plugin's own)
+
+
+def preset_protocol(preset: str) -> tuple[int, int]:
+    """(rounds per process, processes) of a preset's sweep (bench.presets)."""
     from bench import presets
 
     try:
-        return presets.budget(preset).speed_processes
-    except BenchError:  # a plugin's own preset
-        return 1
+        b = presets.budget(preset)
+    except BenchError:
+        return DEFAULT_PROTOCOL
+    return b.speed_repeats, b.speed_processes
 
 
 def recipe_precision(name: str, preset: str) -> str:
@@ -529,8 +533,8 @@ def ratio_summary(rows: list[dict], cfg: SpeedConfig) -> str:
                       & (rounds["resolution"] == row["resolution"]) & (rounds["batch_size"] == row["batch_size"])]
         return mine.set_index(["process", "round"])["seconds"].astype(float)
 
-    lines = [f"per-NFE time over {ref['model']}'s at batch {ref['batch_size']}, paired by round (95% interval over "
-             f"processes, then rounds; each process's ratio in brackets):"]
+    lines = [f"per-NFE time over {ref['model']}'s at batch {ref['batch_size']}, paired by round (mean of the processes' "
+             f"median ratios, 95% t interval over the processes; each process's ratio in brackets):"]
     for row in firsts:
         if row is ref:
             continue

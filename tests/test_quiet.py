@@ -98,6 +98,7 @@ def test_allow_busy_times_anyway_and_flags_every_row(tmp_path, monkeypatch):
 
 def test_a_busy_round_is_thrown_away_and_timed_again_once_quiet(tmp_path, monkeypatch):
     monkeypatch.setattr(quiet, "check", lambda q, device, dtype: ("", 0.0, 100.0))  # a quiet gate
+    monkeypatch.setattr(rounds, "calibrate", lambda device, dtype: 100.0)  # no calibration noise in this test
     readings = iter([5.0])  # the first round's reading is busy; every later one quiet
     monkeypatch.setattr(quiet.LoadMonitor, "other_cpus", lambda self: next(readings, 0.0))
     waited = []

@@ -23,11 +23,12 @@ def speed_cmd(
                                   "model's recipe precision at the preset: bf16 at paper, fp32 at cpu and tiny); the "
                                   "model is cast to it once."),
     warmup: int = typer.Option(3, "--warmup", help="Untimed network evaluations before timing."),
-    repeats: int = typer.Option(10, "--repeats", help="Interleaved rounds per timing process: each round times one "
-                                "call of every model and batch size in a shuffled order."),
+    repeats: int = typer.Option(None, "--repeats", help="Interleaved rounds per timing process: each round times one "
+                                "call of every model and batch size in a shuffled order (default: the preset's, 5 "
+                                "at cpu, 6 at paper, 3 at tiny)."),
     processes: int = typer.Option(None, "--processes", help="Timing processes, one after another, each a fresh "
-                                  "interpreter (default: the preset's, 3 at cpu and paper, 1 at tiny; 1 times in "
-                                  "this process); intervals resample processes, then rounds."),
+                                  "interpreter (default: the preset's, 6 at cpu, 5 at paper, 1 at tiny; 1 times in "
+                                  "this process); a ratio's interval is Student's t over the processes."),
     allow_busy: bool = typer.Option(False, "--allow-busy", help="Time even when other processes compete for the "
                                     "CPUs or the calibration runs slow; the rows are flagged busy and the report "
                                     "leaves them out of its ratios (default: wait, then refuse)."),

@@ -165,8 +165,11 @@ class Ratio:
         if not self.paired:
             return (f"ratio of the medians over {self.rounds} timed repeats each, bootstrap over the repeats; not "
                     "paired: the two rows come from different sweeps")
-        return (f"median of the per-round ratios over {self.processes} process(es) x "
-                f"{self.rounds // max(self.processes, 1)} rounds, bootstrap over processes then rounds")
+        if self.processes == 1:
+            return (f"median of the per-round ratios of one process x {self.rounds} rounds, bootstrap over the "
+                    "rounds: it says nothing of a second run")
+        return (f"mean over {self.processes} processes of each one's median per-round ratio "
+                f"({self.rounds // self.processes} rounds each), t interval over the processes")
 
 
 def nfe_ratio(summary: Optional[SpeedSummary], a: str, b: str) -> Optional[Ratio]:

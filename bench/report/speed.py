@@ -231,9 +231,9 @@ def device_section(ctx: Context, summary: SpeedSummary) -> list[str]:
         calibration = summary.rows["calibration_gflops"].dropna() if "calibration_gflops" in summary.rows else []
         md += [f"Time per network evaluation over {plots.display_name(ref)}'s, batch 1:", "", markdown(ratios), "",
                "Paired by round: in every round each model was timed once, in a shuffled order, so a ratio is "
-               "taken within a round and a drift of the machine reaches both models; the interval resamples the "
-               "processes, then the rounds within each, so that the spread between processes (a second run) is "
-               "inside it. 'each process': the ratio of each timing process alone.", ""]
+               "taken within a round and a drift of the machine reaches both models. Each timing process gives its "
+               "median per-round ratio ('each process'); the figure is their mean and the interval Student's t over "
+               "them, so that the spread between processes, which is what a second run sees, is inside it.", ""]
         if len(calibration):
             md += [f"Calibration: a square matmul at the timing's threads and precision ran at "
                    f"{fmt(float(calibration.iloc[0]), 3)} GFLOP/s (the sweep's best).", ""]
