@@ -220,7 +220,8 @@ def run_rounds(job: Job, items: list[Item], kinds: tuple, count: int, quiet: Qui
                     bar.update()
         other = monitor.other_cpus()
         monitor.mark()
-        reason = quiet.verdict(other, gflops)
+        # a calibration before and one after the round, the faster counts: one slow matmul is a hiccup, not a load
+        reason = quiet.verdict(other, max(gflops, calibrate(device, dtype)))
         items = [it for it in items if it.status == "ok"]
         if reason and not job.allow_busy:
             discarded += 1
