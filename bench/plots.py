@@ -21,6 +21,7 @@ EXTRA_COLOURS = ["#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
 LOSS_SMOOTHING_POINTS = 20  # the moving average of a loss curve spans 1/20 of its logged points
 PROJECTED_HATCH = "//"
 TITLE_CHARS = 38  # a panel title wraps at this many characters
+SLANT_CHARS_PER_BAR = 12  # bar labels longer than this on average are slanted, so that neighbours do not overlap
 
 
 def display_name(model: str) -> str:
@@ -82,7 +83,10 @@ def latency_figure(panels: list[tuple[str, pd.DataFrame]], paper: pd.DataFrame, 
             top = row.latency_s + (row.iqr_s / 2 if np.isfinite(row.iqr_s) else 0)  # above the error bar
             ax.annotate(f"{row.latency_s:.4g} s" + ("\n(projected)" if row.projected else ""),
                         (i, top), ha="center", va="bottom", fontsize=8, xytext=(0, 3), textcoords="offset points")
-        ax.set_xticks(np.arange(len(ours)), [display_name(m) for m in ours["model"]], fontsize=8)
+        names = [display_name(m) for m in ours["model"]]
+        slanted = sum(map(len, names)) > SLANT_CHARS_PER_BAR * len(names)  # labels that would meet their neighbours
+        ax.set_xticks(np.arange(len(ours)), names, fontsize=8, rotation=30 if slanted else 0,
+                      ha="right" if slanted else "center")
         ax.set_title(wrap(label), fontsize=8)
         ax.set_ylim(0, ours["latency_s"].max() * 1.3)
         ax.grid(axis="y", alpha=0.3)
@@ -286,7 +290,9 @@ def breakdown_figure(panels: list[tuple[str, pd.DataFrame]]):
     panels = [(title, df) for title, df in panels if not df.empty]
     if not panels:
         return None
-    fig = new_figure(4.2 * len(panels), 1.8 + 0.45 * max(len(df) for _, df in panels))
+    longest = max(len(display_name(m)) for _, df in panels for m in df["model"])
+    # each panel: its bars plus room for the longest model name on the y axis (about 0.07 in per character)
+    fig = new_figure((3.6 + 0.07 * longest) * len(panels), 1.8 + 0.45 * max(len(df) for _, df in panels))
     axes = np.atleast_1d(fig.subplots(1, len(panels)))
     for ax, (title, df) in zip(axes, panels):
         rows = np.arange(len(df))
