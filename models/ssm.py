@@ -306,6 +306,10 @@ class _Kernel:
                 lib.ss_partial_floats.argtypes = [ctypes.c_int64] * 4
                 lib.ss_forward.argtypes = [ctypes.POINTER(_ScanArgs), ctypes.c_void_p, ctypes.c_void_p]
                 lib.ss_backward.argtypes = [ctypes.POINTER(_ScanArgs), ctypes.POINTER(_ScanGrads)]
+                lib.ss_token_scratch_floats.restype = ctypes.c_int64
+                lib.ss_token_scratch_floats.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int32]
+                lib.ss_forward_tokens.argtypes = [ctypes.c_void_p] * 4
+                lib.ss_backward_tokens.argtypes = [ctypes.c_void_p] * 3
                 self._lib = lib
         return self._lib
 
@@ -398,6 +402,141 @@ def selective_scan_cpu(
     if _KERNEL.load() is None:
         raise RuntimeError(f"the C selective-scan kernel is unavailable: {_KERNEL.error}")
     y, last = _CpuScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return (y, last) if return_last_state else y
+
+
+# --- the token layout: the models' (batch, length, channels) streams scanned in any order without copies ---
+
+RASTER, REVERSED = -1, -2  # scan order codes; 0..7 are the snakes of models.mamba.snake_order (variant bits)
+
+
+def order_positions(order: int, grid: int, length: int) -> Tensor:
+    """Raster token scanned at each step of ``order`` (the index arithmetic of the C kernel's order_position)."""
+    steps = torch.arange(length)
+    if order == RASTER:
+        return steps
+    if order == REVERSED:
+        return steps.flip(0)
+    r, c = steps // grid, steps % grid
+    c = torch.where(r % 2 == 1, grid - 1 - c, c)
+    if order & 4:
+        c = grid - 1 - c
+    if order & 2:
+        r = grid - 1 - r
+    return c * grid + r if order & 1 else r * grid + c
+
+
+class _TokenArgs(ctypes.Structure):
+    """Mirror of TokenArgs in selective_scan.c."""
+
+    _fields_ = [("base", _ScanArgs)] + [(name, ctypes.c_int64 * 3) for name in ("su", "sdelta", "sz", "sB", "sC")] + [
+        ("order", ctypes.c_int32), ("grid", ctypes.c_int32)]
+
+
+def _fp32_view(t: Tensor | None) -> Tensor | None:
+    """fp32 tensor in its own layout: no copy when it already is fp32 (the kernel reads it through strides)."""
+    return None if t is None else t.detach().to(torch.float32)
+
+
+def _token_args(u, delta, A, B, C, D, z, delta_bias, softplus, order, grid, backward):
+    """TokenArgs for token-major fp32 views u, delta, z (batch, L, E) and B, C (batch, L, G, N) with unit state
+    stride; thread scratch and the position table."""
+    lib, threads = _KERNEL.load(), torch.get_num_threads()
+    batch, length, dim = u.shape
+    groups, state = B.shape[2], A.shape[1]
+    scratch = torch.empty(threads * lib.ss_token_scratch_floats(length, state, backward), dtype=torch.float32)
+    base = _ScanArgs(batch, dim, length, state, groups, *map(_ptr, (u, delta, A, B, C, D, z, delta_bias)),
+                     int(softplus), threads, scratch.data_ptr())
+    strides = [(ctypes.c_int64 * 3)(*(t.stride() if t is not None else (0, 0, 0))) for t in (u, delta, z)]
+    strides += [(ctypes.c_int64 * 3)(*M.stride()[:3]) for M in (B, C)]
+    args = _TokenArgs(base, *strides, order, grid)
+    return args, scratch, torch.empty(length, dtype=torch.int64)
+
+
+def _state_unit(M: Tensor) -> Tensor:
+    """(batch, L, N) or (batch, L, G, N) -> fp32 (batch, L, G, N) view whose N states are adjacent."""
+    M = _fp32_view(M if M.dim() == 4 else M.unsqueeze(2))
+    return M if M.stride(-1) == 1 else M.contiguous()
+
+
+class _CpuTokenScan(torch.autograd.Function):
+    """Autograd wrapper around the C kernel's token-layout forward and backward (see selective_scan_tokens)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, order, grid):
+        tensors = [_fp32_view(t) for t in (u, delta)] + [_fp32(A), _state_unit(B), _state_unit(C)] + [
+            _fp32(D), _fp32_view(z), _fp32(delta_bias)]
+        args, _scratch, pos = _token_args(*tensors, delta_softplus, order, grid, backward=False)
+        out = torch.empty(u.shape, dtype=torch.float32)
+        last = torch.empty(u.shape[0], u.shape[2], A.shape[1], dtype=torch.float32)
+        _KERNEL.load().ss_forward_tokens(ctypes.byref(args), pos.data_ptr(), out.data_ptr(), last.data_ptr())
+        ctx.save_for_backward(*[t if t is not None else torch.empty(0) for t in tensors])
+        ctx.absent = [t is None for t in tensors]
+        ctx.grouped, ctx.softplus, ctx.order, ctx.grid = B.dim() == 4, delta_softplus, order, grid
+        ctx.dtypes = [t.dtype if t is not None else None for t in (u, delta, A, B, C, D, z, delta_bias)]
+        ctx.set_materialize_grads(False)
+        return out.to(u.dtype), last
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, dlast):
+        tensors = [None if gone else t for t, gone in zip(ctx.saved_tensors, ctx.absent)]
+        u, delta, A, B, C, D, z, delta_bias = tensors
+        batch, length, dim = u.shape
+        groups, state = B.shape[2], A.shape[1]
+        dout = u.new_zeros(u.shape) if dout is None else _fp32(dout)  # contiguous: the kernel reads it so
+        args, _scratch, pos = _token_args(*tensors, ctx.softplus, ctx.order, ctx.grid, backward=True)
+        du, ddelta = u.new_empty(u.shape), u.new_empty(u.shape)
+        dz = u.new_empty(u.shape) if z is not None else None
+        dA, dD, dbias = u.new_zeros(dim, state), u.new_zeros(dim), u.new_zeros(dim)
+        dB, dC = u.new_empty(batch, length, groups, state), u.new_empty(batch, length, groups, state)
+        partial = u.new_empty(_KERNEL.load().ss_partial_floats(dim, groups, length, state))
+        dlast = _fp32(dlast)
+        grads = _ScanGrads(*map(_ptr, (dout, dlast, du, ddelta, dz, dA, dD, dbias, dB, dC, partial)))
+        _KERNEL.load().ss_backward_tokens(ctypes.byref(args), ctypes.byref(grads), pos.data_ptr())
+        if not ctx.grouped:
+            dB, dC = dB.squeeze(2), dC.squeeze(2)
+        result = [du, ddelta, dA, dB, dC, dD if D is not None else None, dz,
+                  dbias if delta_bias is not None else None]
+        result = [g if g is None else g.to(dtype) for g, dtype in zip(result, ctx.dtypes)]
+        return (*result, None, None, None)
+
+
+def selective_scan_tokens(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+    z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
+    order: int = RASTER, grid: int = 0, return_last_state: bool = False,
+):
+    """``selective_scan`` on the token layout, along a scan order, in raster order in and out.
+
+    u, delta, z (batch, L, E) and B, C (batch, L, N) or (batch, L, G, N), any strides (views of linear layers'
+    outputs): step l of the scan reads and writes token ``order_positions(order, grid, L)[l]``; the output is
+    (batch, L, E) in raster order and the last state (batch, E, N) that of the last step. On CPU the C kernel
+    reads and writes these layouts and walks the order itself (no copies); elsewhere the streams are put in
+    scan order, channel-major, for ``selective_scan`` and its output put back.
+    """
+    if order not in (RASTER, REVERSED) and not (0 <= order < 8 and grid * grid == u.shape[1]):
+        raise ValueError(f"selective_scan_tokens: order {order} on a {grid} x {grid} grid for L={u.shape[1]}")
+    cpu = (u.device.type == "cpu" and u.dtype != torch.float64 and not u.is_meta and not _is_fake(u)
+           and all(t is None or t.device.type == "cpu" for t in (delta, A, B, C, D, z, delta_bias)))
+    if cpu and _choose_backend(u) == "cpu":
+        _check_shapes(u.transpose(1, 2), delta.transpose(1, 2), A, B.movedim(1, -1), C.movedim(1, -1))
+        _record("cpu", (u.shape[0], u.shape[2], u.shape[1]), A)
+        with _profiler_range(SCAN_LABEL):
+            y, last = _CpuTokenScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, order, grid)
+        return (y, last) if return_last_state else y
+    perm = order_positions(order, grid, u.shape[1]).to(u.device)
+
+    def to_scan(s):  # (batch, L, ...) raster -> (batch, ..., L) in scan order
+        return s if s is None else (s if order == RASTER else s[:, perm]).movedim(1, -1)
+
+    result = selective_scan(to_scan(u), to_scan(delta), A, to_scan(B).contiguous(), to_scan(C).contiguous(), D,
+                            z=to_scan(z), delta_bias=delta_bias, delta_softplus=delta_softplus,
+                            return_last_state=return_last_state)
+    y, last = result if return_last_state else (result, None)
+    y = y.transpose(1, 2)
+    if order != RASTER:
+        y = y[:, torch.argsort(perm)]
     return (y, last) if return_last_state else y
 
 

@@ -349,3 +349,268 @@ void ss_backward(const ScanArgs *a, const ScanGrads *g)
         }
     }
 }
+
+/* ---- Token layout and scan order walked by index arithmetic (ss_forward_tokens, ss_backward_tokens) ----
+ *
+ * The same recurrence as ss_forward / ss_backward, bit for bit: every row runs the same loops on the
+ * same values in the same order; only where a value is read from and written to changes. u, delta, z
+ * are read through strides (any layout; the models pass the token-major (batch, length, channels) views
+ * their linear layers produce); B and C through (batch, length, group) strides with the N states of one
+ * position adjacent; out, du, ddelta, dz are written token-major and contiguous (batch, length, dim);
+ * dB and dC (batch, length, groups, state) contiguous, which is the layout of the linear layer's output
+ * gradient. Scan position l of a row reads and writes raster token pos[l], computed once per call from
+ * the order (order_position below), so the models never flip, transpose or gather a tensor to scan it
+ * in another order. Per row, u, delta, z and dout are first gathered into contiguous thread scratch so
+ * that the per-position loops stay the vectorised loops of the channel-major kernel. */
+
+typedef struct {
+    ScanArgs base;                       /* u, delta, z, B, C point at element (0, 0, 0) of their views */
+    int64_t su[3], sdelta[3], sz[3];     /* strides (batch, position, channel) in floats */
+    int64_t sB[3], sC[3];                /* strides (batch, position, group); the state stride is 1 */
+    int32_t order, grid;                 /* order: -1 raster, -2 raster reversed, 0..7 snake variant bits */
+} TokenArgs;
+
+/* Raster token scanned at step l (see models/mamba.py snake_order): bit 1 columns instead of rows,
+ * bit 2 from the bottom, bit 4 from the right, every other line backwards. */
+static int64_t order_position(int32_t order, int64_t grid, int64_t length, int64_t l)
+{
+    if (order == -1) return l;
+    if (order == -2) return length - 1 - l;
+    int64_t r = l / grid, c = l % grid;
+    if (r & 1) c = grid - 1 - c;
+    if (order & 4) c = grid - 1 - c;
+    if (order & 2) r = grid - 1 - r;
+    return (order & 1) ? c * grid + r : r * grid + c;
+}
+
+/* Scratch floats per thread of the token entries: the channel-major kernel's, plus gathered rows. */
+int64_t ss_token_scratch_floats(int64_t length, int64_t state, int32_t backward)
+{
+    return ss_scratch_floats(length, state, backward) + (backward ? 7 : 4) * round_up(length);
+}
+
+INLINE void gather_row(const float *src, int64_t step, const int64_t *pos, int64_t L, float *dst)
+{
+    for (int64_t l = 0; l < L; l++) dst[l] = src[pos[l] * step];
+}
+
+INLINE void forward_row_tokens(const TokenArgs *t, const int64_t *pos, int64_t b, int64_t d, const int64_t N,
+                               float *buf, float *out, float *last)
+{
+    const ScanArgs *a = &t->base;
+    const int64_t L = a->length, E = a->dim, g = d / (a->dim / a->groups);
+    const float *A = a->A + d * N;
+    const float *B = a->B + b * t->sB[0] + g * t->sB[2], *C = a->C + b * t->sC[0] + g * t->sC[2];
+    const int64_t sBl = t->sB[1], sCl = t->sC[1];
+    const float bias = a->delta_bias ? a->delta_bias[d] : 0.0f, Dd = a->D ? a->D[d] : 0.0f;
+    float *dt = buf, *u = dt + round_up(CHUNK), *delta = u + round_up(L), *z = delta + round_up(L);
+    float *y = z + round_up(L), h[N];
+
+    gather_row(a->u + b * t->su[0] + d * t->su[2], t->su[1], pos, L, u);
+    gather_row(a->delta + b * t->sdelta[0] + d * t->sdelta[2], t->sdelta[1], pos, L, delta);
+    if (a->z) gather_row(a->z + b * t->sz[0] + d * t->sz[2], t->sz[1], pos, L, z);
+    for (int64_t n = 0; n < N; n++) h[n] = 0.0f;
+    for (int64_t l0 = 0; l0 < L; l0 += CHUNK) {
+        const int64_t T = L - l0 < CHUNK ? L - l0 : CHUNK;
+        compute_dt(delta, bias, a->softplus, l0, T, dt);
+        for (int64_t s = 0; s < T; s++) {
+            const float *Bt = B + pos[l0 + s] * sBl, *Ct = C + pos[l0 + s] * sCl;
+            const float dtl = dt[s], dtu = dt[s] * u[l0 + s];
+            float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+            for (int64_t n = 0; n < N; n++) {
+                h[n] = exp_inline(dtl * A[n]) * h[n] + dtu * Bt[n];
+                acc += h[n] * Ct[n];
+            }
+            y[l0 + s] = acc;
+        }
+    }
+    if (a->z) {
+#pragma omp simd
+        for (int64_t l = 0; l < L; l++) y[l] = (y[l] + Dd * u[l]) * z[l] * sigmoid(z[l]);
+    } else {
+#pragma omp simd
+        for (int64_t l = 0; l < L; l++) y[l] += Dd * u[l];
+    }
+    for (int64_t l = 0; l < L; l++) out[(b * L + pos[l]) * E + d] = y[l];
+    for (int64_t n = 0; n < N; n++) last[n] = h[n];
+}
+
+INLINE void backward_row_tokens(const TokenArgs *t, const ScanGrads *g, const int64_t *pos, int64_t b, int64_t d,
+                                const int64_t N, float *buf, float *dB, float *dC)
+{
+    const ScanArgs *a = &t->base;
+    const int64_t L = a->length, E = a->dim, grp = d / (a->dim / a->groups);
+    const float *A = a->A + d * N;
+    const float *B = a->B + b * t->sB[0] + grp * t->sB[2], *C = a->C + b * t->sC[0] + grp * t->sC[2];
+    const int64_t sBl = t->sB[1], sCl = t->sC[1];
+    const float bias = a->delta_bias ? a->delta_bias[d] : 0.0f, Dd = a->D ? a->D[d] : 0.0f;
+    float *dt = buf, *dy = dt + round_up(L), *gB = dy + round_up(L), *gAh = gB + round_up(L);
+    float *decay = gAh + round_up(L), *H = decay + round_up(L * N);
+    float *u = H + round_up(L * N), *delta = u + round_up(L), *z = delta + round_up(L), *dout = z + round_up(L);
+    float *du = dout + round_up(L), *ddelta = du + round_up(L), *dz = ddelta + round_up(L);
+    float adj[N], dA[N], zero[N];
+    float dD = 0.0f, dbias = 0.0f;
+
+    gather_row(a->u + b * t->su[0] + d * t->su[2], t->su[1], pos, L, u);
+    gather_row(a->delta + b * t->sdelta[0] + d * t->sdelta[2], t->sdelta[1], pos, L, delta);
+    if (a->z) gather_row(a->z + b * t->sz[0] + d * t->sz[2], t->sz[1], pos, L, z);
+    gather_row(g->dout + b * L * E + d, E, pos, L, dout);
+
+    compute_dt(delta, bias, a->softplus, 0, L, dt);
+    for (int64_t l = 0; l < L; l++) {  /* discretise, reading B in scan order */
+        const float dtl = dt[l], dtu = dt[l] * u[l];
+        const float *Bl = B + pos[l] * sBl;
+#pragma omp simd
+        for (int64_t n = 0; n < N; n++) {
+            decay[l * N + n] = exp_inline(dtl * A[n]);
+            H[l * N + n] = dtu * Bl[n];
+        }
+    }
+    for (int64_t l = 0; l < L; l++) {
+        const float *hprev = l > 0 ? H + (l - 1) * N : NULL, *Cl = C + pos[l] * sCl;
+        float y = 0.0f;
+#pragma omp simd reduction(+ : y)
+        for (int64_t n = 0; n < N; n++) {
+            if (hprev) H[l * N + n] += decay[l * N + n] * hprev[n];
+            y += H[l * N + n] * Cl[n];
+        }
+        dy[l] = y;
+    }
+
+    if (a->z) {
+#pragma omp simd reduction(+ : dD)
+        for (int64_t l = 0; l < L; l++) {
+            const float y = dy[l] + Dd * u[l], s = sigmoid(z[l]);
+            dz[l] = dout[l] * y * s * (1.0f + z[l] * (1.0f - s));
+            dy[l] = dout[l] * z[l] * s;
+            dD += dy[l] * u[l];
+        }
+    } else {
+#pragma omp simd reduction(+ : dD)
+        for (int64_t l = 0; l < L; l++) {
+            dy[l] = dout[l];
+            dD += dy[l] * u[l];
+        }
+    }
+
+    for (int64_t n = 0; n < N; n++) {
+        adj[n] = g->dlast ? g->dlast[(b * a->dim + d) * N + n] : 0.0f;
+        dA[n] = 0.0f;
+        zero[n] = 0.0f;
+    }
+    for (int64_t l = L - 1; l >= 0; l--) {
+        const float *h = H + l * N, *hprev = l > 0 ? H + (l - 1) * N : zero, *dec = decay + l * N;
+        const float *Bl = B + pos[l] * sBl, *Cl = C + pos[l] * sCl;
+        float *dBl = dB + l * N, *dCl = dC + l * N;
+        const float dyl = dy[l], dtl = dt[l], dtu = dt[l] * u[l];
+        float sB = 0.0f, sA = 0.0f;
+#pragma omp simd reduction(+ : sB, sA)
+        for (int64_t n = 0; n < N; n++) {
+            const float an = adj[n] + dyl * Cl[n];
+            const float th = an * dec[n] * hprev[n];
+            dCl[n] += dyl * h[n];
+            dBl[n] += an * dtu;
+            sB += an * Bl[n];
+            sA += th * A[n];
+            dA[n] += th * dtl;
+            adj[n] = an * dec[n];
+        }
+        gB[l] = sB;
+        gAh[l] = sA;
+    }
+
+#pragma omp simd
+    for (int64_t l = 0; l < L; l++) du[l] = dy[l] * Dd + dt[l] * gB[l];
+    if (a->softplus) {
+#pragma omp simd reduction(+ : dbias)
+        for (int64_t l = 0; l < L; l++) {
+            const float x = delta[l] + bias;
+            ddelta[l] = (gAh[l] + u[l] * gB[l]) * (x <= SOFTPLUS_THRESHOLD ? sigmoid(x) : 1.0f);
+            dbias += ddelta[l];
+        }
+    } else {
+#pragma omp simd reduction(+ : dbias)
+        for (int64_t l = 0; l < L; l++) {
+            ddelta[l] = gAh[l] + u[l] * gB[l];
+            dbias += ddelta[l];
+        }
+    }
+    for (int64_t l = 0; l < L; l++) {
+        const int64_t at = (b * L + pos[l]) * E + d;
+        g->du[at] = du[l];
+        g->ddelta[at] = ddelta[l];
+        if (a->z) g->dz[at] = dz[l];
+    }
+    for (int64_t n = 0; n < N; n++) g->dA[d * N + n] += dA[n];
+    g->dD[d] += dD;
+    g->dbias[d] += dbias;
+}
+
+/* pos: the caller's length int64 slots, filled here. out (batch, length, dim); last (batch, dim, state). */
+void ss_forward_tokens(const TokenArgs *t, int64_t *pos, float *out, float *last)
+{
+    const ScanArgs *a = &t->base;
+    const int64_t rows = a->batch * a->dim, N = a->state;
+    for (int64_t l = 0; l < a->length; l++) pos[l] = order_position(t->order, t->grid, a->length, l);
+#pragma omp parallel num_threads(a->threads)
+    {
+        float *buf = a->scratch + omp_get_thread_num() * ss_token_scratch_floats(a->length, N, 0);
+        /* rows channel-minor, as in ss_forward: consecutive channels of one batch element share cache lines */
+#pragma omp for schedule(dynamic, ROWS_PER_GRAB)
+        for (int64_t r = 0; r < rows; r++) {
+            const int64_t b = r / a->dim, d = r % a->dim;
+            if (N == COMMON_STATE)
+                forward_row_tokens(t, pos, b, d, COMMON_STATE, buf, out, last + r * N);
+            else
+                forward_row_tokens(t, pos, b, d, N, buf, out, last + r * N);
+        }
+    }
+}
+
+/* ScanGrads as for ss_backward, except du, ddelta, dz, dout (batch, length, dim) and dB, dC
+ * (batch, length, groups, state), all contiguous. */
+void ss_backward_tokens(const TokenArgs *t, const ScanGrads *g, int64_t *pos)
+{
+    const ScanArgs *a = &t->base;
+    const int64_t N = a->state, L = a->length, G = a->groups, LN = L * N, stride = round_up(LN);
+    const int64_t per_group = a->dim / G, rows = block_rows(per_group), blocks = group_blocks(per_group);
+    for (int64_t l = 0; l < L; l++) pos[l] = order_position(t->order, t->grid, L, l);
+#pragma omp parallel num_threads(a->threads)
+    {
+        float *buf = a->scratch + omp_get_thread_num() * ss_token_scratch_floats(L, N, 1);
+        for (int64_t b = 0; b < a->batch; b++) {
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t k = 0; k < G * blocks; k++) {
+                float *pB = g->partial + k * 2 * stride, *pC = pB + stride;
+                const int64_t d0 = k / blocks * per_group + k % blocks * rows, group_end = (k / blocks + 1) * per_group;
+                const int64_t d1 = d0 + rows < group_end ? d0 + rows : group_end;
+                memset(pB, 0, 2 * stride * sizeof(float));
+                for (int64_t d = d0; d < d1; d++) {
+                    if (N == COMMON_STATE)
+                        backward_row_tokens(t, g, pos, b, d, COMMON_STATE, buf, pB, pC);
+                    else
+                        backward_row_tokens(t, g, pos, b, d, N, buf, pB, pC);
+                }
+            }
+            /* As in ss_backward: each float is its blocks' partials summed in block order; scan position l
+             * of the partials lands on raster token pos[l]. Split by positions, which only divides the work. */
+#pragma omp for schedule(static)
+            for (int64_t q = 0; q < G * L; q++) {
+                const int64_t grp = q / L, l = q % L;
+                float *dB = g->dB + ((b * L + pos[l]) * G + grp) * N, *dC = g->dC + ((b * L + pos[l]) * G + grp) * N;
+                const float *p = g->partial + grp * blocks * 2 * stride + l * N;
+                memcpy(dB, p, N * sizeof(float));
+                memcpy(dC, p + stride, N * sizeof(float));
+                for (int64_t k = 1; k < blocks; k++) {
+                    p += 2 * stride;
+#pragma omp simd
+                    for (int64_t i = 0; i < N; i++) {
+                        dB[i] += p[i];
+                        dC[i] += p[stride + i];
+                    }
+                }
+            }
+        }
+    }
+}
