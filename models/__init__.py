@@ -11,5 +11,6 @@ from models.registry import UnknownModel, create_model, get_entry, list_models, 
 from models import sisma as _sisma  # noqa: F401,E402
 from models import dit as _dit  # noqa: F401,E402
 from models import sdm as _sdm  # noqa: F401,E402
+from models import dim as _dim  # noqa: F401,E402
 
 __all__ = ["Backbone", "UnknownModel", "create_model", "get_entry", "list_models", "list_presets", "register_model"]

@@ -117,7 +117,7 @@ def test_builds_on_the_meta_device_with_the_contract_attributes(name, preset):
 
 def test_the_plugin_is_registered_and_checked():
     assert (PLUGIN, "tiny") in CASES and (PLUGIN, "tiny") in RUNNABLE
-    assert {"sisma", "dit", "sdm"} <= {name for name, _ in RUNNABLE}
+    assert {"sisma", "dit", "sdm", "dim"} <= {name for name, _ in RUNNABLE}
 
 
 @pytest.mark.parametrize("name, preset", RUNNABLE)
