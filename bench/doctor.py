@@ -3,8 +3,8 @@
 Checked: torch and its CUDA build, the GPUs and their memory, mamba-ssm and causal-conv1d (each imported under a
 guard, with their compiled kernels, reporting the original error text), the SDPA backends (on a GPU, a tiny call
 through each), the weight files (SD-VAE, Inception, AlexNet) where the harness looks for them, and the memory plan of
-the ``paper`` preset (``bench.plan``) for the first GPU's memory (or the paper's 24 GiB where there is none).
-Nothing is downloaded and nothing is written.
+the ``paper`` preset (``bench.plan``) of every built-in backbone (``PLANNED``) for the first GPU's memory (or the
+paper's 24 GiB where there is none). Nothing is downloaded and nothing is written.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import torch
 from bench.errors import BenchError
 
 NO_CUDA = "no CUDA"
+PLANNED = ("sisma", "dit", "sdm", "dim")  # the backbones whose memory plan the report shows
 
 
 @dataclass
@@ -113,7 +114,8 @@ def _scan_choice(kernels: list[Check]) -> str:
     mamba, conv = (next(c for c in kernels if c.name == name) for name in ("mamba-ssm", "causal-conv1d"))
     chosen = "mamba-ssm's kernel" if mamba.ok else "the chunked PyTorch scan (slower, more memory)"
     if mamba.ok and conv.ok and forced == "auto":
-        chosen += "; Self-Mamba through mamba-ssm's fused mamba_inner_fn (scan_backend cuda-fused)"
+        chosen += ("; Self-Mamba (SISMA with the causal conv, every DiM block) through mamba-ssm's fused "
+                   "mamba_inner_fn (scan_backend cuda-fused)")
     return f"{chosen} (SIS_BENCH_SCAN={forced})"
 
 
@@ -173,7 +175,7 @@ def plan_checks(preset: str = "paper", memory: str | None = None) -> list[Check]
     else:
         size = parse_memory(memory or DEFAULT_MEMORY)
         source = "--gpu-memory" if memory else f"{NO_CUDA} here: the paper's RTX 4090"
-    plans = plan("sisma,dit,sdm", preset, memory=size)
+    plans = plan(",".join(PLANNED), preset, memory=size)
     out = [Check("plan", f"--preset {preset}", f"{size_text(size)} ({source})", None)]
     for p in plans:
         s = p.chosen.setting if p.chosen else None

@@ -15,8 +15,8 @@ import pandas as pd
 from bench.io import atomic_write
 
 DPI = 130
-DISPLAY_NAMES = {"sisma": "SISMA", "dit": "DiT-SIS", "sdm": "SDM"}
-MODEL_COLOURS = {"sisma": "#1f77b4", "dit": "#ff7f0e", "sdm": "#2ca02c"}
+DISPLAY_NAMES = {"sisma": "SISMA", "dit": "DiT-SIS", "sdm": "SDM", "dim": "DiM"}
+MODEL_COLOURS = {"sisma": "#1f77b4", "dit": "#ff7f0e", "sdm": "#2ca02c", "dim": "#17becf"}
 EXTRA_COLOURS = ["#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
 LOSS_SMOOTHING_POINTS = 20  # the moving average of a loss curve spans 1/20 of its logged points
 PROJECTED_HATCH = "//"
@@ -25,7 +25,7 @@ SLANT_CHARS_PER_BAR = 12  # bar labels longer than this on average are slanted, 
 
 
 def display_name(model: str) -> str:
-    """SISMA, DiT-SIS, SDM; a variant keeps its overrides: 'SISMA (scan=raster)'."""
+    """SISMA, DiT-SIS, SDM, DiM; a variant keeps its overrides: 'SISMA (scan=raster)'."""
     base, _, overrides = model.partition(":")
     name = DISPLAY_NAMES.get(base, base)
     return f"{name} ({overrides.replace(':', ', ')})" if overrides else name

@@ -173,3 +173,29 @@ def test_the_fused_path_gives_the_unfused_output(monkeypatch):
         monkeypatch.setattr(ssm, "fused_inner", lambda t: ssm.mamba_inner_reference)
         fused = model(x, t, mask)
     torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_bench_plan_simulates_dim_on_the_gpu_kernels_stand_ins_and_checkpoints_its_blocks():
+    """On fake CUDA tensors every DiM block runs the fused layer's shape-only stand-in; activation checkpointing finds
+    its blocks (``bench.recompute``) and saves less."""
+    from bench import plan, recompute
+
+    assert len(recompute.blocks(models.create_model("dim", preset="tiny"))) == 9
+    ssm.reset_used_backends()
+    plain = plan.training_memory("dim", "tiny", 4, plan.Setting(4, 1, False), "bf16")
+    assert "fake" in ssm.used_backends()
+    ckpt = plan.training_memory("dim", "tiny", 4, plan.Setting(4, 1, True), "bf16")
+    assert ckpt.activations < plain.activations and ckpt.step < plain.step
+
+
+@pytest.mark.parametrize("preset", ["cpu", "paper"])
+def test_scan_flops_are_counted_one_scan_per_block_over_the_padded_sequence(preset):
+    from bench.flops import count_flops, example_inputs
+
+    with torch.device("meta"):
+        model = models.create_model("dim", preset=preset)
+    cfg = model.config
+    flops = count_flops(model, *example_inputs(model, 2, "meta"))
+    E = cfg.expand * cfg.width
+    assert flops.scan == ssm.scan_flops(2, E, cfg.sequence_length, cfg.d_state) * cfg.depth
+    assert flops.counter > 0

@@ -19,7 +19,8 @@ def test_doctor_runs_here_and_says_there_is_no_cuda():
     assert "missing for a GPU run" in result.output
     found = doctor.checks(preset="tiny")
     text = doctor.report(found)
-    assert "--preset tiny" in text and any(c.section == "plan" and c.name == "sdm" for c in found)
+    assert "--preset tiny" in text
+    assert {"sisma", "dit", "sdm", "dim"} <= {c.name for c in found if c.section == "plan"}
 
 
 def test_a_kernel_that_does_not_load_is_reported_with_its_error(monkeypatch):

@@ -11,7 +11,7 @@ from bench.errors import BenchError
 from bench.variants import build_model
 
 PLAN_TOL = 0.15  # predicted live-tensor peak against the measured one
-MODELS = ["sisma", "dit", "sdm"]
+MODELS = ["sisma", "dit", "sdm", "dim"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
@@ -144,7 +144,7 @@ def test_bench_train_gpu_memory_applies_and_records_the_plan(tmp_path):
 @pytest.mark.slow
 def test_paper_plan_fits_24_gib():
     """The issue's case: every backbone keeps global batch 8 in bf16 on 24 GiB; SDM needs 60+ GiB without a plan."""
-    plans = {p.model: p for p in plan.plan("sisma,dit,sdm", "paper", 8, "bf16", "24GiB")}
+    plans = {p.model: p for p in plan.plan("sisma,dit,sdm,dim", "paper", 8, "bf16", "24GiB")}
     assert all(p.fits(p.chosen) for p in plans.values())
     assert plans["sdm"].baseline.peak > 55 * 2 ** 30
     s = plans["sdm"].chosen.setting
