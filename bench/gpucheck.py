@@ -53,6 +53,7 @@ RESULT_MARKER = "GPU-CHECK-RESULT "  # a child step's last line: this, then its 
 SPEED_ARGS = ["--preset", "paper", "--models", ",".join(MODELS), "--batch-sizes", "1", "--warmup", "2", "--repeats",
               "5", "--processes", "1", "--full-image-max-seconds", "0", "--precision", "bf16"]
 GPU_SCANS = {"cuda", "cuda-fused"}  # models.ssm.used_backends() names of mamba-ssm's kernels
+MAMBA_MODELS = ("sisma", "dim")  # backbones whose scans must run mamba-ssm's kernels on CUDA
 FUSED_ATTENTION = {"flash", "cudnn", "mem-efficient"}  # bench.timing.SDPA_KERNELS names of the fused CUDA kernels
 MEMORY_BATCH = 4  # small enough for SDM (about 37 GiB predicted) on an 80 GiB GPU; tests/test_gpu.py's batch
 MEMORY_STEPS = 3
@@ -378,7 +379,7 @@ def kernel_problems(row: dict) -> list[str]:
     if row.get("device") not in (None, "cuda") and not _missing(row.get("device")):
         problems.append(f"{model} ran on {row.get('device')}, not cuda")
     scans = _names(row.get("scan_backend"))
-    if base == "sisma" and (not scans or scans - GPU_SCANS):
+    if base in MAMBA_MODELS and (not scans or scans - GPU_SCANS):
         problems.append(f"{model}'s scan ran {row.get('scan_backend')} on CUDA, not mamba-ssm's kernel (cuda-fused "
                         f"or cuda): `bench doctor` says what is missing")
     attention = _names(row.get("attention_kernel"))
@@ -576,7 +577,7 @@ def memory_check(models=MODELS, preset: str = "paper", batch: int = MEMORY_BATCH
         entry = {"model": model, "preset": preset, "batch": batch, "precision": precision, "steps": steps}
         entries.append(entry)
         try:
-            if model == "sisma" and ssm._fused_op() is None:
+            if model.split(":")[0] in MAMBA_MODELS and ssm._fused_op() is None:
                 entry.update(status="skipped", reason="mamba-ssm's fused mamba_inner_fn does not load (the plan "
                              "assumes it)")
                 parts.append(f"{model} skipped: {entry['reason']}")
