@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models import ssm
-from models.ssm import causal_conv1d, selective_scan
+from models.ssm import causal_conv1d, selective_scan, selective_scan_tokens
 
 SCAN_ORDERS = ("raster", "bidirectional", "zigzag")
 CONVS = ("causal1d", "grid2d")
@@ -102,6 +102,11 @@ class ScanOrder:
     snake: int | None = None  # None: raster reversed
 
     @property
+    def code(self) -> int:
+        """The order as ``models.ssm.selective_scan_tokens`` takes it: the snake's variant bits, or REVERSED."""
+        return ssm.REVERSED if self.snake is None else self.snake
+
+    @property
     def perm(self) -> Tensor:
         """Raster positions in scan order: ``to_scan(s) == s[..., perm]``."""
         if self.snake is None:
@@ -157,6 +162,13 @@ class TokenConv(nn.Module):
         B, E, L = s.shape
         return F.silu(self.conv2d(s.view(B, E, self.grid, self.grid))).view(B, E, L)
 
+    def grid_tokens(self, s: Tensor) -> Tensor:
+        """The grid conv + SiLU on token-major (B, L, E) streams, without moving them: (B, L, E) contiguous is the
+        channels-last layout of the (B, E, g, g) grid, which the conv reads and writes as it is."""
+        B, L, E = s.shape
+        grid = s.contiguous().view(B, self.grid, self.grid, E).permute(0, 3, 1, 2)  # a view: channels-last NCHW
+        return F.silu(self.conv2d(grid)).permute(0, 2, 3, 1).reshape(B, L, E)  # a view when the conv kept it
+
 
 class SelectiveSSM(nn.Module):
     """Conv + SiLU on u, projections to (dt, B, C), S4D-real A, skip D; one set of parameters for every order.
@@ -210,6 +222,35 @@ class SelectiveSSM(nn.Module):
             y = y + (yp if order is None else order.from_scan(yp))
         return y
 
+    def forward_tokens(self, u: Tensor, z: Tensor, m: Tensor | None, orders: list[ScanOrder | None]) -> Tensor:
+        """``forward`` on token-major streams: u, z, m (B, L, E) in raster order -> y (B, L, E) in raster order.
+
+        With the grid conv nothing is moved: the conv runs channels-last, the projections per token on the
+        linear layers' own layout, and the scan kernel walks each order over these tensors (``selective_scan_tokens``);
+        the projections are made once for all the orders, since they act per token. The causal conv runs along
+        the scan order, so it takes ``forward`` on channel-major copies in each order."""
+        if not self.conv.on_grid:
+            y = self.forward(u.transpose(1, 2), z.transpose(1, 2), m.transpose(1, 2) if m is not None else None,
+                             orders)
+            return y.transpose(1, 2)
+        N, R = self.d_state, self.dt_rank
+        u = self.conv.grid_tokens(u)
+        proj = F.linear(u, self.x_proj.weight)  # (B, L, R), or (B, L, R + 2N) without cross
+        if self.cross:
+            dt = proj
+            B, C = F.linear(self.mask_conv.grid_tokens(m), self.mask_x_proj.weight).split([N, N], dim=-1)
+        else:
+            dt, B, C = proj.split([R, N, N], dim=-1)  # views: the kernel reads B and C with their strides
+        delta = F.linear(dt, self.dt_proj.weight)  # (B, L, E); dt_proj's bias enters the scan as delta_bias
+        A = -torch.exp(self.A_log.float())
+        y = None
+        for order in orders:
+            yp = selective_scan_tokens(u, delta, A, B, C, self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(),
+                                       delta_softplus=True, order=ssm.RASTER if order is None else order.code,
+                                       grid=self.conv.grid)
+            y = yp if y is None else y + yp
+        return y
+
     def scan(self, u: Tensor, z: Tensor, m: Tensor | None) -> Tensor:
         """One selective scan of (B, E, L) streams already convolved, in scan order."""
         N, R = self.d_state, self.dt_rank
@@ -247,12 +288,13 @@ class MambaMixer(nn.Module):
 
     def mix(self, x: Tensor, m: Tensor | None) -> Tensor:
         """x (B, L, D), m (B, L, D) mask tokens or None -> (B, L, D)."""
+        # token-major throughout: u and z as two products so that each is a contiguous (B, L, E), the layout the
+        # channels-last grid conv takes as it is
         w_u, w_z = self.in_proj.weight.chunk(2, dim=0)
-        xt = x.transpose(1, 2)  # (B, D, L)
-        u, z = w_u @ xt, w_z @ xt  # (B, E, L) each, contiguous
-        ms = self.mask_proj.weight @ m.transpose(1, 2) if self.cross else None  # (B, E, L)
-        y = self.ssm(u, z, ms, self.orders)
-        return (self.out_proj.weight @ y).transpose(1, 2)  # (B, L, D)
+        u, z = F.linear(x, w_u), F.linear(x, w_z)
+        ms = F.linear(m, self.mask_proj.weight) if self.cross else None
+        y = self.ssm.forward_tokens(u, z, ms, self.orders)
+        return F.linear(y, self.out_proj.weight)
 
 
 class SelfMamba(MambaMixer):

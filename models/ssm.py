@@ -515,13 +515,24 @@ def selective_scan_tokens(
     reads and writes these layouts and walks the order itself (no copies); elsewhere the streams are put in
     scan order, channel-major, for ``selective_scan`` and its output put back.
     """
-    if order not in (RASTER, REVERSED) and not (0 <= order < 8 and grid * grid == u.shape[1]):
-        raise ValueError(f"selective_scan_tokens: order {order} on a {grid} x {grid} grid for L={u.shape[1]}")
+    batch, length, dim = u.shape
+    if order not in (RASTER, REVERSED) and not (0 <= order < 8 and grid * grid == length):
+        raise ValueError(f"selective_scan_tokens: order {order} on a {grid} x {grid} grid for L={length}")
+    # the checks of the kernel's path are plain shape comparisons: this runs per scan, where a few microseconds
+    # of Python are a noticeable part of a 1 ms scan
     cpu = (u.device.type == "cpu" and u.dtype != torch.float64 and not u.is_meta and not _is_fake(u)
            and all(t is None or t.device.type == "cpu" for t in (delta, A, B, C, D, z, delta_bias)))
     if cpu and _choose_backend(u) == "cpu":
-        _check_shapes(u.transpose(1, 2), delta.transpose(1, 2), A, B.movedim(1, -1), C.movedim(1, -1))
-        _record("cpu", (u.shape[0], u.shape[2], u.shape[1]), A)
+        state = A.shape[-1]
+        for name, M in (("B", B), ("C", C)):
+            if M.dim() not in (3, 4) or M.shape[:2] != (batch, length) or M.shape[-1] != state or (
+                    M.dim() == 4 and dim % M.shape[2]):
+                raise ValueError(f"selective_scan_tokens: expected {name} (B, L, N) or (B, L, G, N) with D % G == 0"
+                                 f" for u {tuple(u.shape)} and N={state}, got {tuple(M.shape)}")
+        if delta.shape != u.shape or A.shape[0] != dim or (z is not None and z.shape != u.shape):
+            raise ValueError(f"selective_scan_tokens: u, delta, z must be (B, L, D) and A (D, N); got u "
+                             f"{tuple(u.shape)}, delta {tuple(delta.shape)}, A {tuple(A.shape)}")
+        _record("cpu", (batch, dim, length), A)
         with _profiler_range(SCAN_LABEL):
             y, last = _CpuTokenScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, order, grid)
         return (y, last) if return_last_state else y
@@ -587,11 +598,17 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, activat
 
 # --- dispatch ---
 
-def _is_fake(t: Tensor) -> bool:
-    """True for a FakeTensor (shapes and devices without data, as bench plan uses them)."""
+@functools.cache
+def _fake_tensor_class():
+    """torch's FakeTensor class, imported on first use (once: this is asked on every scan)."""
     from torch._subclasses.fake_tensor import FakeTensor
 
-    return isinstance(t, FakeTensor)
+    return FakeTensor
+
+
+def _is_fake(t: Tensor) -> bool:
+    """True for a FakeTensor (shapes and devices without data, as bench plan uses them)."""
+    return isinstance(t, _fake_tensor_class())
 
 
 def _check_shapes(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> None:

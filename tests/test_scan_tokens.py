@@ -121,3 +121,38 @@ def test_other_backends_take_the_permuted_path(monkeypatch, code):
     torch.testing.assert_close(got[0], expected[0], rtol=6e-4, atol=2e-3)
     for name in expected[2]:
         torch.testing.assert_close(got[2][name], expected[2][name], rtol=6e-4, atol=2e-3)
+
+
+# --- the Mamba layers on the token layout against their earlier channel-major computation ---
+
+def channel_major_mix(layer, x, m):
+    """The layers' earlier computation: channel-major streams, each order's copies through SelectiveSSM.forward."""
+    w_u, w_z = layer.in_proj.weight.chunk(2, dim=0)
+    xt = x.transpose(1, 2)
+    ms = layer.mask_proj.weight @ m.transpose(1, 2) if layer.cross else None
+    y = layer.ssm(w_u @ xt, w_z @ xt, ms, layer.orders)
+    return (layer.out_proj.weight @ y).transpose(1, 2)
+
+
+@pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
+@pytest.mark.parametrize("scan,block", [("raster", 0), ("bidirectional", 0), ("zigzag", 1), ("zigzag", 6)])
+@pytest.mark.parametrize("conv", ["grid2d", "causal1d"])
+def test_mamba_layers_compute_what_the_channel_major_path_did(cross, scan, block, conv):
+    """Same outputs and parameter gradients up to fp32 rounding: the products now run on the token layout, so
+    the matrix products' summation order, not the arithmetic, may differ."""
+    from models.mamba import CrossMamba, SelfMamba, scan_orders
+
+    torch.manual_seed(0)
+    cls = CrossMamba if cross else SelfMamba
+    layer = cls(32, orders=scan_orders(scan, 8, block), conv=conv, grid=8, d_state=16)
+    g = torch.Generator().manual_seed(1)
+    x, m = torch.randn(2, 64, 32, generator=g), torch.randn(2, 64, 32, generator=g)
+    results = []
+    for fn in (lambda: layer.mix(x, m if cross else None), lambda: channel_major_mix(layer, x, m)):
+        layer.zero_grad()
+        y = fn()
+        (y * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum().backward()
+        results.append((y.detach(), {k: p.grad.clone() for k, p in layer.named_parameters()}))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    for name in results[1][1]:
+        torch.testing.assert_close(results[0][1][name], results[1][1][name], rtol=1e-4, atol=1e-5, msg=name)

@@ -360,8 +360,11 @@ void ss_backward(const ScanArgs *a, const ScanGrads *g)
  * dB and dC (batch, length, groups, state) contiguous, which is the layout of the linear layer's output
  * gradient. Scan position l of a row reads and writes raster token pos[l], computed once per call from
  * the order (order_position below), so the models never flip, transpose or gather a tensor to scan it
- * in another order. Per row, u, delta, z and dout are first gathered into contiguous thread scratch so
- * that the per-position loops stay the vectorised loops of the channel-major kernel. */
+ * in another order. u, delta, z and dout are first gathered into contiguous thread scratch so that the
+ * per-position loops stay the vectorised loops of the channel-major kernel, TILE channels at a time:
+ * one cache line of a token-major row holds 16 channels, so a tile reads (and writes back) each line
+ * once, where a row at a time would walk a 4-byte column with a stride of whole kilobytes, which maps
+ * onto a few cache sets and misses on every position. */
 
 typedef struct {
     ScanArgs base;                       /* u, delta, z, B, C point at element (0, 0, 0) of their views */
@@ -383,32 +386,49 @@ static int64_t order_position(int32_t order, int64_t grid, int64_t length, int64
     return (order & 1) ? c * grid + r : r * grid + c;
 }
 
-/* Scratch floats per thread of the token entries: the channel-major kernel's, plus gathered rows. */
+#define TILE 16  /* channels gathered and scattered together: 64 bytes, one cache line of fp32 */
+#define FWD_STREAMS 4  /* u, delta, z, y */
+#define BWD_STREAMS 7  /* u, delta, z, dout, du, ddelta, dz */
+
+/* Scratch floats per thread of the token entries: the channel-major kernel's, plus the gathered tile. */
 int64_t ss_token_scratch_floats(int64_t length, int64_t state, int32_t backward)
 {
-    return ss_scratch_floats(length, state, backward) + (backward ? 7 : 4) * round_up(length);
+    const int64_t streams = backward ? BWD_STREAMS : FWD_STREAMS;
+    return ss_scratch_floats(length, state, backward) + streams * TILE * round_up(length);
 }
 
-INLINE void gather_row(const float *src, int64_t step, const int64_t *pos, int64_t L, float *dst)
+/* dst[j * ld + l] = src[pos[l] * sl + j * sd] for T <= TILE channels j: scan step l of channel j. */
+INLINE void gather_tile(const float *src, int64_t sl, int64_t sd, const int64_t *pos, int64_t L, int64_t T,
+                        float *dst, int64_t ld)
 {
-    for (int64_t l = 0; l < L; l++) dst[l] = src[pos[l] * step];
+    for (int64_t l = 0; l < L; l++) {
+        const float *p = src + pos[l] * sl;
+        for (int64_t j = 0; j < T; j++) dst[j * ld + l] = p[j * sd];
+    }
 }
 
+/* The inverse into a contiguous token-major (length, dim) slab: out[pos[l] * dim + j] = src[j * ld + l]. */
+INLINE void scatter_tile(const float *src, int64_t ld, const int64_t *pos, int64_t L, int64_t T, int64_t dim,
+                         float *out)
+{
+    for (int64_t l = 0; l < L; l++) {
+        float *p = out + pos[l] * dim;
+        for (int64_t j = 0; j < T; j++) p[j] = src[j * ld + l];
+    }
+}
+
+/* One row from its gathered u, delta, z (scan order); writes its output y in scan order and last. */
 INLINE void forward_row_tokens(const TokenArgs *t, const int64_t *pos, int64_t b, int64_t d, const int64_t N,
-                               float *buf, float *out, float *last)
+                               float *dt, const float *u, const float *delta, const float *z, float *y, float *last)
 {
     const ScanArgs *a = &t->base;
-    const int64_t L = a->length, E = a->dim, g = d / (a->dim / a->groups);
+    const int64_t L = a->length, g = d / (a->dim / a->groups);
     const float *A = a->A + d * N;
     const float *B = a->B + b * t->sB[0] + g * t->sB[2], *C = a->C + b * t->sC[0] + g * t->sC[2];
     const int64_t sBl = t->sB[1], sCl = t->sC[1];
     const float bias = a->delta_bias ? a->delta_bias[d] : 0.0f, Dd = a->D ? a->D[d] : 0.0f;
-    float *dt = buf, *u = dt + round_up(CHUNK), *delta = u + round_up(L), *z = delta + round_up(L);
-    float *y = z + round_up(L), h[N];
+    float h[N];
 
-    gather_row(a->u + b * t->su[0] + d * t->su[2], t->su[1], pos, L, u);
-    gather_row(a->delta + b * t->sdelta[0] + d * t->sdelta[2], t->sdelta[1], pos, L, delta);
-    if (a->z) gather_row(a->z + b * t->sz[0] + d * t->sz[2], t->sz[1], pos, L, z);
     for (int64_t n = 0; n < N; n++) h[n] = 0.0f;
     for (int64_t l0 = 0; l0 < L; l0 += CHUNK) {
         const int64_t T = L - l0 < CHUNK ? L - l0 : CHUNK;
@@ -432,30 +452,24 @@ INLINE void forward_row_tokens(const TokenArgs *t, const int64_t *pos, int64_t b
 #pragma omp simd
         for (int64_t l = 0; l < L; l++) y[l] += Dd * u[l];
     }
-    for (int64_t l = 0; l < L; l++) out[(b * L + pos[l]) * E + d] = y[l];
     for (int64_t n = 0; n < N; n++) last[n] = h[n];
 }
 
+/* One row from its gathered u, delta, z, dout (scan order); writes du, ddelta, dz in scan order. */
 INLINE void backward_row_tokens(const TokenArgs *t, const ScanGrads *g, const int64_t *pos, int64_t b, int64_t d,
-                                const int64_t N, float *buf, float *dB, float *dC)
+                                const int64_t N, float *buf, float *dB, float *dC, const float *u, const float *delta,
+                                const float *z, const float *dout, float *du, float *ddelta, float *dz)
 {
     const ScanArgs *a = &t->base;
-    const int64_t L = a->length, E = a->dim, grp = d / (a->dim / a->groups);
+    const int64_t L = a->length, grp = d / (a->dim / a->groups);
     const float *A = a->A + d * N;
     const float *B = a->B + b * t->sB[0] + grp * t->sB[2], *C = a->C + b * t->sC[0] + grp * t->sC[2];
     const int64_t sBl = t->sB[1], sCl = t->sC[1];
     const float bias = a->delta_bias ? a->delta_bias[d] : 0.0f, Dd = a->D ? a->D[d] : 0.0f;
     float *dt = buf, *dy = dt + round_up(L), *gB = dy + round_up(L), *gAh = gB + round_up(L);
     float *decay = gAh + round_up(L), *H = decay + round_up(L * N);
-    float *u = H + round_up(L * N), *delta = u + round_up(L), *z = delta + round_up(L), *dout = z + round_up(L);
-    float *du = dout + round_up(L), *ddelta = du + round_up(L), *dz = ddelta + round_up(L);
     float adj[N], dA[N], zero[N];
     float dD = 0.0f, dbias = 0.0f;
-
-    gather_row(a->u + b * t->su[0] + d * t->su[2], t->su[1], pos, L, u);
-    gather_row(a->delta + b * t->sdelta[0] + d * t->sdelta[2], t->sdelta[1], pos, L, delta);
-    if (a->z) gather_row(a->z + b * t->sz[0] + d * t->sz[2], t->sz[1], pos, L, z);
-    gather_row(g->dout + b * L * E + d, E, pos, L, dout);
 
     compute_dt(delta, bias, a->softplus, 0, L, dt);
     for (int64_t l = 0; l < L; l++) {  /* discretise, reading B in scan order */
@@ -536,34 +550,51 @@ INLINE void backward_row_tokens(const TokenArgs *t, const ScanGrads *g, const in
             dbias += ddelta[l];
         }
     }
-    for (int64_t l = 0; l < L; l++) {
-        const int64_t at = (b * L + pos[l]) * E + d;
-        g->du[at] = du[l];
-        g->ddelta[at] = ddelta[l];
-        if (a->z) g->dz[at] = dz[l];
-    }
     for (int64_t n = 0; n < N; n++) g->dA[d * N + n] += dA[n];
     g->dD[d] += dD;
     g->dbias[d] += dbias;
+}
+
+/* Gather channels [d0, d0 + T) of batch element b of the streams u, delta, z (and dout) into the tile. */
+static void gather_inputs(const TokenArgs *t, const float *dout, const int64_t *pos, int64_t b, int64_t d0,
+                          int64_t T, float *tile, int64_t ld)
+{
+    const ScanArgs *a = &t->base;
+    const int64_t L = a->length;
+    gather_tile(a->u + b * t->su[0] + d0 * t->su[2], t->su[1], t->su[2], pos, L, T, tile, ld);
+    gather_tile(a->delta + b * t->sdelta[0] + d0 * t->sdelta[2], t->sdelta[1], t->sdelta[2], pos, L, T,
+                tile + TILE * ld, ld);
+    if (a->z)
+        gather_tile(a->z + b * t->sz[0] + d0 * t->sz[2], t->sz[1], t->sz[2], pos, L, T, tile + 2 * TILE * ld, ld);
+    if (dout)
+        gather_tile(dout + b * L * a->dim + d0, a->dim, 1, pos, L, T, tile + 3 * TILE * ld, ld);
 }
 
 /* pos: the caller's length int64 slots, filled here. out (batch, length, dim); last (batch, dim, state). */
 void ss_forward_tokens(const TokenArgs *t, int64_t *pos, float *out, float *last)
 {
     const ScanArgs *a = &t->base;
-    const int64_t rows = a->batch * a->dim, N = a->state;
-    for (int64_t l = 0; l < a->length; l++) pos[l] = order_position(t->order, t->grid, a->length, l);
+    const int64_t N = a->state, L = a->length, E = a->dim, ld = round_up(L);
+    const int64_t tiles = (E + TILE - 1) / TILE;
+    for (int64_t l = 0; l < L; l++) pos[l] = order_position(t->order, t->grid, L, l);
 #pragma omp parallel num_threads(a->threads)
     {
-        float *buf = a->scratch + omp_get_thread_num() * ss_token_scratch_floats(a->length, N, 0);
-        /* rows channel-minor, as in ss_forward: consecutive channels of one batch element share cache lines */
-#pragma omp for schedule(dynamic, ROWS_PER_GRAB)
-        for (int64_t r = 0; r < rows; r++) {
-            const int64_t b = r / a->dim, d = r % a->dim;
-            if (N == COMMON_STATE)
-                forward_row_tokens(t, pos, b, d, COMMON_STATE, buf, out, last + r * N);
-            else
-                forward_row_tokens(t, pos, b, d, N, buf, out, last + r * N);
+        float *dt = a->scratch + omp_get_thread_num() * ss_token_scratch_floats(L, N, 0);
+        float *tile = dt + ss_scratch_floats(L, N, 0), *y = tile + 3 * TILE * ld;
+        /* rows are independent: tiles are handed out as threads come free (see ROWS_PER_GRAB) */
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t k = 0; k < a->batch * tiles; k++) {
+            const int64_t b = k / tiles, d0 = k % tiles * TILE, T = E - d0 < TILE ? E - d0 : TILE;
+            gather_inputs(t, NULL, pos, b, d0, T, tile, ld);
+            for (int64_t j = 0; j < T; j++) {
+                const float *u = tile + j * ld, *delta = u + TILE * ld, *z = a->z ? delta + TILE * ld : NULL;
+                float *lst = last + (b * E + d0 + j) * N;
+                if (N == COMMON_STATE)
+                    forward_row_tokens(t, pos, b, d0 + j, COMMON_STATE, dt, u, delta, z, y + j * ld, lst);
+                else
+                    forward_row_tokens(t, pos, b, d0 + j, N, dt, u, delta, z, y + j * ld, lst);
+            }
+            scatter_tile(y, ld, pos, L, T, E, out + b * L * E + d0);
         }
     }
 }
@@ -574,11 +605,13 @@ void ss_backward_tokens(const TokenArgs *t, const ScanGrads *g, int64_t *pos)
 {
     const ScanArgs *a = &t->base;
     const int64_t N = a->state, L = a->length, G = a->groups, LN = L * N, stride = round_up(LN);
+    const int64_t E = a->dim, ld = round_up(L);
     const int64_t per_group = a->dim / G, rows = block_rows(per_group), blocks = group_blocks(per_group);
     for (int64_t l = 0; l < L; l++) pos[l] = order_position(t->order, t->grid, L, l);
 #pragma omp parallel num_threads(a->threads)
     {
         float *buf = a->scratch + omp_get_thread_num() * ss_token_scratch_floats(L, N, 1);
+        float *tile = buf + ss_scratch_floats(L, N, 1);
         for (int64_t b = 0; b < a->batch; b++) {
 #pragma omp for schedule(dynamic, 1)
             for (int64_t k = 0; k < G * blocks; k++) {
@@ -586,11 +619,24 @@ void ss_backward_tokens(const TokenArgs *t, const ScanGrads *g, int64_t *pos)
                 const int64_t d0 = k / blocks * per_group + k % blocks * rows, group_end = (k / blocks + 1) * per_group;
                 const int64_t d1 = d0 + rows < group_end ? d0 + rows : group_end;
                 memset(pB, 0, 2 * stride * sizeof(float));
-                for (int64_t d = d0; d < d1; d++) {
-                    if (N == COMMON_STATE)
-                        backward_row_tokens(t, g, pos, b, d, COMMON_STATE, buf, pB, pC);
-                    else
-                        backward_row_tokens(t, g, pos, b, d, N, buf, pB, pC);
+                /* the block's rows in channel order, as in ss_backward, a tile of them gathered at a time */
+                for (int64_t e0 = d0; e0 < d1; e0 += TILE) {
+                    const int64_t T = d1 - e0 < TILE ? d1 - e0 : TILE;
+                    gather_inputs(t, g->dout, pos, b, e0, T, tile, ld);
+                    for (int64_t j = 0; j < T; j++) {
+                        const float *u = tile + j * ld, *delta = u + TILE * ld, *z = delta + TILE * ld;
+                        const float *dout = z + TILE * ld;
+                        float *du = tile + (4 * TILE + j) * ld, *ddelta = du + TILE * ld, *dz = ddelta + TILE * ld;
+                        if (N == COMMON_STATE)
+                            backward_row_tokens(t, g, pos, b, e0 + j, COMMON_STATE, buf, pB, pC, u, delta,
+                                                a->z ? z : NULL, dout, du, ddelta, dz);
+                        else
+                            backward_row_tokens(t, g, pos, b, e0 + j, N, buf, pB, pC, u, delta, a->z ? z : NULL,
+                                                dout, du, ddelta, dz);
+                    }
+                    scatter_tile(tile + 4 * TILE * ld, ld, pos, L, T, E, g->du + b * L * E + e0);
+                    scatter_tile(tile + 5 * TILE * ld, ld, pos, L, T, E, g->ddelta + b * L * E + e0);
+                    if (a->z) scatter_tile(tile + 6 * TILE * ld, ld, pos, L, T, E, g->dz + b * L * E + e0);
                 }
             }
             /* As in ss_backward: each float is its blocks' partials summed in block order; scan position l
