@@ -16,7 +16,7 @@ from bench.checkpoint import load
 from bench.synth import ensure_synthetic
 from bench.train import make_config, train
 
-BACKBONES = ["sisma", "dit", "sdm"]
+BACKBONES = ["sisma", "dit", "sdm", "dim"]
 THREADS = 2
 STEPS = 6
 
