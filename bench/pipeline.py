@@ -528,14 +528,17 @@ class Pipeline:
                               repeats=b.speed_repeats, processes=b.speed_processes,
                               full_image_max_seconds=b.full_image_max_seconds, **common),
                   echo=self.echo)
-        for v in self.variants:  # per-NFE cost at larger images, batch 1: the scaling plot
-            if b.speed_scales:
-                resolutions = [self.sizes[v.name] * s for s in b.speed_scales]
-                self.echo(f"   scaling: {v.name} at {', '.join(map(str, resolutions))} px (per NFE, batch 1)")
-                run_speed(SpeedConfig(models=[v.name], batch_sizes=[1], resolutions=resolutions,
+        by_size: dict[int, list[str]] = {}
+        for v in self.variants:
+            by_size.setdefault(self.sizes[v.name], []).append(v.name)
+        for size, names_here in by_size.items():  # per-NFE cost at larger images, batch 1: the scaling plot
+            if b.speed_scales:  # one interleaved sweep per image size, one process, no breakdown: cheap
+                resolutions = [size * s for s in b.speed_scales]
+                self.echo(f"   scaling: {', '.join(names_here)} at {', '.join(map(str, resolutions))} px "
+                          "(per NFE, batch 1)")
+                run_speed(SpeedConfig(models=names_here, batch_sizes=[1], resolutions=resolutions,
                                       warmup=SCALING_WARMUP, repeats=b.speed_scale_repeats, processes=1,
-                                      full_image_max_seconds=0.0,
-                                      **common), echo=lambda *_: None)
+                                      full_image_max_seconds=0.0, breakdown=False, **common), echo=lambda *_: None)
         with_paper = [v.name for v in self.variants if "paper" in models.list_presets(v.model)]
         if b.paper_flops and with_paper:
             self.echo(f"   FLOPs of the paper presets of {', '.join(with_paper)} (meta device: nothing runs)")

@@ -61,7 +61,8 @@ class Job:
     process: int = 0
     best_gflops: float = 0.0
     images: list[list[int]] | None = None  # [setting, batch] timed as whole images; None: this process decides
-    profile: bool = True  # probe kernels, memory and the operator breakdown (the sweep's first process)
+    probe: bool = True  # probe the kernels that ran and the peak memory (the sweep's first process)
+    breakdown: bool = True  # profile where one evaluation's time goes (the first process, unless turned off)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -107,7 +108,7 @@ def time_process(job: Job) -> dict:
             _guarded(it, it.image, device)
         chosen = [it for it in chosen if it.status == "ok"]
         image_rounds, image_discarded = run_rounds(job, chosen, ("image",), job.image_rounds, quiet, device, dtype)
-        if job.profile:
+        if job.breakdown:
             for it in ready:
                 profile_item(job, it, device)
     return {"items": [{"setting": it.setting, "batch_size": it.batch_size, "status": it.status, "error": it.error,
@@ -170,7 +171,7 @@ def prepare(job: Job, device: torch.device, decoders: dict) -> list[Item]:
 def warm_up(job: Job, it: Item, model: torch.nn.Module, inputs: tuple, device: torch.device, precision: str) -> None:
     """The first process's probes (kernels that ran, peak memory of one evaluation), then ``warmup`` untimed calls
     of every kind (compilation included, at the timed shapes and grad mode)."""
-    if job.profile:
+    if job.probe:
         with autocast(device, precision):
             it.extra.update(probe_kernels(model, *inputs))
             it.extra.update(peak_memory(lambda: model(*inputs), device))

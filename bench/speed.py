@@ -116,6 +116,7 @@ class SpeedConfig:
     processes: int | None = None  # None: the preset's (bench.presets: 6 at cpu, 5 at paper, 1 at tiny)
     allow_busy: bool = False  # time on a busy machine and flag the rows, instead of refusing
     quiet_wait: float = 60.0  # seconds to wait for a quiet machine before refusing
+    breakdown: bool = True  # profile where one NFE's time goes (bench.breakdown), after the first process's rounds
     image_repeats: int = MIN_IMAGE_REPEATS
     device: str = "auto"
     compile: bool = False
@@ -351,7 +352,7 @@ def timed_sweep(settings: list[Setting], cfg: SpeedConfig, device: torch.device,
               allow_busy=cfg.allow_busy, quiet_wait=cfg.quiet_wait, best_gflops=quiet.best_gflops)
     results = []
     for k in range(processes):
-        job = dataclasses.replace(job, process=k, profile=k == 0)
+        job = dataclasses.replace(job, process=k, probe=k == 0, breakdown=cfg.breakdown and k == 0)
         # one process: this one (no start-up cost); several: each a fresh interpreter, as pyperf runs its workers
         result = time_process(job) if processes == 1 else run_worker(job)
         job = dataclasses.replace(job, best_gflops=result["best_gflops"], images=result["images"])

@@ -64,6 +64,12 @@ def test_timed_run_writes_every_column_with_sensible_values(timed_rows):
         assert int(r["params"]) > 0 and int(r["threads"]) == 1 and r["torch"] == torch.__version__
         assert float(r["peak_rss_delta_mib"]) >= 0 and r["peak_cuda_allocated_mib"] == ""
         assert r["decoder"] == speed.PIXEL_DECODER_LABEL
+    for r in timed_rows:  # where the time goes: profiled at the smallest batch only, shares summing to 1
+        shares = [float(r[f"share_{c}"]) for c in ("matmul", "attention", "scan", "conv", "norm_elementwise",
+                                                    "layout", "other")] if r["profile_nfe_ms"] else []
+        assert (float(r["profile_nfe_ms"]) > 0 and sum(shares) == pytest.approx(1, abs=1e-3)) if \
+            r["batch_size"] == "1" else r["profile_nfe_ms"] == ""
+        assert float(r["achieved_gflops"]) > 0 and float(r["calibration_gflops"]) > 0 and r["sweep"]
     by_model = {r["model"]: r for r in timed_rows}
     assert int(by_model["sisma"]["flops_scan"]) > 0 and by_model["sisma"]["scan_backend"] not in ("", "none")
     assert by_model["sisma"]["attention_kernel"] == "none"
@@ -72,9 +78,10 @@ def test_timed_run_writes_every_column_with_sensible_values(timed_rows):
 
 
 def test_whole_image_beyond_budget_is_projected_not_measured(tmp_path):
-    rows = speed.run_speed(quick_config(tmp_path, models=["dit"], batch_sizes=[1], full_image_max_seconds=0.0),
-                           echo=lambda s: None)
+    rows = speed.run_speed(quick_config(tmp_path, models=["dit"], batch_sizes=[1], full_image_max_seconds=0.0,
+                                        breakdown=False), echo=lambda s: None)
     row = rows.iloc[0]
+    assert pd.isna(row["profile_nfe_ms"])  # --no-breakdown: nothing profiled
     assert math.isnan(float(row["image_latency_s"])) and math.isnan(float(row["images_per_s"]))
     assert row["image_latency_projected_s"] == pytest.approx(row["latency_nfe_median_s"] * STEPS + row["decode_latency_s"])
     assert row["nfe"] == STEPS
@@ -333,3 +340,29 @@ def test_whole_images_are_timed_only_when_every_repeat_fits_the_budget(tmp_path,
         assert row["image_repeats"] == speed.MIN_IMAGE_REPEATS and row["image_latency_s"] > 0
     else:
         assert pd.isna(row["image_latency_s"]) and pd.isna(row["image_repeats"])
+
+
+def round_orders(path):
+    """(process, round) -> the (model, kind) sequence in the order the round timed them."""
+    rows = speed.ResultsFile(speed.rounds_path(path), speed.RoundRow).read()
+    rows = rows.sort_values(["process", "round", "position"])
+    return {key: list(zip(g["model"], g["kind"])) for key, g in rows.groupby(["sweep", "process", "round"])}
+
+
+def test_rounds_interleave_every_model_in_seeded_shuffled_orders_across_fresh_processes(tmp_path):
+    """Two worker processes x 3 rounds: every round times each model once per kind, in an order shuffled per round
+    and the same for the same seed; the rows carry each process's median."""
+    cfg = dict(models=["dit", "sdm"], batch_sizes=[1], processes=2, repeats=3, full_image_max_seconds=0.0,
+               breakdown=False)
+    rows = speed.run_speed(quick_config(tmp_path, **cfg), echo=lambda s: None)
+    assert (rows["processes"] == 2).all() and rows["sweep"].nunique() == 1
+    assert all(len(v.split()) == 2 for v in rows["latency_nfe_process_medians_s"])
+    first = round_orders(tmp_path / "speed.csv")
+    assert sorted({(p, r) for _, p, r in first}) == [(p, r) for p in (0, 1) for r in range(3)]
+    expected = sorted((m, k) for m in ("dit", "sdm") for k in ("nfe", "guided", "decode"))
+    assert all(sorted(order) == expected for order in first.values())
+    assert len({tuple(order) for order in first.values()}) > 1  # shuffled, not one fixed order
+    speed.run_speed(quick_config(tmp_path, **cfg), echo=lambda s: None)  # the same seed: the same orders
+    both = round_orders(tmp_path / "speed.csv")
+    second = {key: order for key, order in both.items() if key not in first}
+    assert [second[k] for k in sorted(second)] == [first[k] for k in sorted(first)]

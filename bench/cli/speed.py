@@ -32,6 +32,9 @@ def speed_cmd(
     allow_busy: bool = typer.Option(False, "--allow-busy", help="Time even when other processes compete for the "
                                     "CPUs or the calibration runs slow; the rows are flagged busy and the report "
                                     "leaves them out of its ratios (default: wait, then refuse)."),
+    breakdown: bool = typer.Option(True, "--breakdown/--no-breakdown", help="Profile where one network "
+                                   "evaluation's time goes, by operator class, at the smallest batch (after the first "
+                                   "process's rounds)."),
     quiet_wait: float = typer.Option(60.0, "--quiet-wait", help="Seconds to wait for a quiet machine, before the "
                                      "sweep and after a busy round, before refusing."),
     image_repeats: int = typer.Option(MIN_IMAGE_REPEATS, "--image-repeats", help="Timed whole images per setting, "
@@ -56,10 +59,11 @@ def speed_cmd(
 ):
     """Parameters, FLOPs, latency per NFE and per image, memory and throughput of each backbone.
 
-    Models are timed in interleaved rounds (shuffled per round) in several fresh processes, on a quiet machine;
-    per-round times go to speed_rounds.csv beside --out, so that a report's ratios are paired by round. To add a
-    GPU's rows to a CPU's: run `bench speed --out gpu.csv` there and append its rows (and gpu_rounds.csv's) to
-    results/speed.csv (and speed_rounds.csv), or give `bench report` both results folders.
+    Models are timed in interleaved rounds, shuffled per round, in fresh processes, on a quiet machine.
+
+    Per-round times go to speed_rounds.csv beside --out, and a report pairs its ratios by round.
+
+    Another machine's rows: run `bench speed --out gpu.csv` there, then append them to results/speed.csv (README).
     """
     from bench.speed import SpeedConfig, run_speed
 
@@ -67,7 +71,7 @@ def speed_cmd(
         models=split_list(models), preset=preset, steps=steps,
         batch_sizes=int_list(batch_sizes, "--batch-sizes") or [], resolutions=int_list(resolutions, "--resolutions"),
         precision=precision, warmup=warmup, repeats=repeats, processes=processes, allow_busy=allow_busy,
-        quiet_wait=quiet_wait, image_repeats=image_repeats, device=device,
+        quiet_wait=quiet_wait, breakdown=breakdown, image_repeats=image_repeats, device=device,
         compile=compile, tf32=tf32, flops_only=flops_only, full_image_max_seconds=full_image_max_seconds,
         seed=seed, vae=vae, threads=threads, out=out,
     )
