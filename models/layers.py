@@ -262,7 +262,9 @@ class TokenBackbone(nn.Module):
         """x (B, C, H, W), t (B,) in [0, 1], mask (B, K, S, S) one-hot -> velocity (B, C, H, W)."""
         self.check_inputs(x, mask)
         cfg = self.config
-        x = self.x_embedder(x) + self.pos_embed  # (B, L, D)
+        # pos_embed first: a sum takes its layout from its first operand, and the patch embedding is a transposed
+        # view; this way the residual stream is token-major, which every LayerNorm would otherwise copy it into
+        x = self.pos_embed + self.x_embedder(x)  # (B, L, D)
         m = self.mask_encoder(mask.to(self.mask_encoder.proj.weight.dtype)) + self.pos_embed  # (B, L, D)
         c = self.t_embedder(t.expand(x.shape[0]))  # (B, D)
         for block in self.blocks:
