@@ -2,12 +2,17 @@
 with every random state a resume needs.
 
 torch does not check a checkpoint's bytes (a zip's CRC is not verified on load), so a file damaged in the middle
-would load and resume training from a corrupt optimiser state. Each checkpoint ``X.pt`` therefore has ``X.pt.sha256``
-(written after it, atomically); ``load`` recomputes the digest and refuses a file that does not match, naming the
-newest intact snapshot to resume from.
+would load and resume training from a corrupt optimiser state. Each checkpoint ``X.pt`` therefore has ``X.pt.sha256``;
+``load`` recomputes the digest and refuses a file that does not match, naming the newest intact snapshot to resume from.
+
+Checkpoint and digest change as one unit: the new checkpoint is written to a temporary file and hashed, then the
+digest is rewritten (atomically) to list both the new hash and the old one, then the checkpoint is renamed into place,
+then the digest is rewritten with the new hash alone. Whichever step a crash or a full disk stops, the file in place
+matches a hash its digest lists, and a failure before the rename leaves the previous checkpoint the one loaded.
 """
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
@@ -17,7 +22,7 @@ import numpy as np
 import torch
 
 from bench.errors import BenchError
-from bench.io import display_path, save_torch, sha256_file, write_text
+from bench.io import atomic_write, clean_temporaries, display_path, sha256_file, write_text
 
 DIGEST_SUFFIX = ".sha256"
 
@@ -26,10 +31,66 @@ def digest_path(path: Path) -> Path:
     return Path(path).with_name(Path(path).name + DIGEST_SUFFIX)
 
 
+MIB = 1 << 20
+
+
+def _listed(path: Path) -> list[str]:
+    """The hashes the digest of ``path`` lists (none when it is absent or unreadable)."""
+    try:
+        return digest_path(path).read_text().split()
+    except (OSError, UnicodeDecodeError):
+        return []
+
+
 def save_atomic(obj, path: Path) -> None:
-    """torch.save through bench.io (a reader never sees half a file), then its digest beside it."""
-    save_torch(path, obj)
-    write_text(digest_path(path), sha256_file(path) + "\n")
+    """torch.save and its digest as one unit (see the module docstring); a full disk is a one-line error naming the
+    folder and the space needed, and the previous checkpoint stays in place, verified."""
+    import hashlib
+
+    path = Path(path)
+    staged: dict = {}
+
+    def write(f) -> None:
+        buffer = staged["buffer"] = _Hashing(f, hashlib.sha256())
+        torch.save(obj, buffer)
+        staged["sha"] = buffer.hash.hexdigest()
+        old = [h for h in _listed(path) if path.is_file()][:1]
+        write_text(digest_path(path), "\n".join([staged["sha"]] + old) + "\n")  # both: before and after the rename
+
+    try:
+        atomic_write(path, write)
+        write_text(digest_path(path), staged["sha"] + "\n")
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        written = staged["buffer"].bytes if "buffer" in staged else 0
+        needed = max(written, path.stat().st_size if path.is_file() else 0)
+        free = shutil.disk_usage(path.parent).free
+        kept = (f"{display_path(path)} still holds the previous checkpoint" if path.is_file() and verified(path)
+                else "no checkpoint was written")
+        raise BenchError(f"disk full in {display_path(path.parent)}: a checkpoint needs at least {size_text(needed)} "
+                         f"and {size_text(free)} are free; {kept}: free space, then continue with --resume") from None
+
+
+def size_text(n: int) -> str:
+    """A byte count as people read it: 512 KiB, 40.2 MiB."""
+    return f"{n / MIB:.1f} MiB" if n >= MIB else f"{max(1, round(n / 1024))} KiB"
+
+
+class _Hashing:
+    """A binary file that hashes and counts what is written through it."""
+
+    def __init__(self, f, hash_):
+        self.f, self.hash, self.bytes = f, hash_, 0
+
+    def write(self, data) -> int:
+        n = self.f.write(data)
+        self.hash.update(memoryview(data)[:n] if n is not None else data)
+        self.bytes += n or 0
+        return n
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
 
 
 def snapshot(path: Path, target: Path) -> None:
@@ -47,9 +108,10 @@ def verified(path: Path) -> bool:
     digest = digest_path(path)
     if not digest.is_file():
         return True
+    listed = _listed(path)
     try:
-        return digest.read_text().split()[0] == sha256_file(path)
-    except (OSError, IndexError):
+        return bool(listed) and sha256_file(path) in listed
+    except OSError:
         return False
 
 
@@ -63,8 +125,7 @@ def newest_intact(folder: Path, exclude: Path) -> Path | None:
 
 def clean_stale_temporaries(folder: Path) -> None:
     """Remove the temporary files an interrupted save (a killed process) may have left in a checkpoint folder."""
-    for tmp in Path(folder).glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
+    clean_temporaries(folder)
 
 
 def load(path: Path, mmap: bool = False) -> dict:
@@ -88,6 +149,30 @@ def load(path: Path, mmap: bool = False) -> dict:
         reason = (str(e).splitlines() or [""])[0][:200]
         raise BenchError(f"cannot read checkpoint {display_path(path)} ({type(e).__name__}: {reason}); "
                          f"it is corrupt or from another program: restore it or train again") from None
+
+
+IDENTITY = ("model", "preset", "variant")  # what a checkpoint and the run that reads it must agree on
+
+
+def identity(config: dict) -> str:
+    """A run's backbone, preset and variant as one text, e.g. 'sdm/tiny (sdm)'."""
+    return f"{config.get('model')}/{config.get('preset')} ({config.get('variant') or config.get('model')})"
+
+
+def load_weights(module: torch.nn.Module, weights: dict, state: dict, run_config: dict, path: Path) -> None:
+    """``module.load_state_dict(weights)`` for checkpoint ``path`` of a run whose config is ``run_config``; a
+    checkpoint of another backbone, preset or variant (or whose tensors do not fit) is a one-line error naming both."""
+    saved = state.get("config") if isinstance(state.get("config"), dict) else {}
+    differs = [k for k in IDENTITY if k in saved and k in run_config and saved[k] != run_config[k]]
+    if differs:
+        raise BenchError(f"{display_path(path)} is a foreign checkpoint: it holds {identity(saved)}, the run is "
+                         f"{identity(run_config)}; give a checkpoint of this run or train one")
+    try:
+        module.load_state_dict(weights)
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:
+        reason = (str(e).splitlines() or [""])[0][:200]
+        raise BenchError(f"{display_path(path)} does not fit {identity(run_config)} (a foreign checkpoint: "
+                         f"{reason}); give a checkpoint of this run or train one") from None
 
 
 def rng_state() -> dict:

@@ -31,16 +31,97 @@ LOCK_TIMEOUT_S = 120  # a writer that holds a results file longer than this is s
 
 # ---------------------------------------------------------------------------------------------- atomic writes
 
+TEMP_SUFFIX = ".tmp"
+FILE_MODE = 0o666  # what open() asks for; the umask takes its bits away, as for any plain write
+
+
+def _creation_mode() -> int:
+    """The mode a plain write would give a new file: 0666 less the process's umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return FILE_MODE & ~mask
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process of this id exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, owned by someone else
+        return True
+    return True
+
+
+def clean_temporaries(folder: str | os.PathLike, name: str = "*") -> None:
+    """Remove the temporary files of atomic writes (of ``name``) in ``folder`` whose writing process is gone."""
+    for tmp in Path(folder).glob(f".{name}.*{TEMP_SUFFIX}"):
+        pid = tmp.name[: -len(TEMP_SUFFIX)].rsplit(".", 2)
+        if len(pid) == 3 and pid[1].isdigit() and _pid_alive(int(pid[1])):
+            continue  # another process is writing it now
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+class _WriteErrors:
+    """A binary file that remembers the first OSError of its writes, so that a library that swallows it (torch's
+    zip writer reports a full disk as 'unexpected pos') cannot hide the cause."""
+
+    def __init__(self, raw):
+        self.raw, self.error = raw, None
+
+    def write(self, data) -> int:
+        try:
+            return self.raw.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.raw.flush()
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.raw, name)
+
+
+def _open_temporary(fd: int, target: Path):
+    """The binary file an atomic write of ``target`` fills (a seam for fault-injection tests)."""
+    return os.fdopen(fd, "wb")
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> Path:
-    """Call ``write(binary_file)`` on a temporary file beside ``path``, then rename it into place."""
+    """Call ``write(binary_file)`` on a temporary file beside ``path``, then rename it into place.
+
+    The file gets the mode a plain write would give (the existing file's, else 0666 less the umask); the temporary
+    file is removed on any failure, and temporaries left by killed processes are removed by the next write here.
+    A write error (a full disk) is raised as the OSError it is, whatever ``write`` made of it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    clean_temporaries(path.parent, path.name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        mode = path.stat().st_mode & 0o7777
+    except OSError:
+        mode = _creation_mode()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=TEMP_SUFFIX)
+    try:
+        os.fchmod(fd, mode)
+        f = _WriteErrors(_open_temporary(fd, path))
+        try:
+            try:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            except Exception:
+                if f.error is not None:
+                    raise f.error from None
+                raise
+        finally:
+            f.raw.close()
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -279,3 +360,61 @@ class ResultsFile:
         except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
             raise self._foreign(f"unparseable: {type(e).__name__}") from None
         return df.reindex(columns=self.columns)
+
+
+# ---------------------------------------------------------------------------------------------- folder locks
+
+FOLDER_LOCK_NAME = ".lock"
+OWNER_SUFFIX = ".owner"
+
+
+def _busy(folder: Path, what: str, advice: str) -> BenchError:
+    """The one-line error for a folder whose lock another process holds, naming it from its owner record."""
+    try:
+        holder = json.loads((folder / (FOLDER_LOCK_NAME + OWNER_SUFFIX)).read_text())
+        who = f"process {holder['pid']} (started {holder['started']})"
+    except (OSError, ValueError, TypeError, KeyError):
+        who = "another process"
+    return BenchError(f"{display_path(folder)} ({what}) is in use by {who}; {advice}")
+
+
+def check_folder_free(folder: str | os.PathLike, what: str, advice: str) -> None:
+    """A one-line error now if another process holds ``folder``'s lock; creates nothing (a first look before work
+    that may fail; the work itself runs under ``folder_lock``)."""
+    from filelock import FileLock, Timeout
+
+    path = Path(folder) / FOLDER_LOCK_NAME
+    if not path.is_file():
+        return
+    try:
+        with FileLock(str(path), timeout=0):
+            pass
+    except Timeout:
+        raise _busy(Path(folder), what, advice) from None
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, what: str, advice: str):
+    """Hold ``folder``'s lock (``FOLDER/.lock``, the ``filelock`` package) while the block runs; a second process
+    gets a one-line error naming the holder's PID and start time and ``advice``, never a silent overwrite. The
+    holder is recorded in ``.lock.owner`` while the lock is held (removed at release)."""
+    import datetime
+
+    from filelock import FileLock, Timeout
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(folder / FOLDER_LOCK_NAME), timeout=0)
+    owner = folder / (FOLDER_LOCK_NAME + OWNER_SUFFIX)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise _busy(folder, what, advice) from None
+    try:
+        started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        write_json(owner, {"pid": os.getpid(), "started": started})
+        yield folder
+    finally:
+        with contextlib.suppress(OSError):
+            owner.unlink()
+        lock.release()

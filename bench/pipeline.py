@@ -40,7 +40,7 @@ from typing import Callable, Optional
 from bench import presets
 from bench.errors import BenchError
 from bench.launch import LaunchOptions
-from bench.io import display_path, read_json, write_json
+from bench.io import display_path, folder_lock, read_json, write_json
 from bench.provenance import machine_fingerprint
 from bench.variants import Variant, parse_models
 
@@ -172,7 +172,11 @@ class Pipeline:
         fresh = {"version": STATE_VERSION, "preset": self.opts.preset, "created": now(), "stages": {}}
         if self.state_path.exists():
             state = read_json(self.state_path, "bench run state file")
-            if not isinstance(state, dict) or not isinstance(state.get("stages", {}), dict):
+            stages = state.get("stages", {}) if isinstance(state, dict) else None
+            bad = not isinstance(stages, dict) or any(not isinstance(r, dict) or not isinstance(r.get("outputs", {}),
+                                                                                                 dict)
+                                                      for r in stages.values())
+            if bad:
                 raise BenchError(f"{display_path(self.state_path)} is not a bench run state file; move it away (every "
                                  f"stage then runs again) or give another --results")
             if state.get("version") == STATE_VERSION:
@@ -207,7 +211,7 @@ class Pipeline:
                                           f"steps)",
                                     {"model": v.name, **self.train_options(v, seed)}, ("data",),
                                     lambda v=v, seed=seed: self.stage_train(v, seed),
-                                    lambda out: Path(out.get("checkpoint", "")).is_file()))
+                                    lambda out: self.recorded(out, "checkpoint", self.dir).is_file()))
         trained = tuple(trained)
         first = tuple(f"train:{v.name}@{o.seeds[0]}" for v in self.variants)
         precision = {v.name: self.precision(v) for v in self.variants}  # each model's recipe precision
@@ -216,7 +220,8 @@ class Pipeline:
                             {"models": names, "masks": b.sample_masks, "steps": b.sample_steps, "seed": SAMPLE_SEED,
                              "train_seed": o.seeds[0], "precision": precision},
                             first, self.stage_sample,
-                            lambda out: all((Path(p) / "samples.json").is_file() for p in out.get("folders", []))))
+                            lambda out: all((self.recorded({"f": p}, "f", self.dir) / "samples.json").is_file()
+                                            for p in out.get("folders", []))))
         stages.append(Stage("speed", f"speed ({b.speed_steps} steps, batches {list(b.speed_batch_sizes)}, "
                                      f"{self.device})",
                             {"models": names, "device": self.device, "machine": machine_fingerprint(),
@@ -244,8 +249,20 @@ class Pipeline:
                             lambda out: (self.results / "quality.csv").is_file()))
         stages.append(Stage("report", "report", {"name": self.report_name(), "reports": str(o.reports)},
                             ("sample", "speed", "quality", *trained), self.stage_report,
-                            lambda out: Path(out.get("report", "")).is_file()))
+                            lambda out: self.recorded(out, "report", o.reports).is_file()))
         return stages
+
+    def recorded(self, outputs: dict, key: str, folder: Path) -> Path:
+        """A path of a stage's outputs in state.json, contained in ``folder`` (a one-line error if it is not)."""
+        value = outputs.get(key)
+        if not isinstance(value, str) or not value:
+            return Path(self.dir) / "missing-output"  # no such file: the stage is not done
+        path = Path(value).expanduser().resolve()  # recorded as written: relative to the folder bench run ran in
+        if not path.is_relative_to(Path(folder).expanduser().resolve()):
+            raise BenchError(f"{display_path(self.state_path)} names {value} as an output, which is outside "
+                             f"{display_path(folder)}; the file was edited or comes from elsewhere: move it away "
+                             f"(every stage then runs again) or give another --results")
+        return path
 
     def report_name(self) -> str:
         return self.opts.report_name or (self.opts.preset if self.opts.data is None else self.folder_name()[4:])
@@ -276,6 +293,12 @@ class Pipeline:
         from bench.runtime import set_threads
 
         set_threads(self.opts.threads)
+        with folder_lock(self.dir, "a bench run's results", "wait for that bench run to finish (or give another "
+                         "--results)"):
+            return self._run()
+
+    def _run(self) -> Path:
+        """``run`` under the results folder's lock."""
         state = self.load_state()
         stages = self.stages()
         ran: set[str] = set()
@@ -310,7 +333,7 @@ class Pipeline:
             self.save_state(state)
             ran.add(stage.name)
             self.echo(f"   {stage.name} done in {seconds:.1f} s")
-        return Path(state["stages"]["report"]["outputs"]["report"])
+        return self.recorded(state["stages"]["report"]["outputs"], "report", self.opts.reports)
 
     def is_done(self, stage: Stage, record: dict, ran: set[str]) -> bool:
         """Finished before with the same settings, its inputs not redone since and its outputs there."""

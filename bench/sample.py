@@ -31,9 +31,10 @@ from torch import Tensor
 
 from bench import flow
 from bench.errors import BenchError
-from bench.io import read_json, to_uint8, write_json, write_png
+from bench.io import display_path, read_json, to_uint8, write_json, write_png
 from bench.runtime import PRECISIONS, autocast, cast_for_inference, check_precision, model_precision
 
+RUN_CONFIG_KEYS = ("model", "preset", "space", "model_overrides")  # what sampling a run reads
 GRID_CELL_PX = 128  # grid cells are enlarged (nearest neighbour) to at least this size, for viewing
 GRID_PAD_PX = 2
 MAX_GRID_ROWS = 16
@@ -66,7 +67,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", checkpoint
     """The EMA weights of ``checkpoint`` (default RUN/checkpoints/last.pt), read on the CPU first, on ``device``, cast
     once to ``precision`` (default: the run's training precision; see the module docstring)."""
     from bench.autoencoder import load_space
-    from bench.checkpoint import load
+    from bench.checkpoint import load, load_weights
     from bench.variants import build_model
 
     run_dir = Path(run_dir)
@@ -75,9 +76,14 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", checkpoint
         raise BenchError(f"{run_dir} is not a training run (no config.json); train one with "
                          f"`bench train MODEL --out {run_dir}`")
     config = read_json(config_path, "run config")
-    state = load(Path(checkpoint) if checkpoint else run_dir / "checkpoints" / "last.pt", mmap=True)
+    missing = [k for k in RUN_CONFIG_KEYS if not isinstance(config, dict) or k not in config]
+    if missing:
+        raise BenchError(f"{display_path(config_path)} is not a sis-bench run config (no {missing[0]!r}); restore it "
+                         f"or train the run again")
+    ckpt = Path(checkpoint) if checkpoint else run_dir / "checkpoints" / "last.pt"
+    state = load(ckpt, mmap=True)
     model = build_model(config["model"], config["preset"], config.get("model_config") or config["model_overrides"])
-    model.load_state_dict(state["ema"])
+    load_weights(model, state.get("ema"), state, config, ckpt)
     device = torch.device(device)
     precision = precision or config.get("precision", "fp32")
     check_precision(precision)

@@ -43,9 +43,9 @@ import torch.nn as nn
 
 from bench import flow, presets, recompute
 from bench.autoencoder import SD_VAE, LatentCache, load_space
-from bench.checkpoint import clean_stale_temporaries, load, rng_state, save_atomic, set_rng_state, snapshot
+from bench.checkpoint import clean_stale_temporaries, load, load_weights, rng_state, save_atomic, set_rng_state, snapshot
 from bench.errors import BenchError
-from bench.io import display_path, read_json, write_json, write_text
+from bench.io import check_folder_free, display_path, read_json, write_json, write_text
 from bench.presets import doc
 from bench.runtime import PRECISIONS, resolve_device
 from bench.synth import default_set_dir
@@ -107,6 +107,7 @@ class TrainConfig:
 # Options that only change how a run is watched or stored, not its trajectory: free to change on resume.
 # Checkpointing recomputes the same operations (same gradients); micro_batch is not free: accumulating
 # micro-batch gradients sums in another order, so the trajectory changes in the last bits.
+RUN_LOCK = ("a training run", "wait for it to finish or train into another --out")  # what a second process is told
 RESUME_FREE = {"steps", "ckpt_every", "keep_every", "keep_at", "sample_every", "log_every", "grid_masks", "grid_steps",
                "workers", "cache_latents", "checkpointing", "memory_plan"}
 
@@ -149,6 +150,8 @@ def make_config(model, run_dir: Path, resume: bool = False, **given) -> TrainCon
     variant = model if isinstance(model, Variant) else parse_variant(str(model))
     given = {k: v for k, v in given.items() if v is not None}
     config_path = Path(run_dir) / "config.json"
+    if Path(run_dir).is_dir():
+        check_folder_free(run_dir, *RUN_LOCK)
     if resume:
         if not config_path.is_file():
             raise BenchError(f"--resume: {run_dir} holds no run (no config.json); drop --resume to start one")
@@ -216,12 +219,12 @@ def check_config(cfg: TrainConfig) -> None:
         raise BenchError(f"--p-uncond {cfg.p_uncond}: a probability in [0, 1) is needed")
     if not 0 <= cfg.ema_decay < 1:
         raise BenchError(f"--ema-decay {cfg.ema_decay}: a decay in [0, 1) is needed")
-    for name in ("steps", "batch_size", "ckpt_every", "sample_every", "log_every", "grid_steps"):
+    for name in ("steps", "batch_size", "ckpt_every", "sample_every", "log_every", "grid_steps", "synth_n"):
         if getattr(cfg, name) < 1:
             raise BenchError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if any(not isinstance(k, int) or k < 1 for k in cfg.keep_at):
         raise BenchError(f"keep_at must list steps of 1 or more, got {cfg.keep_at}")
-    for name in ("warmup", "keep_every", "workers", "grid_masks", "micro_batch"):
+    for name in ("warmup", "keep_every", "workers", "grid_masks", "micro_batch", "seed"):
         if getattr(cfg, name) < 0:
             raise BenchError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(cfg, name)}")
     if not cfg.lr > 0 or not math.isfinite(cfg.lr):
@@ -502,12 +505,18 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, device: s
 
     Works alone or in every process of a torchrun job (WORLD_SIZE > 1: DDP, the global batch split evenly).
     """
+    from bench.io import folder_lock
+
     prepare_data(cfg, progress)  # before the process group: no collective waits on data generation
-    ddp = Distributed(device)
-    try:
-        return _train(cfg, Path(run_dir), resume, ddp, progress)
-    finally:
-        ddp.close()
+    main = int(os.environ.get("RANK", "0")) == 0  # the job's first process holds the run folder for all of them
+    with folder_lock(run_dir, *RUN_LOCK) if main else contextlib.nullcontext():
+        if main and not resume and any((Path(run_dir) / "checkpoints").glob("*.pt")):  # a run started meanwhile
+            raise BenchError(f"{run_dir} already holds a run; add --resume to continue it or choose another --out")
+        ddp = Distributed(device)
+        try:
+            return _train(cfg, Path(run_dir), resume, ddp, progress)
+        finally:
+            ddp.close()
 
 
 def prepare_data(cfg: TrainConfig, progress: bool = True) -> None:
@@ -558,8 +567,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ddp: Distributed, prog
             raise BenchError(f"--resume: {run_dir} has no checkpoint (it stopped before its first one); "
                              f"delete the folder and start again")
         state = load(last)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
+        load_weights(model, state.get("model"), state, dataclasses.asdict(cfg), last)
+        load_weights(ema, state.get("ema"), state, dataclasses.asdict(cfg), last)
         for group in state["optimizer"]["param_groups"]:  # fused/foreach are this device's choice, not the saved one's
             group.update(optimizer_flags(device))
         opt.load_state_dict(state["optimizer"])
@@ -591,15 +600,13 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ddp: Distributed, prog
         if (cfg.keep_every and step % cfg.keep_every == 0) or step in cfg.keep_at:
             snapshot(last, last.with_name(f"step_{step:07d}.pt"))
 
+    if step >= cfg.steps:  # nothing to do: the run's files (config.json, loss.csv) stay as they are
+        return {"step": step, "loss": None, "wall_s": wall}
     if ddp.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         log = LossLog(run_dir / "loss.csv", keep_until=step)  # first: a damaged log stops before anything is written
         write_json(run_dir / "config.json", dataclasses.asdict(cfg))
         grid = GridSpec.from_data(cfg, ema, space)
-    if step >= cfg.steps:
-        if ddp.main:
-            log.close()
-        return {"step": step, "loss": None, "wall_s": wall}
 
     bar = tqdm(total=cfg.steps, initial=step, disable=not (ddp.main and progress), desc=f"train {cfg.model}",
                unit="step", dynamic_ncols=True)

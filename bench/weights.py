@@ -125,9 +125,25 @@ def offline_reason() -> str:
     if _state["offline"]:
         return "--offline"
     for name in OFFLINE_ENV:
-        if os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on"):
+        if env_switch(name):
             return f"{name}={os.environ[name]}"
     return ""
+
+
+SWITCH_ON = ("1", "true", "yes", "on")
+SWITCH_OFF = ("", "0", "false", "no", "off")
+
+
+def env_switch(name: str) -> bool:
+    """An on/off environment variable, parsed strictly: 1/true/yes/on or 0/false/no/off (or unset); anything else
+    is a one-line error, never a guess."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in SWITCH_ON:
+        return True
+    if value in SWITCH_OFF:
+        return False
+    raise BenchError(f"{name}={os.environ[name]!r} is not a switch: set it to 1, true, yes or on (or 0, false, no, "
+                     f"off), or unset it")
 
 
 def _remembered(key: str) -> BenchError:

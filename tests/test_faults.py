@@ -286,3 +286,220 @@ def test_a_speed_stage_done_on_another_machine_runs_again(tmp_path, monkeypatch)
     assert speed.settings["machine"] != elsewhere.settings["machine"]  # so the recorded stage is not "done" here
     train = next(s for s in pipe.stages() if s.name.startswith("train:"))
     assert "machine" not in train.settings  # training results do not depend on the machine: not redone for it
+
+
+# --- 8. a full disk, a second process, a moved folder (issue 25) ------------------------------------------------
+
+def full_disk_on(monkeypatch, *names, after: int = 0):
+    """Atomic writes of files called ``names`` fail with ENOSPC, from their ``after``-th one on (0: every one)."""
+    import errno
+
+    from bench import io as bio
+
+    opened = bio._open_temporary
+    count = {}
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    def fake(fd, target):
+        f = opened(fd, target)
+        if target.name in names:
+            count[target.name] = count.get(target.name, 0) + 1
+            if count[target.name] > after:
+                return Full(f)
+        return f
+
+    monkeypatch.setattr(bio, "_open_temporary", fake)
+
+
+@pytest.mark.parametrize("after, step", [(0, 2), (1, 4)])
+def test_a_full_disk_at_the_digest_never_leaves_a_good_checkpoint_refused(tmp_path, monkeypatch, after, step):
+    from bench.checkpoint import load, save_atomic, verified
+    from bench.errors import BenchError
+
+    last = tmp_path / "checkpoints" / "last.pt"
+    save_atomic({"step": 2}, last)
+    # after=0: the disk fills at the first digest write (before the rename): step 2 stays in place;
+    # after=1: at the second one (after the rename): step 4 is in place and its digest, listing both, verifies it
+    full_disk_on(monkeypatch, "last.pt.sha256", after=after)
+    with pytest.raises(BenchError, match="disk full in"):
+        save_atomic({"step": 4}, last)
+    assert verified(last) and load(last)["step"] == step
+    assert not list(last.parent.glob(".*.tmp"))
+
+
+def test_a_full_disk_while_training_is_one_line_naming_the_folder(run, monkeypatch):
+    from bench.checkpoint import load
+
+    full_disk_on(monkeypatch, "last.pt")
+    result = invoke("train", "sdm", "--out", run, "--resume", "--steps", 6, "--ckpt-every", 2, "--grid-steps", 1)
+    last_line = result.output.strip().splitlines()[-1]  # after the progress bar, which the runner's output holds
+    assert result.exit_code == 2 and last_line.startswith("error: disk full in"), result.output
+    for words in ("checkpoints", "still holds the previous checkpoint", "MiB are free", "--resume"):
+        assert words in last_line, last_line
+    assert load(run / "checkpoints" / "last.pt")["step"] == 4
+    assert not list((run / "checkpoints").glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("code, words", [("EROFS", ["read-only"]), ("EACCES", ["permission denied"]),
+                                         ("ENOSPC", ["no space left"]), ("ENOENT", ["no such file"])])
+def test_operating_system_errors_are_one_line_with_the_path(tmp_path, monkeypatch, data, code, words):
+    import errno
+
+    from bench import io as bio
+
+    def refuse(fd, target):
+        raise OSError(getattr(errno, code), os_strerror(getattr(errno, code)), str(target))
+
+    monkeypatch.setattr(bio, "_open_temporary", refuse)
+    out = tmp_path / "shared" / "preview.png"
+    one_line_error(invoke("data", "preview", data, "--out", out, "--n", 2), "preview.png", *words)
+    assert not out.exists() and not list(out.parent.glob(".*.tmp"))
+
+
+def os_strerror(code: int) -> str:
+    import os
+
+    return os.strerror(code)
+
+
+def resave(run, **changes):
+    """Rewrite the run's last.pt through the harness with ``changes`` to its recorded config or weights."""
+    from bench.checkpoint import load, save_atomic
+
+    last = run / "checkpoints" / "last.pt"
+    state = load(last)
+    state["config"].update(changes.pop("config", {}))
+    state.update(changes)
+    save_atomic(state, last)
+
+
+def test_a_checkpoint_of_another_backbone_is_named_as_foreign(run):
+    resave(run, config={"model": "dit", "preset": "cpu", "variant": "dit"})
+    before = tree(run)
+    one_line_error(invoke("sample", run, "--n", 1, "--steps", 1, "--out", run / "s"), "foreign checkpoint",
+                   "dit/cpu", "sdm/tiny")
+    one_line_error(invoke("train", "sdm", "--out", run, "--resume", "--steps", 6), "foreign checkpoint")
+    assert tree(run) == before
+
+
+def test_a_checkpoint_whose_tensors_do_not_fit_is_one_line(run):
+    import torch
+
+    resave(run, ema={"nothing": torch.zeros(1)})
+    before = tree(run)
+    one_line_error(invoke("sample", run, "--n", 1, "--steps", 1, "--out", run / "s"), "does not fit", "foreign")
+    assert tree(run) == before
+
+
+def test_a_run_config_without_its_preset_is_one_line(run):
+    config = json.loads((run / "config.json").read_text())
+    del config["preset"]
+    (run / "config.json").write_text(json.dumps(config))
+    before = tree(run)
+    one_line_error(invoke("sample", run, "--n", 1, "--steps", 1, "--out", run / "s"), "config.json", "'preset'")
+    assert tree(run) == before
+
+
+def test_two_trainings_into_one_folder_exactly_one_runs(tmp_path, data):
+    import time
+
+    out = tmp_path / "run"
+    args = ["train", "sdm", "--preset", "tiny", "--data", str(data), "--grid-steps", "1", "--sample-every", "1000",
+            "--out", str(out)]
+    first = subprocess.Popen(BENCH + args + ["--steps", "40", "--seed", "1"], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    owner = out / ".lock.owner"
+    deadline = time.monotonic() + 120
+    while not owner.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert owner.exists(), "the first training never took its folder's lock"
+    second = subprocess.run(BENCH + args + ["--steps", "2", "--seed", "2"], capture_output=True, text=True)
+    assert first.wait(timeout=300) == 0, first.stderr.read()
+    err = second.stderr.strip()
+    assert second.returncode == 2 and err.startswith("error:") and len(err.splitlines()) == 1, err
+    assert f"in use by process {first.pid} (started" in err, err
+    assert json.loads((out / "config.json").read_text())["seed"] == 1  # the first run's, not overwritten
+    assert not owner.exists()  # released with the lock
+
+
+def test_a_second_bench_run_on_one_results_folder_is_refused(tmp_path):
+    from bench.io import folder_lock
+    from bench.pipeline import Pipeline, RunOptions
+
+    results = tmp_path / "r"
+    pipe = Pipeline(RunOptions(preset="tiny", models=["sdm"], results=results))
+    with folder_lock(pipe.dir, "test", "wait"):
+        before = tree(results)
+        one_line_error(invoke("run", "--preset", "tiny", "--models", "sdm", "--results", results,
+                              "--reports", tmp_path / "rep"), "in use by process", "started", "--results")
+        assert tree(results) == before
+
+
+def test_a_resume_with_nothing_to_do_changes_no_file(run):
+    before = tree(run)
+    result = invoke("train", "sdm", "--out", run, "--resume", "--steps", 2)
+    assert result.exit_code == 0 and "nothing to do" in result.output, result.output
+    assert tree(run) == before
+
+
+@pytest.mark.parametrize("stages", [{"data": "not an object"}, {"data": {"outputs": ["a list"]}}])
+def test_a_state_file_with_a_stage_that_is_not_an_object(tmp_path, stages):
+    state = tmp_path / "r" / "run_tiny" / "state.json"
+    state.parent.mkdir(parents=True)
+    text = json.dumps({"version": 2, "stages": stages})
+    state.write_text(text)
+    one_line_error(invoke("run", "--preset", "tiny", "--models", "sdm", "--results", tmp_path / "r",
+                          "--reports", tmp_path / "rep"), "state.json")
+    assert state.read_text() == text
+
+
+def test_paths_read_from_the_state_file_stay_in_their_folder(tmp_path, monkeypatch):
+    from bench.errors import BenchError
+    from bench.pipeline import Pipeline, RunOptions
+
+    monkeypatch.chdir(tmp_path)
+    pipe = Pipeline(RunOptions(preset="tiny", models=["sdm"], results=Path("r"), reports=Path("rep")))
+    elsewhere = tmp_path / "elsewhere.md"
+    elsewhere.write_text("not the report")
+    report = next(s for s in pipe.stages() if s.name == "report")
+    with pytest.raises(BenchError, match="outside"):
+        report.outputs_exist({"report": str(elsewhere)})
+    with pytest.raises(BenchError, match="outside"):
+        report.outputs_exist({"report": "rep/../elsewhere.md"})
+    (tmp_path / "rep").mkdir()
+    (tmp_path / "rep" / "tiny.md").write_text("a report")
+    assert report.outputs_exist({"report": "rep/tiny.md"})  # recorded relative to the working folder: inside
+
+
+def test_atomic_writes_keep_the_umask_and_leave_no_temporaries(tmp_path):
+    import os
+    import stat
+
+    from bench.io import write_text
+
+    old = os.umask(0o022)
+    try:
+        path = write_text(tmp_path / "report.md", "a")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644  # what a plain write gives, not mkstemp's 0600
+        os.umask(0o002)
+        assert stat.S_IMODE(write_text(tmp_path / "shared.md", "b").stat().st_mode) == 0o664
+        path.chmod(0o640)
+        assert stat.S_IMODE(write_text(path, "c").stat().st_mode) == 0o640  # an existing file keeps its mode
+    finally:
+        os.umask(old)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".report.md.{dead.stdout.strip()}.abc_12.tmp"  # left by a killed writer
+    stale.write_text("half")
+    live = tmp_path / f".report.md.{os.getpid()}.xyz_34.tmp"  # another writer still at work (here: this process)
+    live.write_text("half")
+    write_text(tmp_path / "report.md", "d")
+    assert not stale.exists() and live.exists()

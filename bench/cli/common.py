@@ -1,6 +1,7 @@
 """The root Typer app, one-line errors and the options several commands share."""
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 
@@ -20,24 +21,63 @@ app = typer.Typer(
 )
 
 
-def one_line_errors(fn):
-    """Wrap a command so that bad input (the harness's own error types) ends in one line on stderr and exit 2.
+# What to do about an operating-system error, by errno: the line names the path and this.
+OS_ADVICE = {
+    errno.ENOSPC: "no space left on the device: free space (or give a folder on another disk) and run again",
+    errno.EDQUOT: "disk quota exceeded: free space (or give a folder on another disk) and run again",
+    errno.EROFS: "the file system is read-only: give a writable folder",
+    errno.EACCES: "permission denied: give a folder you can write to, or change its permissions",
+    errno.EPERM: "operation not permitted: give a folder you can write to, or change its permissions",
+    errno.ENOENT: "no such file or folder: check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: check the path",
+    errno.EISDIR: "it is a folder where a file is expected: give a file path",
+}
 
-    Anything else is a bug and keeps its traceback. A progress bar still open is closed first, so the line is not
-    glued to it.
+
+def os_error_line(e: OSError) -> str:
+    """One line for an operating-system error: the path(s) it concerns and what to do."""
+    from bench.io import display_path
+
+    paths = " -> ".join(display_path(p) for p in (e.filename, e.filename2) if p not in (None, ""))
+    advice = OS_ADVICE.get(e.errno, f"{e.strerror or type(e).__name__}: check the path and its disk")
+    where = f"{paths}: " if paths else ""
+    return f"{where}{advice} ({e.strerror or e})" if e.errno in OS_ADVICE else f"{where}{advice}"
+
+
+def one_line_errors(fn):
+    """Wrap a command so that bad input ends in one line on stderr and exit 2: the harness's own error types, and
+    operating-system errors (a full disk, a read-only or forbidden folder, a missing path) with the path and what
+    to do. Anything else is a bug and keeps its traceback. A progress bar still open is closed first, so the line
+    is not glued to it.
     """
     from models import UnknownModel
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            check_environment()
             return fn(*args, **kwargs)
         except (BenchError, UnknownModel) as e:
-            close_progress_bars()
-            typer.echo(f"error: {e}", err=True)
-            sys.exit(2)
+            fail(str(e))
+        except OSError as e:
+            fail(os_error_line(e))
 
     return wrapper
+
+
+def check_environment() -> None:
+    """The harness's on/off environment variables parse (a one-line error before any work if one does not)."""
+    from bench.weights import OFFLINE_ENV, env_switch
+
+    for name in OFFLINE_ENV:
+        env_switch(name)
+
+
+def fail(message: str) -> None:
+    """Print ``error: message`` on one line (progress bars closed first) and exit 2."""
+    close_progress_bars()
+    typer.echo(f"error: {' '.join(str(message).split())}", err=True)
+    sys.exit(2)
 
 
 def close_progress_bars() -> None:
@@ -76,6 +116,23 @@ def offline_option():
     return typer.Option(False, "--offline", callback=_go_offline,
                         help="Fetch no weights: use only what is in the caches or given by path (the same as "
                         "SIS_BENCH_OFFLINE=1 or HF_HUB_OFFLINE=1); a missing file leaves its metric missing.")
+
+
+def at_least(minimum: int, **options) -> None:
+    """One-line error for the first option (given as ``name=value``, ``_`` for ``-``) below ``minimum``."""
+    for name, value in options.items():
+        if value is not None and value < minimum:
+            what = "0 or more" if minimum == 0 else f"at least {minimum}"
+            raise BenchError(f"--{name.replace('_', '-')} must be {what}, got {value}")
+
+
+def positive(**options) -> None:
+    """One-line error for the first option (``name=value``) that is not a finite number above 0."""
+    import math
+
+    for name, value in options.items():
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise BenchError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
 
 
 def field_help(cls: type, name: str) -> str:
