@@ -199,3 +199,21 @@ def test_scan_flops_are_counted_one_scan_per_block_over_the_padded_sequence(pres
     E = cfg.expand * cfg.width
     assert flops.scan == ssm.scan_flops(2, E, cfg.sequence_length, cfg.d_state) * cfg.depth
     assert flops.counter > 0
+
+
+def test_bench_run_plans_dim_and_its_variants_with_dims_recipe(tmp_path, monkeypatch):
+    """The whole run was checked by hand (`bench run --preset tiny --models sisma,dim,dim:pad=0`: a report with the
+    three); here its dry run, which builds every stage's settings and does nothing."""
+    from typer.testing import CliRunner
+
+    from bench.cli import app
+    from bench.presets import recipe
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["run", "--preset", "tiny", "--dry-run", "--results", str(tmp_path / "r"),
+                                      "--models", "sisma,dim,dim:pad=0"])
+    assert result.exit_code == 0, result.output
+    for stage in ["train sisma, seed 0", "train dim, seed 0", "train dim:pad=0, seed 0", "speed", "quality"]:
+        assert stage in result.output
+    assert 'model_overrides: {"pad": 0}' in result.output and f"lr: {recipe('tiny', 'dim').lr}" in result.output
+    assert not (tmp_path / "r").exists()
