@@ -262,9 +262,32 @@ def _numeric_key(p: Path):
     return (0, int(p.stem), "") if p.stem.isdigit() else (1, 0, p.stem)
 
 
+SYNTH_MANIFEST = "synth.json"  # what a synthetic set records about itself (bench.synth writes it)
+
+
+def check_complete(root: Path) -> None:
+    """A one-line error for a synthetic set whose manifest says it is incomplete (its generation was interrupted),
+    naming the command that finishes it; nothing to check for a folder without a manifest."""
+    import json
+
+    path = Path(root) / SYNTH_MANIFEST
+    if not path.is_file():
+        return
+    try:
+        m = json.loads(path.read_text())
+        complete, again = m["complete"], f"--n {int(m['n'])} --size {int(m['size'])} --seed {int(m['seed'])}"
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError):
+        raise BenchError(f"{path} is not a readable synthetic-set manifest; generate the set again with "
+                         f"`bench data synth --out {root}`") from None
+    if complete is not True:
+        raise BenchError(f"{root} is an incomplete synthetic set ({SYNTH_MANIFEST} says complete: false; its "
+                         f"generation was interrupted): finish it with `bench data synth --out {root} {again}`")
+
+
 def scan(root: Path) -> Scan:
-    """Index a data folder of either layout."""
+    """Index a data folder of either layout (an incomplete synthetic set is refused)."""
     root = Path(root).expanduser()
+    check_complete(root)
     layout = detect_layout(root)
     return _scan_celebamask(root) if layout == "celebamask-hq" else _scan_split_folders(root)
 

@@ -43,7 +43,9 @@ import torch.nn as nn
 
 from bench import flow, presets, recompute
 from bench.autoencoder import SD_VAE, LatentCache, load_space
-from bench.checkpoint import clean_stale_temporaries, load, load_weights, rng_state, save_atomic, set_rng_state, snapshot
+from bench.checkpoint import (clean_stale_temporaries, load, load_weights, rng_state, save_atomic, set_rng_state,
+                              snapshot)
+from bench.data import check_complete
 from bench.errors import BenchError
 from bench.io import check_folder_free, display_path, read_json, write_json, write_text
 from bench.presets import doc
@@ -199,6 +201,7 @@ def make_config(model, run_dir: Path, resume: bool = False, **given) -> TrainCon
         cfg.data, cfg.synthetic = display_path(default_set_dir(image_size, cfg.synth_n)), True
     else:
         cfg.data = display_path(cfg.data)
+        check_complete(cfg.data)
     check_config(cfg)
     return cfg
 

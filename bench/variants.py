@@ -95,6 +95,8 @@ def parse_variant(text: str) -> Variant:
             raise BenchError(f"{text}: overrides are written key=value after the model, e.g. sisma:scan=raster")
         if key not in fields:
             raise BenchError(f"{text}: {model} has no config field {key!r}; available: {', '.join(fields)}")
+        if key in overrides:
+            raise BenchError(f"{text}: {key} is given twice; give each config field once")
         overrides[key] = _parse_value(model, fields[key], raw)
     variant = Variant(model, tuple(sorted(overrides.items())))
     entry = models.get_entry(model)

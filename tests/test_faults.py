@@ -503,3 +503,63 @@ def test_atomic_writes_keep_the_umask_and_leave_no_temporaries(tmp_path):
     live.write_text("half")
     write_text(tmp_path / "report.md", "d")
     assert not stale.exists() and live.exists()
+
+
+@pytest.mark.parametrize("value", ["maybe", "2", "offline"])
+def test_an_unrecognised_environment_switch_is_one_line(tmp_path, monkeypatch, value):
+    monkeypatch.setenv("SIS_BENCH_OFFLINE", value)
+    one_line_error(invoke("plan", "--preset", "tiny", "--models", "sdm"), "SIS_BENCH_OFFLINE", repr(value), "1, true")
+
+
+def test_environment_switches_take_the_usual_words(monkeypatch):
+    from bench.weights import env_switch, offline_reason
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for value, on in (("1", True), ("Yes", True), ("true", True), ("0", False), ("no", False), ("", False)):
+        monkeypatch.setenv("SIS_BENCH_OFFLINE", value)
+        assert env_switch("SIS_BENCH_OFFLINE") is on
+        assert bool(offline_reason()) is on
+
+
+@pytest.mark.parametrize("args, words", [
+    (["plan", "--preset", "tiny", "--models", "sdm", "--batch-size", 0], ["--batch-size", "at least 1"]),
+    (["plan", "--preset", "tiny", "--models", "sdm", "--batch-size", -4], ["--batch-size", "at least 1"]),
+    (["plan", "--preset", "tiny", "--models", "sdm", "--processes", 0], ["--processes", "at least 1"]),
+    (["plan", "--preset", "tiny", "--models", "dit:cond=add:cond=cross"], ["cond is given twice"]),
+    (["data", "synth", "--out", "{tmp}/s", "--n", 4, "--size", 32, "--seed", -1], ["--seed", "0 or more"]),
+    (["data", "preview", "{data}", "--n", 0, "--out", "{tmp}/p.png"], ["--n", "at least 1"]),
+    (["data", "preview", "{data}", "--n", -1, "--out", "{tmp}/p.png"], ["--n", "at least 1"]),
+    (["parser", "train", "--data", "{data}", "--steps", -5, "--out", "{tmp}/p.pt"], ["--steps", "at least 1"]),
+    (["parser", "train", "--data", "{data}", "--batch-size", 0, "--out", "{tmp}/p.pt"], ["--batch-size"]),
+    (["parser", "train", "--data", "{data}", "--lr", -1, "--out", "{tmp}/p.pt"], ["--lr", "positive"]),
+    (["parser", "train", "--data", "{data}", "--size", 0, "--out", "{tmp}/p.pt"], ["--size", "at least 1"]),
+    (["train", "sdm", "--preset", "tiny", "--data", "{data}", "--seed", -3, "--out", "{tmp}/r"], ["--seed"]),
+    (["train", "sdm", "--preset", "tiny", "--synth-n", -5, "--out", "{tmp}/r"], ["--synth-n", "at least 1"]),
+    (["run", "--preset", "tiny", "--models", "sdm", "--seeds", "0,-1", "--results", "{tmp}/r"], ["--seeds"]),
+])
+def test_options_out_of_range_everywhere(tmp_path, data, args, words):
+    args = [str(a).format(tmp=tmp_path, data=data) for a in args]
+    before = tree(tmp_path)
+    one_line_error(invoke(*args), *words)
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("option", ["--seed", "--n"])
+def test_sample_and_quality_refuse_negative_values(run, data, option):
+    before = tree(run)
+    one_line_error(invoke("sample", run, option, -1, "--steps", 1, "--out", run / "s"), option)
+    one_line_error(invoke("quality", "--runs", run, "--data", data, "--seed", -1, "--steps", 1), "--seed")
+    assert tree(run) == before
+
+
+def test_an_incomplete_synthetic_set_is_refused_with_the_command_that_finishes_it(tmp_path, data):
+    partial = tmp_path / "partial"
+    shutil.copytree(data, partial)
+    manifest = json.loads((partial / "synth.json").read_text())
+    (partial / "synth.json").write_text(json.dumps({**manifest, "complete": False}))  # what a killed synth leaves
+    before = tree(tmp_path)
+    finish = f"bench data synth --out {partial} --n {manifest['n']} --size {manifest['size']}"
+    one_line_error(invoke("data", "check", partial), "incomplete synthetic set", finish)
+    one_line_error(invoke("train", "sdm", "--preset", "tiny", "--data", partial, "--steps", 1, "--out",
+                          tmp_path / "run"), "incomplete synthetic set", finish)
+    assert tree(tmp_path) == before and not (tmp_path / "run").exists()

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import typer
 
-from bench.cli.common import app, command
+from bench.cli.common import app, at_least, command
 
 data_app = typer.Typer(help="Face data: synthetic faces in the CelebAMask-HQ layout, and checks of a data folder.",
                        no_args_is_help=True)
@@ -24,6 +24,8 @@ def synth_cmd(
     """Generate synthetic faces in the CelebAMask-HQ layout (images, one binary PNG per part)."""
     from bench.synth import generate_synthetic
 
+    at_least(0, seed=seed, workers=workers)
+    at_least(1, n=n, size=size)
     root = generate_synthetic(out, n, size, seed, workers=workers or None)
     typer.echo(f"wrote {n} faces ({size} px images, {size // 2} px masks) to {root}")
 
@@ -36,6 +38,7 @@ def check_cmd(
     """Count faces, list resolutions and per-class pixel frequencies, and report every problem (exit 1 if any)."""
     from bench.data import check_dataset
 
+    at_least(0, workers=workers)
     report = check_dataset(root, workers=workers or None)
     typer.echo(report.tables())
     if report.problems:
@@ -54,5 +57,6 @@ def preview_cmd(
     from bench.data import FaceDataset, preview_grid
     from bench.io import write_png
 
+    at_least(1, n=n, size=size)
     write_png(out, preview_grid(FaceDataset(root, split=split, size=size, flip=False), n))
     typer.echo(f"wrote {out}")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import typer
 
-from bench.cli.common import app, command
+from bench.cli.common import app, at_least, command, positive
 from bench.parser import TrainConfig
 from bench.runtime import DEVICE_HELP
 
@@ -34,6 +34,9 @@ def train_cmd(
     from bench.parser import train_and_save
     from bench.runtime import resolve_device
 
+    at_least(0, seed=seed)
+    at_least(1, size=size, steps=steps, batch_size=batch_size, width=width, levels=levels)
+    positive(lr=lr)
     result = train_and_save(data, size, TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed), out,
                             width, levels, resolve_device(device))
     typer.echo(f"parser ({size} px) trained in {result['seconds']:.0f} s; mIoU on real test images "

@@ -5,7 +5,8 @@ from typing import Optional
 
 import typer
 
-from bench.cli.common import command
+from bench.cli.common import at_least, command
+from bench.errors import BenchError
 
 
 @command("plan")
@@ -27,6 +28,9 @@ def plan_cmd(
     gradient accumulation and activation checkpointing that keep the global batch and fit --gpu-memory."""
     from bench.plan import plan, table
 
+    at_least(1, batch_size=batch_size, processes=processes)
+    if not 0 <= margin < 1:
+        raise BenchError(f"--margin {margin}: give the part of --gpu-memory kept free, in [0, 1)")
     def progress(text: str) -> None:
         if not quiet:
             typer.echo(f"simulating {text}", err=True)

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from bench.cli.common import command, offline_option
+from bench.cli.common import at_least, command, offline_option
 from bench.metrics import ALEXNET_WEIGHTS, INCEPTION_WEIGHTS
 from bench.quality import DEFAULT_OUT, REQUIRABLE
 from bench.runtime import DEVICE_HELP
@@ -47,6 +47,8 @@ def quality_cmd(
     from bench.quality import SUMMARY_COLUMNS, find_resources, parse_require, score_runs
     from bench.runtime import resolve_device
 
+    at_least(0, seed=seed, n_masks=n_masks)
+    at_least(1, samples_per_mask=samples_per_mask, steps=steps, batch_size=batch_size)
     resources = find_resources(inception_weights, alexnet_weights, parse_require(require))
     settings = dict(split=split, n_masks=n_masks, samples_per_mask=samples_per_mask, steps=steps, method=method,
                     guidance=guidance, seed=seed, precision=precision)

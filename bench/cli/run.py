@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from bench.cli.common import command, int_list, offline_option, split_list
+from bench.cli.common import at_least, command, int_list, offline_option, split_list
 from bench.launch import JOB_MINUTES
 from bench.runtime import DEVICE_HELP
 
@@ -63,6 +63,8 @@ def run_cmd(
     from bench.pipeline import Pipeline, RunOptions
     from bench.train import TrainingInterrupted
 
+    at_least(0, seeds=min(int_list(seeds, "--seeds") or [0]))
+    at_least(1, steps=steps)
     launch = LaunchOptions(launcher=launcher, jobs=jobs, gpus=gpus_per_job, minutes=job_minutes,
                            slurm=parse_slurm_options(slurm), threads=threads)
     opts = RunOptions(preset=preset, data=data, models=split_list(models), seeds=int_list(seeds, "--seeds") or [],

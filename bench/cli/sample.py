@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from bench.cli.common import command, offline_option
+from bench.cli.common import at_least, command, offline_option
 from bench.runtime import DEVICE_HELP
 
 
@@ -33,6 +33,8 @@ def sample_cmd(
     from bench.runtime import check_precision, resolve_device
     from bench.sample import check_guidance, load_run, write_samples
 
+    at_least(0, seed=seed)
+    at_least(1, steps=steps, n=n, batch_size=batch_size)
     if precision is not None:
         check_precision(precision)
     check_guidance(guidance)

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from bench.cli.common import command, offline_option
+from bench.cli.common import at_least, command, offline_option
 from bench.errors import BenchError
 from bench.presets import help_text
 from bench.runtime import DEVICE_HELP
@@ -72,6 +72,8 @@ def train_cmd(
 
     if gpu_memory and (micro_batch is not None or checkpointing is not None):
         raise BenchError("--gpu-memory chooses --micro-batch and --checkpointing; give either it or them")
+    at_least(0, seed=seed)
+    at_least(1, synth_n=synth_n, threads=threads)
     set_threads(threads)
     variant = parse_variant(model)
     run_dir = out or DEFAULT_RUN_ROOT / f"{variant.slug}-{preset or 'cpu'}"

@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bench.data import CACHE_DIRNAME, IMAGE_DIRNAME, MASK_DIRNAME, image_path, mask_path
+from bench.data import CACHE_DIRNAME, IMAGE_DIRNAME, MASK_DIRNAME, SYNTH_MANIFEST, image_path, mask_path
 from bench.errors import BenchError
 from bench.io import write_json
 from bench.synth.geometry import Grid, draw_shapes, paint, part_masks, sample_geometry
 from bench.synth.render import render_image, sample_appearance
 
 GENERATOR_VERSION = 1  # bump whenever a face for a given (seed, index) changes: old sets get regenerated
-MANIFEST_NAME = "synth.json"
+MANIFEST_NAME = SYNTH_MANIFEST
 JPEG_QUALITY = 95
 PNG_COMPRESS_LEVEL = 1  # binary masks compress well even at the fastest level
 MIN_SIZE = 16
