@@ -132,6 +132,14 @@ def block_order(scan: str, block: int, depth: int, prefix: int, grid: int) -> Sw
     return Sweep(prefix, grid, columns=bool(columns), reverse=bool(reverse)) if columns or reverse else None
 
 
+class RMSNorm(nn.RMSNorm):
+    """RMSNorm with a weight, computed in fp32 and returned in the input's dtype (as mamba-ssm's kernel computes it):
+    under bf16 autocast a bf16 input then meets the fp32 weight in one dtype; fp32 inputs are untouched."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x.float(), self.normalized_shape, self.weight.float(), self.eps).to(x.dtype)
+
+
 #################################################################################
 #                                  Embedders                                    #
 #################################################################################
@@ -168,7 +176,7 @@ class DiMBlock(nn.Module):
     def __init__(self, width: int, mixer: nn.Module, skip: bool):
         super().__init__()
         self.skip_linear = nn.Linear(2 * width, width) if skip else None
-        self.norm = nn.RMSNorm(width, eps=RMS_EPS)
+        self.norm = RMSNorm(width, eps=RMS_EPS)
         self.mixer = mixer
         self.scale_shift_table = nn.Parameter(torch.randn(3, width) / width ** 0.5)  # shift, scale, gate
 
@@ -187,7 +195,7 @@ class FinalLayer(nn.Module):
         super().__init__()
         self.grid = grid
         self.local = nn.Conv2d(width, width, 3, padding=1, groups=width)
-        self.norm = nn.RMSNorm(width, eps=RMS_EPS)
+        self.norm = RMSNorm(width, eps=RMS_EPS)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
         self.linear = nn.Linear(width, patch_size * patch_size * out_channels)
 
