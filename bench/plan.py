@@ -440,8 +440,8 @@ def table(plans: list[ModelPlan]) -> str:
     lines = [f"bench plan: preset {p0.preset}, global batch {p0.batch_size}, {p0.precision}, {p0.processes} "
              f"process{'es' if p0.processes > 1 else ''}, GPU memory {size_text(p0.memory)}: fits when the predicted peak "
              f"is at most {size_text(p0.budget)} (a {p0.margin:.0%} margin). Peaks are allocated tensor memory "
-             f"(torch.cuda.max_memory_allocated), predicted on fake CUDA tensors; SISMA with mamba-ssm's and "
-             f"causal-conv1d's kernels (Self-Mamba through the fused mamba_inner_fn), attention with "
+             f"(torch.cuda.max_memory_allocated), predicted on fake CUDA tensors; SISMA and DiM with mamba-ssm's "
+             f"and causal-conv1d's kernels (Self-Mamba through the fused mamba_inner_fn), attention with "
              f"flash/memory-efficient SDPA; AdamW fused.", ""]
     for p in plans:
         lines.append(f"{p.model} ({p.params / 1e6:.1f}M parameters, {p.space} space): sampling at batch "
