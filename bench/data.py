@@ -284,6 +284,42 @@ def check_complete(root: Path) -> None:
                          f"generation was interrupted): finish it with `bench data synth --out {root} {again}`")
 
 
+def data_fingerprint(root: str | os.PathLike) -> str:
+    """What identifies a data set wherever its folder lies: the SHA-256 of a synthetic set's manifest, else of the
+    sorted list of its files (relative paths and sizes; the loaders' cache left out)."""
+    root = Path(root).expanduser()
+    manifest = root / SYNTH_MANIFEST
+    if manifest.is_file():
+        return "synth:" + hashlib.sha256(manifest.read_bytes()).hexdigest()
+    h = hashlib.sha256()
+    for folder, dirs, files in sorted(os.walk(root)):
+        dirs[:] = sorted(d for d in dirs if d != CACHE_DIRNAME and not d.startswith("."))
+        for name in sorted(f for f in files if not f.startswith(".")):
+            path = Path(folder) / name
+            h.update(f"{path.relative_to(root)}\t{path.stat().st_size}\n".encode())
+    return "files:" + h.hexdigest()
+
+
+def run_data_folder(config: dict, run_dir: str | os.PathLike) -> Path:
+    """The data folder a run trained on, found from any working folder: the path recorded relative to the run folder
+    first, then the one recorded relative to the folder training ran in; a folder whose fingerprint differs from the
+    one recorded at training is a one-line error (scores against other masks would be silently wrong)."""
+    run_dir = Path(run_dir)
+    candidates = [run_dir / config["data_from_run"]] if config.get("data_from_run") else []
+    candidates.append(Path(str(config.get("data"))).expanduser())
+    found = next((c for c in candidates if c.is_dir()), None)
+    if found is None:
+        if config.get("synthetic"):
+            return candidates[0]  # the default synthetic set, generated there on first use
+        raise BenchError(f"the data folder of {run_dir} ({config.get('data')}) is not there (moved or deleted); "
+                         f"put it back or give the data folder with --data")
+    recorded = config.get("data_fingerprint")
+    if recorded and data_fingerprint(found) != recorded:
+        raise BenchError(f"{found} is not the data set {run_dir} trained on (its fingerprint differs from the one in "
+                         f"config.json); give the run's data folder with --data")
+    return found
+
+
 def scan(root: Path) -> Scan:
     """Index a data folder of either layout (an incomplete synthetic set is refused)."""
     root = Path(root).expanduser()

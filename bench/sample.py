@@ -34,6 +34,7 @@ from bench.errors import BenchError
 from bench.io import display_path, read_json, to_uint8, write_json, write_png
 from bench.runtime import PRECISIONS, autocast, cast_for_inference, check_precision, model_precision
 
+RUN_IDENTITY_KEYS = ("model", "preset")  # what a run config must name before its checkpoint is read
 RUN_CONFIG_KEYS = ("model", "preset", "space", "model_overrides")  # what sampling a run reads
 GRID_CELL_PX = 128  # grid cells are enlarged (nearest neighbour) to at least this size, for viewing
 GRID_PAD_PX = 2
@@ -76,12 +77,14 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", checkpoint
         raise BenchError(f"{run_dir} is not a training run (no config.json); train one with "
                          f"`bench train MODEL --out {run_dir}`")
     config = read_json(config_path, "run config")
-    missing = [k for k in RUN_CONFIG_KEYS if not isinstance(config, dict) or k not in config]
-    if missing:
-        raise BenchError(f"{display_path(config_path)} is not a sis-bench run config (no {missing[0]!r}); restore it "
-                         f"or train the run again")
+    check_run_config(config, config_path, RUN_IDENTITY_KEYS)
     ckpt = Path(checkpoint) if checkpoint else run_dir / "checkpoints" / "last.pt"
     state = load(ckpt, mmap=True)
+    check_run_config(config, config_path, RUN_CONFIG_KEYS)
+    if config.get("data") is not None:
+        from bench.data import run_data_folder
+
+        config["data"] = display_path(run_data_folder(config, run_dir))  # found from any working folder, checked
     model = build_model(config["model"], config["preset"], config.get("model_config") or config["model_overrides"])
     load_weights(model, state.get("ema"), state, config, ckpt)
     device = torch.device(device)
@@ -90,6 +93,14 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", checkpoint
     model = cast_for_inference(model.to(device).eval().requires_grad_(False), precision)
     space = load_space(config["space"], config.get("vae"), device)
     return Run(model, space, config, int(state["step"]), run_dir, device)
+
+
+def check_run_config(config, path: Path, keys: Sequence[str]) -> None:
+    """A one-line error for a run config that lacks one of ``keys`` (edited, or not written by sis-bench)."""
+    missing = [k for k in keys if not isinstance(config, dict) or k not in config]
+    if missing:
+        raise BenchError(f"{display_path(path)} is not a sis-bench run config (no {missing[0]!r}); restore it or "
+                         f"train the run again")
 
 
 def check_guidance(guidance: float) -> None:

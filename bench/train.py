@@ -45,7 +45,7 @@ from bench import flow, presets, recompute
 from bench.autoencoder import SD_VAE, LatentCache, load_space
 from bench.checkpoint import (clean_stale_temporaries, load, load_weights, rng_state, save_atomic, set_rng_state,
                               snapshot)
-from bench.data import check_complete
+from bench.data import check_complete, data_fingerprint, run_data_folder
 from bench.errors import BenchError
 from bench.io import check_folder_free, display_path, read_json, write_json, write_text
 from bench.presets import doc
@@ -102,6 +102,10 @@ class TrainConfig:
                            "at once).", default=0)
     checkpointing: bool = doc("Recompute each block's activations in backward instead of keeping them (less memory, "
                               "about a third more compute; bench/recompute.py).", default=False)
+    data_from_run: Optional[str] = doc("The data folder relative to the run folder, so that the run finds it from any "
+                                       "working folder (set at training).", default=None)
+    data_fingerprint: str = doc("What identifies the data set (bench.data.data_fingerprint), checked where the run's "
+                                "data is used.", default="")
     memory_plan: dict = doc("What `bench plan` chose for `--gpu-memory` (bench/plan.py); empty without it.",
                             default_factory=dict)
 
@@ -110,7 +114,7 @@ class TrainConfig:
 # Checkpointing recomputes the same operations (same gradients); micro_batch is not free: accumulating
 # micro-batch gradients sums in another order, so the trajectory changes in the last bits.
 RUN_LOCK = ("a training run", "wait for it to finish or train into another --out")  # what a second process is told
-RESUME_FREE = {"steps", "ckpt_every", "keep_every", "keep_at", "sample_every", "log_every", "grid_masks", "grid_steps",
+RESUME_FREE = {"data_from_run", "data_fingerprint", "steps", "ckpt_every", "keep_every", "keep_at", "sample_every", "log_every", "grid_masks", "grid_steps",
                "workers", "cache_latents", "checkpointing", "memory_plan"}
 
 
@@ -152,7 +156,7 @@ def make_config(model, run_dir: Path, resume: bool = False, **given) -> TrainCon
     variant = model if isinstance(model, Variant) else parse_variant(str(model))
     given = {k: v for k, v in given.items() if v is not None}
     config_path = Path(run_dir) / "config.json"
-    if Path(run_dir).is_dir():
+    if Path(run_dir).is_dir() and int(os.environ.get("RANK", "0")) == 0:  # the job's other processes: rank 0 holds it
         check_folder_free(run_dir, *RUN_LOCK)
     if resume:
         if not config_path.is_file():
@@ -160,10 +164,19 @@ def make_config(model, run_dir: Path, resume: bool = False, **given) -> TrainCon
         saved = read_json(config_path, "run config")
         if not isinstance(saved, dict) or set(saved) - {f.name for f in dataclasses.fields(TrainConfig)}:
             raise BenchError(f"{config_path} is not a sis-bench run config; restore it or train into a new --out")
+        missing = [k for k in ("model", "preset") if k not in saved]
+        if missing:
+            raise BenchError(f"{config_path} is not a sis-bench run config (no {missing[0]!r}); restore it or train "
+                             f"into a new --out")
         saved.setdefault("variant", saved.get("model", ""))
         given["model"], given["variant"] = variant.model, variant.name
         if "data" in given:
             given["data"] = display_path(given["data"])
+            if saved.get("data_fingerprint") and Path(given["data"]).is_dir() \
+                    and data_fingerprint(given["data"]) == saved["data_fingerprint"]:
+                saved["data"] = given["data"]  # the same data set, moved: found where it is now
+        elif saved.get("data") is not None:
+            saved["data"] = display_path(run_data_folder(saved, run_dir))  # found from any working folder, checked
         for key, value in given.items():
             if key not in RESUME_FREE and key in saved and saved[key] != value:
                 raise BenchError(f"--resume: {key} = {value!r} differs from the run's {saved[key]!r} "
@@ -204,6 +217,17 @@ def make_config(model, run_dir: Path, resume: bool = False, **given) -> TrainCon
         check_complete(cfg.data)
     check_config(cfg)
     return cfg
+
+
+def record_data(cfg: TrainConfig, run_dir: Path) -> None:
+    """Record where the data lies relative to the run folder and what it is (its fingerprint); a resumed run whose
+    data folder holds another set than the one it trained on is a one-line error."""
+    fingerprint = data_fingerprint(cfg.data)
+    if cfg.data_fingerprint and fingerprint != cfg.data_fingerprint:
+        raise BenchError(f"{cfg.data} is not the data set {run_dir} trained on (its fingerprint differs from the one in "
+                         f"config.json); give the run's data folder with --data, or train into a new --out")
+    cfg.data_fingerprint = fingerprint
+    cfg.data_from_run = os.path.relpath(Path(cfg.data).expanduser().resolve(), Path(run_dir).resolve())
 
 
 def model_config(model: str, preset: str, overrides: dict) -> dict:
@@ -607,6 +631,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ddp: Distributed, prog
         return {"step": step, "loss": None, "wall_s": wall}
     if ddp.main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        record_data(cfg, run_dir)
         log = LossLog(run_dir / "loss.csv", keep_until=step)  # first: a damaged log stops before anything is written
         write_json(run_dir / "config.json", dataclasses.asdict(cfg))
         grid = GridSpec.from_data(cfg, ema, space)

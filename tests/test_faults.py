@@ -563,3 +563,59 @@ def test_an_incomplete_synthetic_set_is_refused_with_the_command_that_finishes_i
     one_line_error(invoke("train", "sdm", "--preset", "tiny", "--data", partial, "--steps", 1, "--out",
                           tmp_path / "run"), "incomplete synthetic set", finish)
     assert tree(tmp_path) == before and not (tmp_path / "run").exists()
+
+
+def test_a_run_finds_its_data_from_another_working_folder_and_refuses_other_data(tmp_path, monkeypatch, data):
+    project, other = tmp_path / "project", tmp_path / "other"
+    shutil.copytree(data, project / "data")
+    shutil.copytree(data, other / "data")
+    manifest = json.loads((other / "data" / "synth.json").read_text())
+    (other / "data" / "synth.json").write_text(json.dumps({**manifest, "seed": 7}))  # another set, same layout
+    monkeypatch.chdir(project)
+    result = invoke("train", "sdm", "--preset", "tiny", "--data", "data", "--steps", 1, "--grid-steps", 1,
+                    "--out", "run")
+    assert result.exit_code == 0, result.output
+    run = project / "run"
+    config = json.loads((run / "config.json").read_text())
+    assert config["data"] == "data" and config["data_from_run"] == "../data" and config["data_fingerprint"]
+
+    monkeypatch.chdir(other)  # its own ./data: the run still samples from the data it trained on
+    result = invoke("sample", run, "--n", 1, "--steps", 1, "--out", tmp_path / "s")
+    assert result.exit_code == 0, result.output
+    assert Path(json.loads((tmp_path / "s" / "samples.json").read_text())["data"]).resolve() == project / "data"
+
+    (project / "data").rename(project / "moved")  # the run's data gone: ./data here is another set, refused
+    before = tree(tmp_path)
+    one_line_error(invoke("sample", run, "--n", 1, "--steps", 1, "--out", tmp_path / "s2"),
+                   "not the data set", "fingerprint")
+    one_line_error(invoke("train", "sdm", "--out", run, "--resume", "--steps", 2), "not the data set")
+    assert tree(tmp_path) == before
+    result = invoke("train", "sdm", "--out", run, "--resume", "--steps", 2, "--grid-steps", 1,
+                    "--data", project / "moved")  # the same set where it lies now: accepted
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "config.json").read_text())["data_from_run"] == "../moved"
+
+
+@pytest.mark.parametrize("content, words", [("{}", ["config.json", "'model'"]),
+                                            (json.dumps({"model": "sdm"}), ["config.json", "'preset'"])])
+def test_a_run_config_without_model_or_preset_on_resume(run, content, words):
+    (run / "config.json").write_text(content)
+    before = tree(run)
+    one_line_error(invoke("train", "sdm", "--out", run, "--resume", "--steps", 6), *words)
+    assert tree(run) == before
+
+
+def test_a_sample_record_without_its_model_is_one_line(tmp_path):
+    res = tmp_path / "results"
+    folder = res / "run_cpu" / "samples" / "sdm"
+    (folder / "masks").mkdir(parents=True)
+    (folder / "samples.json").write_text(json.dumps({"preset": "cpu", "files": [
+        {"index": 0, "image": "00000.png", "mask": "masks/00000.png", "mask_source": "test-1"}]}))
+    from bench.io import ResultsFile
+    from bench.rows import QualityRow
+
+    ResultsFile(res / "quality.csv", QualityRow).append([{"model": "sdm", "preset": "cpu", "train_step": 4,
+                                                           "run": str(res), "miou": 0.5, "timestamp": "2025"}])
+    before = tree(tmp_path)
+    one_line_error(invoke("report", "--results", res, "--reports", tmp_path / "rep"), "samples.json", "no model")
+    assert tree(tmp_path) == before

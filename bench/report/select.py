@@ -159,6 +159,9 @@ def sample_sets(results: Path, preset: str) -> list[dict]:
         except (KeyError, TypeError):
             raise BenchError(f"{display_path(path)} is not a sis-bench sample record (its files lack image or mask); "
                              f"move it away or redo `bench sample`") from None
+        if not isinstance(rec.get("model"), str) or not isinstance(rec.get("provenance", {}), dict):
+            raise BenchError(f"{display_path(path)} is not a sis-bench sample record (no model named); move it away "
+                             f"or redo `bench sample`")
         rec["key"] = json.dumps([[f["mask_source"] for f in rec["files"]], rec.get("seed"), rec.get("steps"),
                                  rec.get("method"), rec.get("guidance"), rec.get("data")])
         rec["stamp"] = rec.get("provenance", {}).get("timestamp", "")
