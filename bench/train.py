@@ -114,8 +114,8 @@ class TrainConfig:
 # Checkpointing recomputes the same operations (same gradients); micro_batch is not free: accumulating
 # micro-batch gradients sums in another order, so the trajectory changes in the last bits.
 RUN_LOCK = ("a training run", "wait for it to finish or train into another --out")  # what a second process is told
-RESUME_FREE = {"data_from_run", "data_fingerprint", "steps", "ckpt_every", "keep_every", "keep_at", "sample_every", "log_every", "grid_masks", "grid_steps",
-               "workers", "cache_latents", "checkpointing", "memory_plan"}
+RESUME_FREE = {"data_from_run", "data_fingerprint", "steps", "ckpt_every", "keep_every", "keep_at", "sample_every",
+               "log_every", "grid_masks", "grid_steps", "workers", "cache_latents", "checkpointing", "memory_plan"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,8 +224,8 @@ def record_data(cfg: TrainConfig, run_dir: Path) -> None:
     data folder holds another set than the one it trained on is a one-line error."""
     fingerprint = data_fingerprint(cfg.data)
     if cfg.data_fingerprint and fingerprint != cfg.data_fingerprint:
-        raise BenchError(f"{cfg.data} is not the data set {run_dir} trained on (its fingerprint differs from the one in "
-                         f"config.json); give the run's data folder with --data, or train into a new --out")
+        raise BenchError(f"{cfg.data} is not the data set {run_dir} trained on (its fingerprint differs from the one "
+                         f"in config.json); give the run's data folder with --data, or train into a new --out")
     cfg.data_fingerprint = fingerprint
     cfg.data_from_run = os.path.relpath(Path(cfg.data).expanduser().resolve(), Path(run_dir).resolve())
 
