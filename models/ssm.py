@@ -15,6 +15,9 @@ Implementations behind ``selective_scan`` (``SIS_BENCH_SCAN=auto|cpu|torch|ref|c
 - ``torch``: a chunked pure-PyTorch scan (checkpointed per chunk, so (B, D, chunk, N) at most);
   the fallback when no kernel can be built or mamba-ssm is missing on a GPU, and the fp64 path.
 - ``ref``: ``selective_scan_ref``, the plain step-by-step loop (the tests' reference).
+``selective_scan_tokens`` is the same scan on the models' token layout: u, delta, z (B, L, D) and B, C (B, L, N) or
+(B, L, G, N) as views of the linear layers' outputs, along a scan order (raster, reversed or a snake of the token
+grid) that the C kernel walks by index arithmetic; in and out in raster order, with no copies on the CPU kernel.
 On fake tensors (``bench plan``) the scan and the causal conv compute nothing and allocate and save what the
 kernel of the tensors' device would (``models/scan_memory.py``); on the meta device they only give shapes.
 A forced backend that cannot run raises RuntimeError rather than silently running another one.

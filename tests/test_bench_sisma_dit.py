@@ -1,0 +1,86 @@
+"""Benchmark (issue 23): SISMA against DiT-SIS at the ``cpu`` preset, one NFE at batch 1 and one training step at
+batch 8, timed interleaved, and where SISMA's NFE spends its time by operator class (the layout share).
+
+Disabled by default (pyproject: --benchmark-disable, so each body runs once as a smoke test); measure with
+    OMP_NUM_THREADS=2 pytest --benchmark-enable tests/test_bench_sisma_dit.py
+Each benchmark round runs SISMA and DiT-SIS one after the other, so a busy moment of a shared machine falls on both;
+the table's time is the pair's. extra_info holds each model's best round (ms) and their ratio, SISMA / DiT-SIS,
+read from the best rounds; the profile group holds the shares of ``bench.breakdown.op_breakdown``. Nothing is
+asserted about the times: they depend on the machine.
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+import models
+from bench.breakdown import op_breakdown
+from bench.flops import example_inputs
+
+PRESET = "cpu"
+BATCH = {"nfe": 1, "train": 8}
+ROUNDS = {"nfe": 30, "train": 6}
+NAMES = ("sisma", "dit")
+
+
+def make_pass(name: str, kind: str):
+    """A zero-argument call of one NFE (no grad) or one training step (forward, MSE backward, AdamW step)."""
+    torch.manual_seed(0)
+    model = models.create_model(name, preset=PRESET)
+    x, t, mask = example_inputs(model, BATCH[kind], "cpu", generator=torch.Generator().manual_seed(0))
+    if kind == "nfe":
+        model.eval()
+
+        def nfe():
+            with torch.no_grad():
+                model(x, t, mask)
+
+        return nfe
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    target = torch.randn_like(x)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(model(x, t, mask), target).backward()
+        opt.step()
+
+    return step
+
+
+@pytest.mark.benchmark(group="sisma-vs-dit")
+@pytest.mark.parametrize("kind", ["nfe", "train"])
+def test_sisma_and_dit_interleaved(benchmark, kind):
+    passes = {name: make_pass(name, kind) for name in NAMES}
+    for fn in passes.values():  # untimed: the thread pool, the allocator and the scan kernel's build
+        fn()
+    best = {name: float("inf") for name in NAMES}
+
+    def pair():
+        for name, fn in passes.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+
+    benchmark.pedantic(pair, rounds=ROUNDS[kind], iterations=1)
+    benchmark.extra_info.update({f"{name}_ms": round(best[name] * 1e3, 2) for name in NAMES})
+    benchmark.extra_info["threads"] = torch.get_num_threads()
+    benchmark.extra_info["ratio_sisma_dit"] = round(best["sisma"] / best["dit"], 3)
+
+
+@pytest.mark.benchmark(group="sisma-profile")
+@pytest.mark.parametrize("name", NAMES)
+def test_nfe_profile_shares(benchmark, name):
+    """Operator self time of one NFE at batch 1 by class; ``share_layout`` is issue 23's layout share."""
+    fn = make_pass(name, "nfe")
+    fn()
+    result = {}
+
+    def profiled():
+        result["breakdown"] = op_breakdown(fn, torch.device("cpu"))
+
+    benchmark.pedantic(profiled, rounds=1, iterations=1)
+    columns = result["breakdown"].columns()
+    benchmark.extra_info.update(columns)
+    assert abs(sum(v for k, v in columns.items() if k.startswith("share_")) - 1) < 1e-3
