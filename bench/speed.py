@@ -535,7 +535,7 @@ def ratio_summary(rows: list[dict], cfg: SpeedConfig) -> str:
         return mine.set_index(["process", "round"])["seconds"].astype(float)
 
     lines = [f"per-NFE time over {ref['model']}'s at batch {ref['batch_size']}, paired by round (mean of the processes' "
-             f"median ratios, 95% t interval over the processes; each process's ratio in brackets):"]
+             f"median ratios; 95% interval of a second run: t over the processes; each process's ratio in brackets):"]
     for row in firsts:
         if row is ref:
             continue

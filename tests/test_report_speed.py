@@ -94,14 +94,15 @@ def test_ratios_are_paired_by_round_and_their_interval_covers_every_process(two_
     assert "mean over 3 processes of each one's median per-round ratio (8 rounds each)" in headline
 
 
-def test_paired_ratio_is_the_mean_of_the_processes_with_a_t_interval_over_them():
+def test_paired_ratio_is_the_mean_of_the_processes_with_an_interval_for_a_second_run():
     rng = np.random.default_rng(0)
     # three processes whose ratios differ (1.9, 2.0, 2.1), each tight within: the interval must reach across them
     groups = [level + 0.005 * rng.standard_normal(20) for level in (1.9, 2.0, 2.1)]
     e = stats.paired_ratio(groups)
     medians = [np.median(g) for g in groups]
     assert e.value == pytest.approx(np.mean(medians)) and e.seeds == 3 and e.masks == 60
-    half = 4.302653 * np.std(medians, ddof=1) / np.sqrt(3)  # t(0.975, 2 degrees of freedom)
+    # t(0.975, 2 degrees of freedom) x sqrt(2) standard errors: where a second run of 3 processes reads
+    half = 4.302653 * np.std(medians, ddof=1) * np.sqrt(2 / 3)
     assert (e.low, e.high) == pytest.approx((e.value - half, e.value + half))
     assert e.low < 1.9 and e.high > 2.1
     within = stats.paired_ratio([groups[1]])  # one process: only the rounds' spread

@@ -169,7 +169,8 @@ class Ratio:
             return (f"median of the per-round ratios of one process x {self.rounds} rounds, bootstrap over the "
                     "rounds: it says nothing of a second run")
         return (f"mean over {self.processes} processes of each one's median per-round ratio "
-                f"({self.rounds // self.processes} rounds each), t interval over the processes")
+                f"({self.rounds // self.processes} rounds each); the interval is where a second run reads: t over the "
+                "processes, sqrt(2) standard errors")
 
 
 def nfe_ratio(summary: Optional[SpeedSummary], a: str, b: str) -> Optional[Ratio]:

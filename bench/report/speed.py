@@ -185,7 +185,7 @@ def ratio_table(summary: SpeedSummary, order: list[str]) -> tuple[pd.DataFrame, 
         if len(ratio.per_process) > 1:
             spread = (f"{', '.join(f'{v:.2f}' for v in ratio.per_process)} "
                       f"(spread {max(ratio.per_process) - min(ratio.per_process):.2f})")
-        lines.append({"model": model, f"time / {ref}'s (95%)": ratio.text(), "each process": spread,
+        lines.append({"model": model, f"time / {ref}'s (95%, a second run)": ratio.text(), "each process": spread,
                       "calls": ratio.rounds, "paired by round": "yes" if ratio.paired else "no (different sweeps)"})
     return pd.DataFrame(lines), ref
 
@@ -232,8 +232,10 @@ def device_section(ctx: Context, summary: SpeedSummary) -> list[str]:
         md += [f"Time per network evaluation over {plots.display_name(ref)}'s, batch 1:", "", markdown(ratios), "",
                "Paired by round: in every round each model was timed once, in a shuffled order, so a ratio is "
                "taken within a round and a drift of the machine reaches both models. Each timing process gives its "
-               "median per-round ratio ('each process'); the figure is their mean and the interval Student's t over "
-               "them, so that the spread between processes, which is what a second run sees, is inside it.", ""]
+               "median per-round ratio ('each process'); the figure is their mean, and the interval is where a second "
+               "run of the same protocol reads with 95% probability (Student's t over the processes, sqrt(2) standard "
+               "errors: both runs' figures err), so that the spread between processes, which is what a second run "
+               "sees, is inside it.", ""]
         if len(calibration):
             md += [f"Calibration: a square matmul at the timing's threads and precision ran at "
                    f"{fmt(float(calibration.iloc[0]), 3)} GFLOP/s (the sweep's best).", ""]
