@@ -178,6 +178,7 @@ def loss_curves(results):
     return curves
 
 
+@pytest.mark.slow  # about a minute on two cores: two whole tiny runs (pytest -m slow)
 def test_local_launcher_gives_the_same_report_and_loss_curves(workdir, monkeypatch):
     """`bench run --launcher local` trains each run in a job of its own process and ends as the run without it: the
     same rows per model and, training being reproducible at a fixed thread count, the same loss curves bit for bit."""
