@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.layers import PatchEmbed, TimestepEmbedder, modulate, timestep_features, unpatchify
+from models.layers import PatchEmbed, TimestepEmbedder, check_inputs, modulate, timestep_features, unpatchify
 from models.mamba import ZIGZAG_CYCLE, ScanOrder, SelfMamba
 from models.registry import register_model
 
@@ -310,13 +310,7 @@ class DiMSIS(nn.Module):
 
     def check_inputs(self, x: Tensor, mask: Tensor) -> None:
         """ValueError naming the expected and the received shape when x or the mask does not fit this model."""
-        if x.dim() != 4 or tuple(x.shape[1:]) != self.input_shape:
-            raise ValueError(f"DiMSIS: x must have shape (B, {', '.join(map(str, self.input_shape))}), "
-                             f"got {tuple(x.shape)}")
-        K, S = self.num_classes, self.image_size
-        if mask.dim() != 4 or tuple(mask.shape) != (x.shape[0], K, S, S):
-            raise ValueError(f"DiMSIS: mask must be one-hot of shape (B, K, S, S) = ({x.shape[0]}, {K}, {S}, {S}) "
-                             f"(K = {K} classes at the image resolution {S}), got {tuple(mask.shape)}")
+        check_inputs(self, x, mask)
 
     def forward(self, x: Tensor, t: Tensor, mask: Tensor) -> Tensor:
         """x (B, C, H, W), t (B,) in [0, 1], mask (B, K, S, S) one-hot -> velocity (B, C, H, W)."""

@@ -200,6 +200,19 @@ def unpatchify(x: Tensor, patch_size: int, channels: int) -> Tensor:
     return torch.einsum("bhwpqc->bchpwq", x).reshape(B, channels, g * p, g * p)
 
 
+def check_inputs(model: nn.Module, x: Tensor, mask: Tensor) -> None:
+    """ValueError naming the expected and the received shape when x or the mask does not fit ``model`` (its
+    input_shape, num_classes and image_size)."""
+    name = type(model).__name__
+    if x.dim() != 4 or tuple(x.shape[1:]) != model.input_shape:
+        raise ValueError(f"{name}: x must have shape (B, {', '.join(map(str, model.input_shape))}), "
+                         f"got {tuple(x.shape)}")
+    K, S = model.num_classes, model.image_size
+    if mask.dim() != 4 or tuple(mask.shape) != (x.shape[0], K, S, S):
+        raise ValueError(f"{name}: mask must be one-hot of shape (B, K, S, S) = ({x.shape[0]}, {K}, {S}, {S}) "
+                         f"(K = {K} classes at the image resolution {S}), got {tuple(mask.shape)}")
+
+
 class TokenBackbone(nn.Module):
     """Skeleton of SISMA and DiT-SIS: patchify + pos embed, mask tokens, timestep embedding, blocks, final layer."""
 
@@ -249,14 +262,7 @@ class TokenBackbone(nn.Module):
 
     def check_inputs(self, x: Tensor, mask: Tensor) -> None:
         """ValueError naming the expected and the received shape when x or the mask does not fit this model."""
-        name = type(self).__name__
-        if x.dim() != 4 or tuple(x.shape[1:]) != self.input_shape:
-            raise ValueError(f"{name}: x must have shape (B, {', '.join(map(str, self.input_shape))}), "
-                             f"got {tuple(x.shape)}")
-        K, S = self.num_classes, self.image_size
-        if mask.dim() != 4 or tuple(mask.shape) != (x.shape[0], K, S, S):
-            raise ValueError(f"{name}: mask must be one-hot of shape (B, K, S, S) = ({x.shape[0]}, {K}, {S}, {S}) "
-                             f"(K = {K} classes at the image resolution {S}), got {tuple(mask.shape)}")
+        check_inputs(self, x, mask)
 
     def forward(self, x: Tensor, t: Tensor, mask: Tensor) -> Tensor:
         """x (B, C, H, W), t (B,) in [0, 1], mask (B, K, S, S) one-hot -> velocity (B, C, H, W)."""
