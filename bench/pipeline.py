@@ -39,8 +39,8 @@ from typing import Callable, Optional
 
 from bench import presets
 from bench.errors import BenchError
-from bench.launch import LaunchOptions
 from bench.io import display_path, folder_lock, read_json, write_json
+from bench.launch import LaunchOptions
 from bench.provenance import machine_fingerprint
 from bench.variants import Variant, parse_models
 
@@ -97,7 +97,6 @@ class Pipeline:
 
     def __init__(self, opts: RunOptions, echo=print):
         import models
-
         from bench.runtime import resolve_device
 
         self.budget = presets.budget(opts.preset)
@@ -534,9 +533,8 @@ class Pipeline:
         return {"folders": folders}
 
     def stage_speed(self) -> dict:
-        from bench.speed import SpeedConfig, run_speed
-
         import models
+        from bench.speed import SpeedConfig, run_speed
 
         b, out = self.budget, self.results / "speed.csv"
         device = "cuda" if self.device.startswith("cuda") else self.device

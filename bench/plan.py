@@ -255,7 +255,6 @@ def training_memory(model: str, preset: str, batch_size: int, setting: Setting, 
 def sampling_transient(net, space, batch_size: int, precision: str, device: str, fake: bool = True) -> int:
     """Peak bytes above the weights of one Euler step of ``net`` at ``batch_size`` and the decoding (no grad)."""
     from bench import memsim
-
     from bench.runtime import PRECISIONS, model_precision
 
     c, h, w = net.input_shape

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 
-
 CODE_PATHS = ("bench", "models", "pyproject.toml")
 
 

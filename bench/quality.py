@@ -38,9 +38,9 @@ import numpy as np
 import torch
 
 from bench import metrics
+from bench.data import NUM_CLASSES
 from bench.errors import BenchError
 from bench.io import ResultsFile, display_path, to_uint8, write_json, write_png
-from bench.data import NUM_CLASSES
 from bench.rows import MaskScoreRow, QualityRow
 
 DEFAULT_OUT = Path("results/quality.csv")

@@ -85,8 +85,8 @@ def time_process(job: Job) -> dict:
     """Run ``job`` here; returns {"items": [...], "rounds": [...], "best_gflops", "images", "discarded"}."""
     from tqdm import tqdm
 
-    from bench.timed_models import load_decoder
     from bench.runtime import tf32
+    from bench.timed_models import load_decoder
 
     device = torch.device(job.device)
     torch.set_num_threads(job.threads)
@@ -119,8 +119,8 @@ def time_process(job: Job) -> dict:
 
 def prepare(job: Job, device: torch.device, decoders: dict) -> list[Item]:
     """Every model built (seeded), cast, probed and warmed up at every batch size; an OOM makes an 'oom' item."""
-    from bench.flow import guided_velocity
     from bench.flops import example_inputs
+    from bench.flow import guided_velocity
     from bench.sample import sample_batch
     from bench.timed_models import eval_model
 

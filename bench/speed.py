@@ -89,8 +89,14 @@ from bench.quiet import Quietness, wait_for_quiet
 from bench.rounds import GUIDED_SCALE, Job, image_rounds_per_process, time_process  # noqa: F401 (GUIDED_SCALE: API)
 from bench.rows import RoundRow, SpeedRow
 from bench.runtime import PRECISIONS, resolve_device
-from bench.timed_models import (PIXEL_DECODER_LABEL, RANDOM_VAE_LABEL, SD_VAE_ARCH, eval_model,  # noqa: F401
-                                load_decoder, sd_vae_architecture)
+from bench.timed_models import (  # noqa: F401
+    PIXEL_DECODER_LABEL,
+    RANDOM_VAE_LABEL,
+    SD_VAE_ARCH,
+    eval_model,
+    load_decoder,
+    sd_vae_architecture,
+)
 from bench.timing import load_average, sdpa_enabled
 
 FLOPS_ONLY_SCALES = (1, 2, 4)  # default resolutions of --flops-only: the preset's image size times these

@@ -43,8 +43,15 @@ import torch.nn as nn
 
 from bench import flow, presets, recompute
 from bench.autoencoder import SD_VAE, LatentCache, load_space
-from bench.checkpoint import (clean_stale_temporaries, load, load_weights, rng_state, save_atomic, set_rng_state,
-                              snapshot)
+from bench.checkpoint import (
+    clean_stale_temporaries,
+    load,
+    load_weights,
+    rng_state,
+    save_atomic,
+    set_rng_state,
+    snapshot,
+)
 from bench.data import check_complete, data_fingerprint, run_data_folder
 from bench.errors import BenchError
 from bench.io import check_folder_free, display_path, read_json, write_json, write_text
@@ -490,11 +497,13 @@ class LossLog:
 
     Each row averages the loss over the ``log_every`` steps before it; ``steps_per_s`` is over the same
     window, data loading included; ``wall_s`` is the run's training time so far, across resumes, without
-    the time spent writing checkpoints and sample grids; ``threads`` is torch's CPU thread count then (a resumed
-    run may have another).
+    the time spent writing checkpoints and sample grids; ``cpu_s`` is the CPU time of the training process over
+    the same spans (all its threads; DataLoader workers are other processes), which other work on the machine does not
+    inflate as it does ``wall_s`` (nan for a run resumed from a checkpoint older than the column); ``threads`` is
+    torch's CPU thread count then (a resumed run may have another).
     """
 
-    COLUMNS = ["step", "loss", "lr", "grad_norm", "steps_per_s", "wall_s", "threads"]
+    COLUMNS = ["step", "loss", "lr", "grad_norm", "steps_per_s", "wall_s", "cpu_s", "threads"]
 
     def __init__(self, path: Path, keep_until: int):
         self.path = path
@@ -588,7 +597,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ddp: Distributed, prog
     opt = make_optimizer(model.parameters(), cfg.lr, device)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     gen = torch.Generator().manual_seed(cfg.seed)  # time, noise and mask drops of the global batch
-    step, wall, saved_step = 0, 0.0, None
+    step, wall, cpu, saved_step = 0, 0.0, 0.0, None
     if resume:
         if not last.is_file():
             raise BenchError(f"--resume: {run_dir} has no checkpoint (it stopped before its first one); "
@@ -604,6 +613,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ddp: Distributed, prog
         gen.set_state(state["generator"])
         step = saved_step = state["step"]
         wall = state["wall_s"]
+        cpu = state.get("cpu_s", math.nan)  # checkpoints before the column have no CPU time
         del state
 
     # --- data, in the model's space (a synthetic set was made before the process group: prepare_data)
@@ -619,7 +629,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ddp: Distributed, prog
     autocast = torch.autocast(device.type, dtype=PRECISIONS[cfg.precision], enabled=cfg.precision != "fp32")
 
     def save_checkpoint() -> None:
-        state = {"step": step, "wall_s": wall, "config": dataclasses.asdict(cfg), "model": model.state_dict(),
+        state = {"step": step, "wall_s": wall, "cpu_s": cpu, "config": dataclasses.asdict(cfg),
+                 "model": model.state_dict(),
                  "ema": ema.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
                  "rng": rng_state(), "generator": gen.get_state(),
                  "sampler": {"seed": cfg.seed, "position": step * cfg.batch_size, "n": len(train_set)}}
@@ -648,7 +659,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ddp: Distributed, prog
     bad_loss = torch.zeros((), dtype=torch.float64, device=device)
     window_steps, window_time, loss_mean, checked = 0, 0.0, float("nan"), step
     with StopSignals() as stop:
-        tic = time.perf_counter()
+        tic, tic_cpu = time.perf_counter(), time.process_time()
         for batch in loader:
             images, masks = batch["image"].to(device, non_blocking=True), batch["mask"].to(device, non_blocking=True)
             t, x0, drop = (v.pin_memory() if pin else v for v in draw_noise(gen, cfg, model.input_shape, ddp.rank,
@@ -694,13 +705,14 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ddp: Distributed, prog
                 checked = step
             toc = time.perf_counter()
             wall += toc - tic
+            cpu += time.process_time() - tic_cpu
             window_time += toc - tic
             if log_now:
                 if ddp.main:
                     mean = window_sum / ddp.world / window_steps
                     log.write(step=step, loss=f"{mean:.6g}", lr=f"{lr_at(step - 1, cfg):.6g}",
                               grad_norm=f"{float(grad_norm):.6g}", steps_per_s=f"{window_steps / window_time:.4g}",
-                              wall_s=f"{wall:.2f}", threads=torch.get_num_threads())
+                              wall_s=f"{wall:.2f}", cpu_s=f"{cpu:.2f}", threads=torch.get_num_threads())
                     bar.set_postfix(loss=f"{mean:.4f}", steps_s=f"{window_steps / window_time:.2f}", refresh=False)
                 window_loss.zero_()
                 window_steps, window_time = 0, 0.0
@@ -716,7 +728,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ddp: Distributed, prog
                 raise TrainingInterrupted(stop.signum or signal.SIGTERM, step, last)
             if ddp.main and (step % cfg.sample_every == 0 or step == cfg.steps):
                 grid.write(run_dir / "samples" / f"step_{step:07d}.png")
-            tic = time.perf_counter()
+            tic, tic_cpu = time.perf_counter(), time.process_time()
     bar.close()
     if ddp.main:
         log.close()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-
 from models.layers import TokenBackbone, TokenConfig
 from models.mamba import CONVS, SCAN_ORDERS, CrossMamba, SelectiveSSM, SelfMamba, scan_orders
 from models.registry import register_model

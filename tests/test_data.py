@@ -13,8 +13,22 @@ from typer.testing import CliRunner
 
 import bench.data as data
 from bench.cli import app
-from bench.data import (CACHE_DIRNAME, IMAGE_DIRNAME, MASK_DIRNAME, NUM_CLASSES, PART_CLASS, DataError, FaceDataset,
-                        Record, check_dataset, hflip_arrays, onehot, read_label_folder, split_records, write_label_png)
+from bench.data import (
+    CACHE_DIRNAME,
+    IMAGE_DIRNAME,
+    MASK_DIRNAME,
+    NUM_CLASSES,
+    PART_CLASS,
+    DataError,
+    FaceDataset,
+    Record,
+    check_dataset,
+    hflip_arrays,
+    onehot,
+    read_label_folder,
+    split_records,
+    write_label_png,
+)
 from bench.synth import generate_synthetic, make_face
 
 SEED, N, SIZE = 3, 12, 64

@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 
 from bench import metrics
-from bench.io import to_uint8
 from bench.errors import BenchError
+from bench.io import to_uint8
 
 TINY_EXTRACTOR = "sis-bench-test-tiny"
 TINY_FEATURES = 8

@@ -6,14 +6,14 @@ import math
 import pandas as pd
 import pytest
 import torch
+from test_metrics import TINY_EXTRACTOR, TINY_FEATURES, _register_tiny_extractor
 from typer.testing import CliRunner
 
-from bench import metrics, quality
+from bench import metrics
 from bench import parser as fp
 from bench.cli import app
 from bench.synth import generate_synthetic
 from bench.train import make_config, train
-from test_metrics import TINY_EXTRACTOR, TINY_FEATURES, _register_tiny_extractor
 
 SIZE = 16  # tiny preset
 

@@ -12,12 +12,12 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from bench import data
-from bench.synth import writer as synth_writer
 from bench.cli import app
 from bench.data import CLASS_NAMES, IMAGE_DIRNAME, MASK_DIRNAME, NUM_CLASSES, PART_CLASS
 from bench.errors import BenchError
-from bench.synth.geometry import HAIR_STYLES
 from bench.synth import MANIFEST_NAME, ensure_synthetic, generate_synthetic, make_face, sample_geometry
+from bench.synth import writer as synth_writer
+from bench.synth.geometry import HAIR_STYLES
 
 
 def _digests(root: Path) -> dict[str, str]:

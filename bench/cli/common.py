@@ -10,7 +10,6 @@ import typer
 from bench.errors import BenchError
 from bench.presets import help_text
 
-
 app = typer.Typer(
     name="bench",
     help="Benchmark diffusion backbones (SISMA, DiT-SIS, SDM) for semantic face image synthesis: "

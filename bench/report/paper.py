@@ -9,7 +9,6 @@ import pandas as pd
 from bench.report.common import MISSING, Context, Selection, SpeedSummary, fmt, markdown
 
 
-
 @dataclass(frozen=True)
 class PaperFigure:
     """A figure the SISMA paper reports for one model (None: not in the text available to this project)."""

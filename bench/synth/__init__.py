@@ -20,9 +20,20 @@ Layout written (``i`` the face index, ``part`` one of :data:`bench.data.PART_NAM
     DIR/synth.json                                                manifest: n, size, seed, generator version
 """
 from bench.synth.geometry import Geometry, sample_geometry
-from bench.synth.writer import (GENERATOR_VERSION, MANIFEST_NAME, Manifest, SynthFace, default_set_dir,
-                                default_workers, ensure_default_set, ensure_synthetic, generate_synthetic, make_face,
-                                read_manifest, wait_for_default_set)
+from bench.synth.writer import (
+                                GENERATOR_VERSION,
+                                MANIFEST_NAME,
+                                Manifest,
+                                SynthFace,
+                                default_set_dir,
+                                default_workers,
+                                ensure_default_set,
+                                ensure_synthetic,
+                                generate_synthetic,
+                                make_face,
+                                read_manifest,
+                                wait_for_default_set,
+)
 
 __all__ = ["GENERATOR_VERSION", "MANIFEST_NAME", "Geometry", "Manifest", "SynthFace", "default_set_dir",
            "default_workers", "ensure_default_set", "ensure_synthetic", "generate_synthetic", "make_face",
