@@ -1,7 +1,10 @@
-"""Micro-benchmarks: one forward of each backbone at the tiny preset (inference), and forward + backward.
+"""Micro-benchmarks: one forward of each backbone at the tiny preset (inference), forward + backward, and one
+optimiser step at the cpu preset and recipe.
 
 Disabled by default (pyproject: --benchmark-disable, so each body runs once as a smoke test); measure with
     pytest --benchmark-enable tests/test_bench_models.py
+Each benchmark checks what it timed (shape, finite values, the weights' update), never the time itself; SISMA's
+training step against DiT-SIS's is bounded in tests/test_bench_sisma_dit.py (slow).
 """
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import torch
 
 import models
 from bench.flops import example_inputs
+from bench.presets import recipe
 
 BATCH = 4
 PRESET = "tiny"
@@ -52,18 +56,19 @@ def test_forward_backward(benchmark, backbone):
 
 
 TRAIN_PRESET = "cpu"
-TRAIN_BATCH = 16  # the trainer's batch at the cpu preset (PRESET_DEFAULTS)
 
 
 @pytest.mark.parametrize("name", ["sisma", "dit", "sdm"])
 def test_training_step_cpu_preset(benchmark, name):
-    """One optimiser step of the flow-matching loss at the cpu preset: SISMA should cost <= 1.5x DiT-SIS."""
+    """One AdamW step of the flow-matching loss at the cpu preset and its recipe's batch: finite, weights updated."""
     from bench.flow import flow_loss
 
     torch.manual_seed(0)
     model = models.create_model(name, preset=TRAIN_PRESET).train()
+    before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x1, t, mask = example_inputs(model, TRAIN_BATCH, "cpu", generator=torch.Generator().manual_seed(0))
+    batch = recipe(TRAIN_PRESET, name).batch_size
+    x1, t, mask = example_inputs(model, batch, "cpu", generator=torch.Generator().manual_seed(0))
     x0 = torch.randn_like(x1)
 
     def step():
@@ -73,6 +78,9 @@ def test_training_step_cpu_preset(benchmark, name):
         opt.step()
         return loss
 
-    benchmark.extra_info.update(model=name, preset=TRAIN_PRESET, batch=TRAIN_BATCH, threads=torch.get_num_threads())
+    benchmark.extra_info.update(model=name, preset=TRAIN_PRESET, batch=batch, threads=torch.get_num_threads())
     loss = benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
     assert torch.isfinite(loss)
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+    after = list(model.parameters())
+    assert all(torch.isfinite(p).all() for p in after) and any(not torch.equal(a, b) for a, b in zip(after, before))

@@ -6,6 +6,11 @@ speedups over ``ref``. The ``kernel threads`` groups time the C kernel on one th
 torch's threads (its results are the same bits on both; the ratio is its parallel speedup). The
 ``exp-bound`` group times exponentials alone, single-threaded, for the bound the kernel is measured
 against (extra_info ``exponentials`` / median = exponentials per second).
+
+Each benchmark checks what it timed (pytest-benchmark hands back the last call's result): the scan's output against
+the float64 reference loop and its gradients' shapes and finiteness, the kernel's bits at one thread against all
+threads, the exponentials' values. With --benchmark-disable (the default) each body runs once; the PyTorch and
+reference loops then skip, as they take seconds and their accuracy is tests/test_ssm.py's.
 """
 import pytest
 import torch
@@ -17,6 +22,9 @@ IMPLEMENTATIONS = {"cpu": ssm.selective_scan_cpu, "torch": ssm.selective_scan_to
 ROUNDS = {"cpu": 50, "torch": 3, "ref": 3}  # the loops take seconds per call under autograd
 WARMUP = {"cpu": 5, "torch": 1, "ref": 1}  # a few untimed calls wake the thread pool and warm the caches
 EXP_BLOCK = 1 << 18  # floats per torch.exp call in the bound: 1 MiB, resident in cache
+
+
+RTOL, ATOL = 6e-4, 2e-3  # tests/test_ssm.py's fp32 tolerance (mamba-ssm's own)
 
 
 def scan_inputs(batch, dim, length, state, requires_grad):
@@ -35,6 +43,18 @@ def scan_inputs(batch, dim, length, state, requires_grad):
     for v in x.values():
         v.requires_grad_(requires_grad)
     return x
+
+
+def check_timed(result, x, mode):
+    """The timed call's result: the forward against the float64 reference loop, or one finite gradient per input."""
+    if mode == "fwd":
+        with torch.no_grad():
+            expect = ssm.selective_scan_ref(**{k: v.double() for k, v in x.items()}, delta_softplus=True)
+        torch.testing.assert_close(result.double(), expect, rtol=RTOL, atol=ATOL)
+        return
+    assert len(result) == len(x)
+    for (name, v), g in zip(x.items(), result):
+        assert g.shape == v.shape and torch.isfinite(g).all(), name
 
 
 @pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
@@ -56,17 +76,16 @@ def test_scan_speed(benchmark, mode, shape, impl):
     def forward_backward():
         return torch.autograd.grad(fn(**x, delta_softplus=True), list(x.values()), grad_out)
 
-    benchmark.pedantic(forward if mode == "fwd" else forward_backward,
-                       rounds=ROUNDS[impl], iterations=1, warmup_rounds=WARMUP[impl])
+    result = benchmark.pedantic(forward if mode == "fwd" else forward_backward,
+                                rounds=ROUNDS[impl], iterations=1, warmup_rounds=WARMUP[impl])
+    check_timed(result, x, mode)
 
 
 @pytest.mark.parametrize("threads", ["1", "all"])
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 def test_kernel_thread_scaling(benchmark, mode, shape, threads):
-    """The C kernel on one thread against all threads, forward or forward plus backward."""
-    if benchmark.disabled:
-        pytest.skip("a timing only: run with --benchmark-enable")
+    """The C kernel on one thread against all threads, forward or forward plus backward: the same bits on both."""
     x = scan_inputs(*SHAPES[shape], requires_grad=mode == "fwd+bwd")
     grad_out = torch.randn(SHAPES[shape][:3])
     previous = torch.get_num_threads()
@@ -80,11 +99,16 @@ def test_kernel_thread_scaling(benchmark, mode, shape, threads):
                 return ssm.selective_scan_cpu(**x, delta_softplus=True)
         return torch.autograd.grad(ssm.selective_scan_cpu(**x, delta_softplus=True), list(x.values()), grad_out)
 
-    torch.set_num_threads(n)
+    torch.set_num_threads(previous if n == 1 else 1)  # the other thread count, untimed
     try:
-        benchmark.pedantic(call, rounds=ROUNDS["cpu"], iterations=1, warmup_rounds=WARMUP["cpu"])
+        other = call()
+        torch.set_num_threads(n)
+        result = benchmark.pedantic(call, rounds=ROUNDS["cpu"], iterations=1, warmup_rounds=WARMUP["cpu"])
     finally:
         torch.set_num_threads(previous)
+    if mode == "fwd":
+        result, other = (result,), (other,)
+    assert len(result) == len(other) and all(torch.equal(a, b) for a, b in zip(result, other))
 
 
 @pytest.mark.parametrize("what", ["torch.exp", "cpu-kernel-fwd"])
@@ -103,11 +127,17 @@ def test_exponential_rate_bound(benchmark, what):
             def run():
                 for _ in range(exponentials // EXP_BLOCK):
                     torch.exp(src, out=dst)
+                return dst
         else:
             x = scan_inputs(batch, dim, length, state, requires_grad=False)
 
             def run():
-                ssm.selective_scan_cpu(**x, delta_softplus=True)
-        benchmark.pedantic(run, rounds=10, iterations=1, warmup_rounds=1)
+                return ssm.selective_scan_cpu(**x, delta_softplus=True)
+        result = benchmark.pedantic(run, rounds=10, iterations=1, warmup_rounds=1)
     finally:
         torch.set_num_threads(threads)
+    # the bound itself is read from the timings' table; what is checked is the values that were timed
+    if what == "torch.exp":
+        torch.testing.assert_close(result, src.exp())
+    else:
+        check_timed(result, x, "fwd")
