@@ -16,8 +16,10 @@ Implementations behind ``selective_scan`` (``SIS_BENCH_SCAN=auto|cpu|torch|ref|c
   the fallback when no kernel can be built or mamba-ssm is missing on a GPU, and the fp64 path.
 - ``ref``: ``selective_scan_ref``, the plain step-by-step loop (the tests' reference).
 ``selective_scan_tokens`` is the same scan on the models' token layout: u, delta, z (B, L, D) and B, C (B, L, N) or
-(B, L, G, N) as views of the linear layers' outputs, along a scan order (raster, reversed or a snake of the token
-grid) that the C kernel walks by index arithmetic; in and out in raster order, with no copies on the CPU kernel.
+(B, L, G, N) as views of the linear layers' outputs, along a scan order (raster, reversed, by columns, by columns
+reversed or a snake of the token grid, after a prefix of tokens kept in place) that the C kernel walks by index
+arithmetic; in and out in raster order, with no copies on the CPU kernel. ``causal_conv1d_tokens`` is Mamba's causal
+conv (+ SiLU) along such an order on the same layout, also in the C kernel; ``token_kernels_run`` says where both run.
 On fake tensors (``bench plan``) the scan and the causal conv compute nothing and allocate and save what the
 kernel of the tensors' device would (``models/scan_memory.py``); on the meta device they only give shapes.
 A forced backend that cannot run raises RuntimeError rather than silently running another one.
@@ -30,10 +32,10 @@ match. ``SIS_BENCH_SCAN=cuda`` keeps the unfused ``selective_scan_fn``. ``mamba_
 computation from this module's parts, with ``mamba_inner_fn``'s signature: the CPU stand-in of the fused kernel.
 
 Profiler ranges (``torch.profiler.record_function``, read by ``bench/breakdown.py``): every scan that computes runs
-inside ``SCAN_LABEL``, each fused layer inside ``FUSED_LABEL`` and causal-conv1d's kernel inside ``CAUSAL_CONV_LABEL``,
-so that work no aten operator shows (the C kernel called through ctypes, the CUDA extensions' kernels) is still
-seen and attributed; shapes-only calls (meta, fake) open no range, and no range opens while no profiler records
-(entering one costs microseconds).
+inside ``SCAN_LABEL``, each fused layer inside ``FUSED_LABEL``, and causal-conv1d's kernel and the C kernel's causal
+conv on the token layout inside ``CAUSAL_CONV_LABEL``, so that work no aten operator shows (the C kernel called through
+ctypes, the CUDA extensions' kernels) is still seen and attributed; shapes-only calls (meta, fake) open no range, and
+no range opens while no profiler records (entering one costs microseconds).
 """
 from __future__ import annotations
 
@@ -313,6 +315,10 @@ class _Kernel:
                 lib.ss_token_scratch_floats.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int32]
                 lib.ss_forward_tokens.argtypes = [ctypes.c_void_p] * 4
                 lib.ss_backward_tokens.argtypes = [ctypes.c_void_p] * 3
+                lib.ss_conv_scratch_floats.restype = ctypes.c_int64
+                lib.ss_conv_scratch_floats.argtypes = [ctypes.c_int64, ctypes.c_int32]
+                lib.ss_conv_forward_tokens.argtypes = [ctypes.c_void_p] * 3
+                lib.ss_conv_backward_tokens.argtypes = [ctypes.c_void_p] * 6
                 self._lib = lib
         return self._lib
 
@@ -410,30 +416,44 @@ def selective_scan_cpu(
 
 # --- the token layout: the models' (batch, length, channels) streams scanned in any order without copies ---
 
-RASTER, REVERSED = -1, -2  # scan order codes; 0..7 are the snakes of models.mamba.snake_order (variant bits)
+# scan order codes (the C kernel's ORDER_*): raster, reversed, by columns (top to bottom, then left to right) and
+# by columns reversed; 0..7 are the snakes of models.mamba.snake_order (variant bits)
+RASTER, REVERSED, COLUMNS, COLUMNS_REVERSED = -1, -2, -3, -4
+GRID_ORDERS = (COLUMNS, COLUMNS_REVERSED, *range(8))  # the orders that need the token grid's side
 
 
-def order_positions(order: int, grid: int, length: int) -> Tensor:
-    """Raster token scanned at each step of ``order`` (the index arithmetic of the C kernel's order_position)."""
-    steps = torch.arange(length)
-    if order == RASTER:
-        return steps
-    if order == REVERSED:
-        return steps.flip(0)
-    r, c = steps // grid, steps % grid
-    c = torch.where(r % 2 == 1, grid - 1 - c, c)
-    if order & 4:
-        c = grid - 1 - c
-    if order & 2:
-        r = grid - 1 - r
-    return c * grid + r if order & 1 else r * grid + c
+def order_positions(order: int, grid: int, length: int, prefix: int = 0) -> Tensor:
+    """Raster token scanned at each step of ``order`` (the index arithmetic of the C kernel's order_position): the
+    first ``prefix`` tokens in place, then the other ``length - prefix`` (a ``grid`` x ``grid`` grid) in the order."""
+    steps = torch.arange(length - prefix)
+    if order in (RASTER, REVERSED):
+        grid_pos = steps if order == RASTER else steps.flip(0)
+    elif order in (COLUMNS, COLUMNS_REVERSED):
+        steps = steps if order == COLUMNS else steps.flip(0)
+        grid_pos = steps % grid * grid + steps // grid
+    else:
+        r, c = steps // grid, steps % grid
+        c = torch.where(r % 2 == 1, grid - 1 - c, c)
+        if order & 4:
+            c = grid - 1 - c
+        if order & 2:
+            r = grid - 1 - r
+        grid_pos = c * grid + r if order & 1 else r * grid + c
+    return torch.cat([torch.arange(prefix), prefix + grid_pos])
+
+
+def _check_order(name: str, order: int, grid: int, prefix: int, length: int) -> None:
+    """ValueError unless ``order`` is a code and, for a grid order, the tokens after the prefix fill the grid."""
+    if order not in (RASTER, REVERSED, *GRID_ORDERS) or not 0 <= prefix <= length or (
+            order in GRID_ORDERS and grid * grid != length - prefix):
+        raise ValueError(f"{name}: order {order} on a {grid} x {grid} grid after {prefix} prefix tokens for L={length}")
 
 
 class _TokenArgs(ctypes.Structure):
     """Mirror of TokenArgs in selective_scan.c."""
 
     _fields_ = [("base", _ScanArgs)] + [(name, ctypes.c_int64 * 3) for name in ("su", "sdelta", "sz", "sB", "sC")] + [
-        ("order", ctypes.c_int32), ("grid", ctypes.c_int32)]
+        ("order", ctypes.c_int32), ("grid", ctypes.c_int32), ("prefix", ctypes.c_int32)]
 
 
 def _fp32_view(t: Tensor | None) -> Tensor | None:
@@ -441,7 +461,7 @@ def _fp32_view(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.detach().to(torch.float32)
 
 
-def _token_args(u, delta, A, B, C, D, z, delta_bias, softplus, order, grid, backward):
+def _token_args(u, delta, A, B, C, D, z, delta_bias, softplus, order, grid, prefix, backward):
     """TokenArgs for token-major fp32 views u, delta, z (batch, L, E) and B, C (batch, L, G, N) with unit state
     stride; thread scratch and the position table."""
     lib, threads = _KERNEL.load(), torch.get_num_threads()
@@ -452,7 +472,7 @@ def _token_args(u, delta, A, B, C, D, z, delta_bias, softplus, order, grid, back
                      int(softplus), threads, scratch.data_ptr())
     strides = [(ctypes.c_int64 * 3)(*(t.stride() if t is not None else (0, 0, 0))) for t in (u, delta, z)]
     strides += [(ctypes.c_int64 * 3)(*M.stride()[:3]) for M in (B, C)]
-    args = _TokenArgs(base, *strides, order, grid)
+    args = _TokenArgs(base, *strides, order, grid, prefix)
     return args, scratch, torch.empty(length, dtype=torch.int64)
 
 
@@ -466,16 +486,16 @@ class _CpuTokenScan(torch.autograd.Function):
     """Autograd wrapper around the C kernel's token-layout forward and backward (see selective_scan_tokens)."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, order, grid):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, order, grid, prefix):
         tensors = [_fp32_view(t) for t in (u, delta)] + [_fp32(A), _state_unit(B), _state_unit(C)] + [
             _fp32(D), _fp32_view(z), _fp32(delta_bias)]
-        args, _scratch, pos = _token_args(*tensors, delta_softplus, order, grid, backward=False)
+        args, _scratch, pos = _token_args(*tensors, delta_softplus, order, grid, prefix, backward=False)
         out = torch.empty(u.shape, dtype=torch.float32)
         last = torch.empty(u.shape[0], u.shape[2], A.shape[1], dtype=torch.float32)
         _KERNEL.load().ss_forward_tokens(ctypes.byref(args), pos.data_ptr(), out.data_ptr(), last.data_ptr())
         ctx.save_for_backward(*[t if t is not None else torch.empty(0) for t in tensors])
         ctx.absent = [t is None for t in tensors]
-        ctx.grouped, ctx.softplus, ctx.order, ctx.grid = B.dim() == 4, delta_softplus, order, grid
+        ctx.grouped, ctx.softplus, ctx.order = B.dim() == 4, delta_softplus, (order, grid, prefix)
         ctx.dtypes = [t.dtype if t is not None else None for t in (u, delta, A, B, C, D, z, delta_bias)]
         ctx.set_materialize_grads(False)
         return out.to(u.dtype), last
@@ -488,7 +508,7 @@ class _CpuTokenScan(torch.autograd.Function):
         batch, length, dim = u.shape
         groups, state = B.shape[2], A.shape[1]
         dout = u.new_zeros(u.shape) if dout is None else _fp32(dout)  # contiguous: the kernel reads it so
-        args, _scratch, pos = _token_args(*tensors, ctx.softplus, ctx.order, ctx.grid, backward=True)
+        args, _scratch, pos = _token_args(*tensors, ctx.softplus, *ctx.order, backward=True)
         du, ddelta = u.new_empty(u.shape), u.new_empty(u.shape)
         dz = u.new_empty(u.shape) if z is not None else None
         dA, dD, dbias = u.new_zeros(dim, state), u.new_zeros(dim), u.new_zeros(dim)
@@ -502,30 +522,51 @@ class _CpuTokenScan(torch.autograd.Function):
         result = [du, ddelta, dA, dB, dC, dD if D is not None else None, dz,
                   dbias if delta_bias is not None else None]
         result = [g if g is None else g.to(dtype) for g, dtype in zip(result, ctx.dtypes)]
-        return (*result, None, None, None)
+        return (*result, None, None, None, None)
+
+
+def token_kernels_run(*tensors: Tensor | None) -> bool:
+    """True when the C kernel's token-layout entries (scan and causal conv) run for these tensors: all on the CPU,
+    none fp64, meta or fake, and the ``cpu`` backend chosen (built, and not forced away by SIS_BENCH_SCAN)."""
+    # plain attribute checks: this runs per scan, where a few microseconds of Python are a noticeable part of a 1 ms
+    # scan
+    u = tensors[0]
+    return (u.device.type == "cpu" and u.dtype != torch.float64 and not u.is_meta and not _is_fake(u)
+            and all(t is None or t.device.type == "cpu" for t in tensors) and _choose_backend(u) == "cpu")
+
+
+def _to_scan_order(s: Tensor | None, perm: Tensor | None) -> Tensor | None:
+    """(batch, L, ...) in raster order -> (batch, ..., L) in scan order (``perm``: None for raster)."""
+    return s if s is None else (s if perm is None else s[:, perm]).movedim(1, -1)
+
+
+def _from_scan_order(y: Tensor, perm: Tensor | None) -> Tensor:
+    """(batch, E, L) in scan order -> (batch, L, E) in raster order."""
+    y = y.transpose(1, 2)
+    return y if perm is None else y[:, torch.argsort(perm)]
+
+
+def _order_perm(order: int, grid: int, length: int, prefix: int, device: torch.device) -> Tensor | None:
+    """The fallbacks' gather index of a scan order; None for raster, which needs none."""
+    return None if order == RASTER else order_positions(order, grid, length, prefix).to(device)
 
 
 def selective_scan_tokens(
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
     z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
-    order: int = RASTER, grid: int = 0, return_last_state: bool = False,
+    order: int = RASTER, grid: int = 0, prefix: int = 0, return_last_state: bool = False,
 ):
     """``selective_scan`` on the token layout, along a scan order, in raster order in and out.
 
     u, delta, z (batch, L, E) and B, C (batch, L, N) or (batch, L, G, N), any strides (views of linear layers'
-    outputs): step l of the scan reads and writes token ``order_positions(order, grid, L)[l]``; the output is
-    (batch, L, E) in raster order and the last state (batch, E, N) that of the last step. On CPU the C kernel
+    outputs): step l of the scan reads and writes token ``order_positions(order, grid, L, prefix)[l]``; the output
+    is (batch, L, E) in raster order and the last state (batch, E, N) that of the last step. On CPU the C kernel
     reads and writes these layouts and walks the order itself (no copies); elsewhere the streams are put in
     scan order, channel-major, for ``selective_scan`` and its output put back.
     """
     batch, length, dim = u.shape
-    if order not in (RASTER, REVERSED) and not (0 <= order < 8 and grid * grid == length):
-        raise ValueError(f"selective_scan_tokens: order {order} on a {grid} x {grid} grid for L={length}")
-    # the checks of the kernel's path are plain shape comparisons: this runs per scan, where a few microseconds
-    # of Python are a noticeable part of a 1 ms scan
-    cpu = (u.device.type == "cpu" and u.dtype != torch.float64 and not u.is_meta and not _is_fake(u)
-           and all(t is None or t.device.type == "cpu" for t in (delta, A, B, C, D, z, delta_bias)))
-    if cpu and _choose_backend(u) == "cpu":
+    _check_order("selective_scan_tokens", order, grid, prefix, length)
+    if token_kernels_run(u, delta, A, B, C, D, z, delta_bias):
         state = A.shape[-1]
         for name, M in (("B", B), ("C", C)):
             if M.dim() not in (3, 4) or M.shape[:2] != (batch, length) or M.shape[-1] != state or (
@@ -537,21 +578,87 @@ def selective_scan_tokens(
                              f"{tuple(u.shape)}, delta {tuple(delta.shape)}, A {tuple(A.shape)}")
         _record("cpu", (batch, dim, length), A)
         with _profiler_range(SCAN_LABEL):
-            y, last = _CpuTokenScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, order, grid)
+            y, last = _CpuTokenScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, order, grid, prefix)
         return (y, last) if return_last_state else y
-    perm = order_positions(order, grid, u.shape[1]).to(u.device)
-
-    def to_scan(s):  # (batch, L, ...) raster -> (batch, ..., L) in scan order
-        return s if s is None else (s if order == RASTER else s[:, perm]).movedim(1, -1)
-
-    result = selective_scan(to_scan(u), to_scan(delta), A, to_scan(B).contiguous(), to_scan(C).contiguous(), D,
-                            z=to_scan(z), delta_bias=delta_bias, delta_softplus=delta_softplus,
+    perm = _order_perm(order, grid, length, prefix, u.device)
+    result = selective_scan(_to_scan_order(u, perm), _to_scan_order(delta, perm), A,
+                            _to_scan_order(B, perm).contiguous(), _to_scan_order(C, perm).contiguous(), D,
+                            z=_to_scan_order(z, perm), delta_bias=delta_bias, delta_softplus=delta_softplus,
                             return_last_state=return_last_state)
     y, last = result if return_last_state else (result, None)
-    y = y.transpose(1, 2)
-    if order != RASTER:
-        y = y[:, torch.argsort(perm)]
+    y = _from_scan_order(y, perm)
     return (y, last) if return_last_state else y
+
+
+# --- the causal conv on the token layout: Mamba's conv along a scan order, in the C kernel ---
+
+class _ConvArgs(ctypes.Structure):
+    """Mirror of ConvArgs in selective_scan.c."""
+
+    _fields_ = [(name, ctypes.c_int64) for name in ("batch", "dim", "length", "width")] + [
+        (name, ctypes.c_void_p) for name in ("x", "weight", "bias")] + [("sx", ctypes.c_int64 * 3)] + [
+        (name, ctypes.c_int32) for name in ("order", "grid", "prefix", "threads")] + [("scratch", ctypes.c_void_p)]
+
+
+def _conv_args(x: Tensor, weight: Tensor, bias: Tensor | None, order: tuple[int, int, int], backward: bool):
+    """ConvArgs for an fp32 (batch, L, E) view x and contiguous fp32 weight (E, W), bias (E,); thread scratch and
+    the position table."""
+    lib, threads = _KERNEL.load(), torch.get_num_threads()
+    batch, length, dim = x.shape
+    scratch = torch.empty(threads * lib.ss_conv_scratch_floats(length, backward), dtype=torch.float32)
+    args = _ConvArgs(batch, dim, length, weight.shape[1], x.data_ptr(), weight.data_ptr(), _ptr(bias),
+                     (ctypes.c_int64 * 3)(*x.stride()), *order, threads, scratch.data_ptr())
+    return args, scratch, torch.empty(length, dtype=torch.int64)
+
+
+class _CpuTokenConv(torch.autograd.Function):
+    """Autograd wrapper around the C kernel's causal conv + SiLU on the token layout (see causal_conv1d_tokens)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, order, grid, prefix):
+        tensors = (_fp32_view(x), _fp32(weight), _fp32(bias))
+        args, _scratch, pos = _conv_args(*tensors, (order, grid, prefix), backward=False)
+        out = torch.empty(x.shape, dtype=torch.float32)
+        _KERNEL.load().ss_conv_forward_tokens(ctypes.byref(args), pos.data_ptr(), out.data_ptr())
+        ctx.save_for_backward(*[t if t is not None else torch.empty(0) for t in tensors])
+        ctx.has_bias, ctx.order = bias is not None, (order, grid, prefix)
+        ctx.dtypes = [t.dtype if t is not None else None for t in (x, weight, bias)]
+        return out.to(x.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        x, weight, bias = ctx.saved_tensors
+        bias = bias if ctx.has_bias else None
+        args, _scratch, pos = _conv_args(x, weight, bias, ctx.order, backward=True)
+        dout = _fp32(dout)  # contiguous: the kernel reads it so
+        dx, dweight = x.new_empty(x.shape), torch.empty_like(weight)
+        dbias = torch.empty_like(bias) if bias is not None else None
+        _KERNEL.load().ss_conv_backward_tokens(ctypes.byref(args), dout.data_ptr(), pos.data_ptr(), dx.data_ptr(),
+                                               dweight.data_ptr(), _ptr(dbias))
+        grads = [g if g is None else g.to(dtype) for g, dtype in zip((dx, dweight, dbias), ctx.dtypes)]
+        return (*grads, None, None, None)
+
+
+def causal_conv1d_tokens(x: Tensor, weight: Tensor, bias: Tensor | None = None, order: int = RASTER, grid: int = 0,
+                         prefix: int = 0) -> Tensor:
+    """``causal_conv1d`` with SiLU along a scan order, on the token layout: x (batch, L, E) in raster order, any
+    strides, weight (E, W), bias (E,) -> (batch, L, E) contiguous in raster order.
+
+    Step l of the conv is token ``order_positions(order, grid, L, prefix)[l]``, as in ``selective_scan_tokens``, and
+    the steps before the first read as zero. On CPU the C kernel walks the order over x as it lies; elsewhere x is
+    put in scan order, channel-major, for ``causal_conv1d`` and its output put back.
+    """
+    batch, length, dim = x.shape
+    _check_order("causal_conv1d_tokens", order, grid, prefix, length)
+    if weight.dim() != 2 or weight.shape[0] != dim or (bias is not None and bias.shape != (dim,)):
+        raise ValueError(f"causal_conv1d_tokens: expected weight ({dim}, W) and bias ({dim},) for x {tuple(x.shape)}, "
+                         f"got {tuple(weight.shape)} and {None if bias is None else tuple(bias.shape)}")
+    if token_kernels_run(x, weight, bias):
+        with _profiler_range(CAUSAL_CONV_LABEL):
+            return _CpuTokenConv.apply(x, weight, bias, order, grid, prefix)
+    perm = _order_perm(order, grid, length, prefix, x.device)
+    return _from_scan_order(causal_conv1d(_to_scan_order(x, perm), weight, bias, activation="silu"), perm).contiguous()
 
 
 # --- CUDA: mamba-ssm and causal-conv1d, imported lazily and only with CUDA present ---

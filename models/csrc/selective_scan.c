@@ -370,20 +370,37 @@ typedef struct {
     ScanArgs base;                       /* u, delta, z, B, C point at element (0, 0, 0) of their views */
     int64_t su[3], sdelta[3], sz[3];     /* strides (batch, position, channel) in floats */
     int64_t sB[3], sC[3];                /* strides (batch, position, group); the state stride is 1 */
-    int32_t order, grid;                 /* order: -1 raster, -2 raster reversed, 0..7 snake variant bits */
+    int32_t order, grid, prefix;         /* the scan order: see order_position */
 } TokenArgs;
 
-/* Raster token scanned at step l (see models/mamba.py snake_order): bit 1 columns instead of rows,
- * bit 2 from the bottom, bit 4 from the right, every other line backwards. */
-static int64_t order_position(int32_t order, int64_t grid, int64_t length, int64_t l)
+#define ORDER_RASTER (-1)
+#define ORDER_REVERSED (-2)
+#define ORDER_COLUMNS (-3)
+#define ORDER_COLUMNS_REVERSED (-4)
+
+/* Token scanned at step l: the first `prefix` tokens in place, then the other n = length - prefix tokens
+ * (a grid x grid grid where the order needs one) in raster order, reversed, by columns (top to bottom,
+ * left to right), by columns reversed, or along a snake 0..7 (see models/mamba.py snake_order): bit 1
+ * columns instead of rows, bit 2 from the bottom, bit 4 from the right, every other line backwards. */
+static int64_t order_position(int32_t order, int64_t grid, int64_t prefix, int64_t length, int64_t l)
 {
-    if (order == -1) return l;
-    if (order == -2) return length - 1 - l;
+    if (l < prefix) return l;
+    const int64_t n = length - prefix;
+    l -= prefix;
+    if (order == ORDER_RASTER) return prefix + l;
+    if (order == ORDER_REVERSED) return prefix + n - 1 - l;
+    if (order == ORDER_COLUMNS_REVERSED) l = n - 1 - l;
+    if (order == ORDER_COLUMNS || order == ORDER_COLUMNS_REVERSED) return prefix + l % grid * grid + l / grid;
     int64_t r = l / grid, c = l % grid;
     if (r & 1) c = grid - 1 - c;
     if (order & 4) c = grid - 1 - c;
     if (order & 2) r = grid - 1 - r;
-    return (order & 1) ? c * grid + r : r * grid + c;
+    return prefix + ((order & 1) ? c * grid + r : r * grid + c);
+}
+
+static void fill_positions(int32_t order, int64_t grid, int64_t prefix, int64_t length, int64_t *pos)
+{
+    for (int64_t l = 0; l < length; l++) pos[l] = order_position(order, grid, prefix, length, l);
 }
 
 #define TILE 16  /* channels gathered and scattered together: 64 bytes, one cache line of fp32 */
@@ -576,7 +593,7 @@ void ss_forward_tokens(const TokenArgs *t, int64_t *pos, float *out, float *last
     const ScanArgs *a = &t->base;
     const int64_t N = a->state, L = a->length, E = a->dim, ld = round_up(L);
     const int64_t tiles = (E + TILE - 1) / TILE;
-    for (int64_t l = 0; l < L; l++) pos[l] = order_position(t->order, t->grid, L, l);
+    fill_positions(t->order, t->grid, t->prefix, L, pos);
 #pragma omp parallel num_threads(a->threads)
     {
         float *dt = a->scratch + omp_get_thread_num() * ss_token_scratch_floats(L, N, 0);
@@ -607,7 +624,7 @@ void ss_backward_tokens(const TokenArgs *t, const ScanGrads *g, int64_t *pos)
     const int64_t N = a->state, L = a->length, G = a->groups, LN = L * N, stride = round_up(LN);
     const int64_t E = a->dim, ld = round_up(L);
     const int64_t per_group = a->dim / G, rows = block_rows(per_group), blocks = group_blocks(per_group);
-    for (int64_t l = 0; l < L; l++) pos[l] = order_position(t->order, t->grid, L, l);
+    fill_positions(t->order, t->grid, t->prefix, L, pos);
 #pragma omp parallel num_threads(a->threads)
     {
         float *buf = a->scratch + omp_get_thread_num() * ss_token_scratch_floats(L, N, 1);
@@ -656,6 +673,119 @@ void ss_backward_tokens(const TokenArgs *t, const ScanGrads *g, int64_t *pos)
                         dC[i] += p[stride + i];
                     }
                 }
+            }
+        }
+    }
+}
+
+/* ---- Mamba's depthwise causal conv + SiLU along a scan order, on the token layout (ss_conv_*_tokens) ----
+ *
+ * out_l = silu(bias + sum_k w_k x_{l - (width - 1) + k}) over the scan steps l of one channel (steps before
+ * the first read as zero), so that the conv, like the scan, sees the tokens in scan order while x and out
+ * stay (batch, length, dim) in raster order: step l is token pos[l], as in the scan. x is read through
+ * strides, out, dout and dx are contiguous (batch, length, dim); each tile of TILE channels is gathered into
+ * scan order in thread scratch, convolved row by row and scattered back. The backward gives dx and the sums
+ * over the batch of dweight (dim, width) and dbias (dim,): each channel tile is one thread's, which adds the
+ * batch elements in order, so the bits do not depend on the thread count. */
+
+typedef struct {
+    int64_t batch, dim, length, width;
+    const float *x, *weight, *bias;      /* x (batch, length, dim) strided; weight (dim, width); bias NULL or (dim,) */
+    int64_t sx[3];                       /* x's strides (batch, position, channel) in floats */
+    int32_t order, grid, prefix;         /* the scan order: see order_position */
+    int32_t threads;
+    float *scratch;                      /* threads * ss_conv_scratch_floats(length, backward) floats */
+} ConvArgs;
+
+#define CONV_FWD_TILES 2  /* x and out */
+#define CONV_BWD_TILES 3  /* x, dout and dx, plus one row of the pre-activation's gradient */
+
+int64_t ss_conv_scratch_floats(int64_t length, int32_t backward)
+{
+    return backward ? (CONV_BWD_TILES * TILE + 1) * round_up(length) : CONV_FWD_TILES * TILE * round_up(length);
+}
+
+/* The pre-activation of one row in scan order: a_l = bias + w_0 x_{l-W+1} + ... + w_{W-1} x_l. */
+INLINE void conv_row(const float *x, const float *w, float bias, int64_t W, int64_t L, float *a)
+{
+#pragma omp simd
+    for (int64_t l = 0; l < L; l++) a[l] = bias;
+    for (int64_t k = 0; k < W; k++) {
+        const int64_t shift = W - 1 - k;
+#pragma omp simd
+        for (int64_t l = shift; l < L; l++) a[l] += w[k] * x[l - shift];
+    }
+}
+
+void ss_conv_forward_tokens(const ConvArgs *c, int64_t *pos, float *out)
+{
+    const int64_t L = c->length, E = c->dim, W = c->width, ld = round_up(L), tiles = (E + TILE - 1) / TILE;
+    fill_positions(c->order, c->grid, c->prefix, L, pos);
+#pragma omp parallel num_threads(c->threads)
+    {
+        float *x = c->scratch + omp_get_thread_num() * ss_conv_scratch_floats(L, 0), *y = x + TILE * ld;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t k = 0; k < c->batch * tiles; k++) {
+            const int64_t b = k / tiles, d0 = k % tiles * TILE, T = E - d0 < TILE ? E - d0 : TILE;
+            gather_tile(c->x + b * c->sx[0] + d0 * c->sx[2], c->sx[1], c->sx[2], pos, L, T, x, ld);
+            for (int64_t j = 0; j < T; j++) {
+                float *a = y + j * ld;
+                conv_row(x + j * ld, c->weight + (d0 + j) * W, c->bias ? c->bias[d0 + j] : 0.0f, W, L, a);
+#pragma omp simd
+                for (int64_t l = 0; l < L; l++) a[l] = a[l] * sigmoid(a[l]);
+            }
+            scatter_tile(y, ld, pos, L, T, E, out + b * L * E + d0);
+        }
+    }
+}
+
+/* dout, dx (batch, length, dim) contiguous; dweight (dim, width) and dbias (dim,) are overwritten (dbias may be
+ * NULL when there is no bias). */
+void ss_conv_backward_tokens(const ConvArgs *c, const float *dout, int64_t *pos, float *dx, float *dweight,
+                             float *dbias)
+{
+    const int64_t L = c->length, E = c->dim, W = c->width, ld = round_up(L), tiles = (E + TILE - 1) / TILE;
+    fill_positions(c->order, c->grid, c->prefix, L, pos);
+#pragma omp parallel num_threads(c->threads)
+    {
+        float *x = c->scratch + omp_get_thread_num() * ss_conv_scratch_floats(L, 1);
+        float *dy = x + TILE * ld, *dxt = dy + TILE * ld, *da = dxt + TILE * ld;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t q = 0; q < tiles; q++) {
+            const int64_t d0 = q * TILE, T = E - d0 < TILE ? E - d0 : TILE;
+            for (int64_t j = 0; j < T; j++) {
+                for (int64_t k = 0; k < W; k++) dweight[(d0 + j) * W + k] = 0.0f;
+                if (dbias) dbias[d0 + j] = 0.0f;
+            }
+            for (int64_t b = 0; b < c->batch; b++) {
+                gather_tile(c->x + b * c->sx[0] + d0 * c->sx[2], c->sx[1], c->sx[2], pos, L, T, x, ld);
+                gather_tile(dout + b * L * E + d0, E, 1, pos, L, T, dy, ld);
+                for (int64_t j = 0; j < T; j++) {
+                    const float *xr = x + j * ld, *dyr = dy + j * ld, *w = c->weight + (d0 + j) * W;
+                    float *dxr = dxt + j * ld, *dw = dweight + (d0 + j) * W, db = 0.0f;
+                    conv_row(xr, w, c->bias ? c->bias[d0 + j] : 0.0f, W, L, da);
+#pragma omp simd reduction(+ : db)
+                    for (int64_t l = 0; l < L; l++) {  /* silu'(a) = s (1 + a (1 - s)) */
+                        const float s = sigmoid(da[l]);
+                        da[l] = dyr[l] * s * (1.0f + da[l] * (1.0f - s));
+                        db += da[l];
+                    }
+                    /* dx_m = sum_k w_k da_{m + W - 1 - k}, the transposed conv; dw_k = sum_l da_l x_{l - (W-1) + k} */
+#pragma omp simd
+                    for (int64_t m = 0; m < L; m++) dxr[m] = 0.0f;
+                    for (int64_t k = 0; k < W; k++) {
+                        const int64_t shift = W - 1 - k;
+                        float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+                        for (int64_t l = shift; l < L; l++) {
+                            dxr[l - shift] += w[k] * da[l];
+                            s += da[l] * xr[l - shift];
+                        }
+                        dw[k] += s;
+                    }
+                    if (dbias) dbias[d0 + j] += db;
+                }
+                scatter_tile(dxt, ld, pos, L, T, E, dx + b * L * E + d0);
             }
         }
     }
