@@ -14,8 +14,10 @@ padding tokens that end every row, and a 3 x 3 depthwise conv before the first a
   MLP embedding through one shared SiLU-Linear to (shift, scale, gate), plus a learnable (3, D) table per block.
 - Scan orders: block k of 2n + 1 sweeps rows forward, rows reversed, columns forward, columns reversed in turn
   (k mod 4) for k <= n; blocks k > n mirror block 2n - k, so the last block sweeps rows forward like the first.
-  Blocks 1..n keep their outputs, blocks n+1..2n fuse them in reverse (block n+1 takes block n's). The tokens are put
-  in a block's order and back inside its mixer with transposes and flips of the padded grid (the prefix stays first).
+  Blocks 1..n keep their outputs, blocks n+1..2n fuse them in reverse (block n+1 takes block n's). On CPU the tokens
+  stay in raster order: the mixer's causal conv and scan walk the block's order by index arithmetic (the prefix
+  first, then the padded grid; ``Sweep.kernel_order``); mamba-ssm's fused layer on CUDA takes them in the block's
+  order, put there and back with transposes and flips of the padded grid.
 - Pads: ``pad`` learnable vectors (DiM: d_conv = 3) fill the ``pad`` columns after every row and the ``pad`` rows
   below the grid (row g + i is all vector i), and ``pad`` more separate the time token from the image; inserted once
   before the first block and removed after the last, so that no row (column, in a column sweep) runs straight into
@@ -38,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from models import ssm
 from models.layers import PatchEmbed, TimestepEmbedder, check_inputs, modulate, timestep_features, unpatchify
 from models.mamba import ZIGZAG_CYCLE, ScanOrder, SelfMamba
 from models.registry import register_model
@@ -76,8 +79,10 @@ class Sweep:
     """A token order for Mamba's scan: ``prefix`` tokens first as they are, then the padded ``grid`` x ``grid`` tokens
     by rows or columns, forward or reversed, or along a snake (``models.mamba.snake_order``'s variant bits).
 
-    ``to_scan`` and ``from_scan`` act on the last axis with transposes and flips (``models.mamba.SelfMamba`` calls
-    them as it calls a ``ScanOrder``'s).
+    ``kernel_order`` is the order as the C kernel's causal conv and scan walk it over the token layout by index
+    arithmetic; ``to_scan`` and ``from_scan`` act on the last axis with transposes and flips, for the paths that put
+    the tokens in scan order (mamba-ssm's fused layer on CUDA, the channel-major fallback). ``models.mamba.SelfMamba``
+    uses both as it uses a ``ScanOrder``'s.
     """
 
     prefix: int
@@ -119,6 +124,17 @@ class Sweep:
     def perm(self) -> Tensor:
         """Raster positions in scan order: ``to_scan(s) == s[..., perm]``."""
         return self.to_scan(torch.arange(self.prefix + self.grid * self.grid))
+
+    @property
+    def kernel_order(self) -> dict:
+        """The order as ``models.ssm.selective_scan_tokens`` and ``causal_conv1d_tokens`` take it."""
+        if self.snake is not None:
+            code = self.snake
+        elif self.columns:
+            code = ssm.COLUMNS_REVERSED if self.reverse else ssm.COLUMNS
+        else:
+            code = ssm.REVERSED if self.reverse else ssm.RASTER
+        return dict(order=code, grid=self.grid, prefix=self.prefix)
 
 
 def block_order(scan: str, block: int, depth: int, prefix: int, grid: int) -> Sweep | None:

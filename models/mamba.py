@@ -41,9 +41,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models import ssm
-from models.ssm import causal_conv1d, selective_scan, selective_scan_tokens
+from models.ssm import causal_conv1d, causal_conv1d_tokens, selective_scan, selective_scan_tokens
 
 SCAN_ORDERS = ("raster", "bidirectional", "zigzag")
+RASTER_ORDER = dict(order=ssm.RASTER)  # raster order (None in a list of orders) as the token kernels take it
 CONVS = ("causal1d", "grid2d")
 GRID_CONV_KERNEL = 3
 # Snake variants of consecutive blocks (see snake_order): each pair starts from opposite corners, so after
@@ -102,9 +103,10 @@ class ScanOrder:
     snake: int | None = None  # None: raster reversed
 
     @property
-    def code(self) -> int:
-        """The order as ``models.ssm.selective_scan_tokens`` takes it: the snake's variant bits, or REVERSED."""
-        return ssm.REVERSED if self.snake is None else self.snake
+    def kernel_order(self) -> dict:
+        """The order as ``models.ssm.selective_scan_tokens`` and ``causal_conv1d_tokens`` take it: the snake's variant
+        bits, or REVERSED, on this grid."""
+        return dict(order=ssm.REVERSED if self.snake is None else self.snake, grid=self.grid)
 
     @property
     def perm(self) -> Tensor:
@@ -161,6 +163,11 @@ class TokenConv(nn.Module):
             return causal_conv1d(s, self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu")
         B, E, L = s.shape
         return F.silu(self.conv2d(s.view(B, E, self.grid, self.grid))).view(B, E, L)
+
+    def causal_tokens(self, s: Tensor, order: dict) -> Tensor:
+        """The causal conv + SiLU along a scan order (``kernel_order``'s keywords) on token-major (B, L, E) streams,
+        without putting them in that order: (B, L, E) contiguous in raster order."""
+        return causal_conv1d_tokens(s, self.conv1d.weight[:, 0], self.conv1d.bias, **order)
 
     def grid_tokens(self, s: Tensor) -> Tensor:
         """The grid conv + SiLU on token-major (B, L, E) streams, without moving them: (B, L, E) contiguous is the
@@ -225,31 +232,43 @@ class SelectiveSSM(nn.Module):
     def forward_tokens(self, u: Tensor, z: Tensor, m: Tensor | None, orders: list[ScanOrder | None]) -> Tensor:
         """``forward`` on token-major streams: u, z, m (B, L, E) in raster order -> y (B, L, E) in raster order.
 
-        With the grid conv nothing is moved: the conv runs channels-last, the projections per token on the
-        linear layers' own layout, and the scan kernel walks each order over these tensors (``selective_scan_tokens``);
-        the projections are made once for all the orders, since they act per token. The causal conv runs along
-        the scan order, so it takes ``forward`` on channel-major copies in each order."""
-        if not self.conv.on_grid:
+        Nothing is moved: the grid conv runs channels-last, the causal conv and the scan kernel walk each order over
+        the linear layers' tensors (``causal_conv1d_tokens``, ``selective_scan_tokens``), and the projections act per
+        token on their own layout: once for all the orders after the grid conv, once per order after the causal conv,
+        whose output depends on the order. Where the C kernel does not run (CUDA, the PyTorch fallbacks) the causal
+        conv takes ``forward`` on channel-major copies in each order, the layout causal-conv1d's kernel reads."""
+        if not self.conv.on_grid and not ssm.token_kernels_run(u):
             y = self.forward(u.transpose(1, 2), z.transpose(1, 2), m.transpose(1, 2) if m is not None else None,
                              orders)
             return y.transpose(1, 2)
-        N, R = self.d_state, self.dt_rank
-        u = self.conv.grid_tokens(u)
-        proj = F.linear(u, self.x_proj.weight)  # (B, L, R), or (B, L, R + 2N) without cross
-        if self.cross:
-            dt = proj
-            B, C = F.linear(self.mask_conv.grid_tokens(m), self.mask_x_proj.weight).split([N, N], dim=-1)
-        else:
-            dt, B, C = proj.split([R, N, N], dim=-1)  # views: the kernel reads B and C with their strides
-        delta = F.linear(dt, self.dt_proj.weight)  # (B, L, E); dt_proj's bias enters the scan as delta_bias
+        if self.conv.on_grid:  # the 2-D conv and so the projections do not depend on the order: made once
+            u, m = self.conv.grid_tokens(u), self.mask_conv.grid_tokens(m) if self.cross else None
+            streams = self.project_tokens(u, m)
         A = -torch.exp(self.A_log.float())
         y = None
         for order in orders:
-            yp = selective_scan_tokens(u, delta, A, B, C, self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(),
-                                       delta_softplus=True, order=ssm.RASTER if order is None else order.code,
-                                       grid=self.conv.grid)
+            where = RASTER_ORDER if order is None else order.kernel_order
+            if not self.conv.on_grid:
+                mo = self.mask_conv.causal_tokens(m, where) if self.cross else None
+                streams = self.project_tokens(self.conv.causal_tokens(u, where), mo)
+            uo, delta, B, C = streams
+            yp = selective_scan_tokens(uo, delta, A, B, C, self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(),
+                                       delta_softplus=True, **where)
             y = yp if y is None else y + yp
         return y
+
+    def project_tokens(self, u: Tensor, m: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Convolved token-major u (and m, cross only) (B, L, E) -> the scan's u, delta (B, L, E) and B, C (B, L, N),
+        per token on the linear layers' layout (B and C are views of one projection without cross)."""
+        N, R = self.d_state, self.dt_rank
+        proj = F.linear(u, self.x_proj.weight)  # (B, L, R), or (B, L, R + 2N) without cross
+        if self.cross:
+            dt = proj
+            B, C = F.linear(m, self.mask_x_proj.weight).split([N, N], dim=-1)
+        else:
+            dt, B, C = proj.split([R, N, N], dim=-1)  # views: the kernel reads B and C with their strides
+        delta = F.linear(dt, self.dt_proj.weight)  # (B, L, E); dt_proj's bias enters the scan as delta_bias
+        return u, delta, B, C
 
     def scan(self, u: Tensor, z: Tensor, m: Tensor | None) -> Tensor:
         """One selective scan of (B, E, L) streams already convolved, in scan order."""
