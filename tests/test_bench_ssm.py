@@ -62,7 +62,7 @@ def check_timed(result, x, mode):
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 def test_scan_speed(benchmark, mode, shape, impl):
     if benchmark.disabled and impl != "cpu":
-        pytest.skip("the loops take seconds and only matter as timings: run with --benchmark-enable")
+        pytest.skip("the loops take seconds per call: timed and checked with --benchmark-enable")
     fn = IMPLEMENTATIONS[impl]
     x = scan_inputs(*SHAPES[shape], requires_grad=mode == "fwd+bwd")
     grad_out = torch.randn(SHAPES[shape][:3])
