@@ -44,7 +44,7 @@ from models import ssm
 from models.ssm import causal_conv1d, causal_conv1d_tokens, selective_scan, selective_scan_tokens
 
 SCAN_ORDERS = ("raster", "bidirectional", "zigzag")
-RASTER_ORDER = dict(order=ssm.RASTER)  # raster order (None in a list of orders) as the token kernels take it
+RASTER_ORDER = dict(order=ssm.RASTER, grid=0, prefix=0)  # raster (None in a list of orders) for the token kernels
 CONVS = ("causal1d", "grid2d")
 GRID_CONV_KERNEL = 3
 # Snake variants of consecutive blocks (see snake_order): each pair starts from opposite corners, so after
@@ -105,8 +105,8 @@ class ScanOrder:
     @property
     def kernel_order(self) -> dict:
         """The order as ``models.ssm.selective_scan_tokens`` and ``causal_conv1d_tokens`` take it: the snake's variant
-        bits, or REVERSED, on this grid."""
-        return dict(order=ssm.REVERSED if self.snake is None else self.snake, grid=self.grid)
+        bits, or REVERSED, on this grid, with no prefix."""
+        return dict(order=ssm.REVERSED if self.snake is None else self.snake, grid=self.grid, prefix=0)
 
     @property
     def perm(self) -> Tensor:
