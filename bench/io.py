@@ -7,7 +7,10 @@
   ``filelock`` package) and add lines to the end without rewriting what is there, so concurrent writers lose
   nothing; a file whose header is not ours (garbage, binary, other columns) is refused with one line, before any
   work (``check``) and again at the append, and is never rewritten. A file written by an older version of the
-  schema (a subset of today's columns) is migrated once, under the lock, to the full header.
+  schema (a subset of today's columns) is migrated once, under the lock, to the full header, its rows kept as they
+  are. Reading checks every row against the schema (field count, numbers where numbers belong, the columns
+  ``bench.rows.REQUIRED`` names) and names a damaged one by file, line and column; columns that later versions added
+  are filled as ``bench.rows.MIGRATIONS`` says.
 - ``display_path``: a path as result files record it (relative to the working folder, or under ``~``), so that
   committed results name no machine's layout; ``tidy`` does the same inside free text.
 """
@@ -21,10 +24,12 @@ import json
 import math
 import os
 import tempfile
+import typing
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from bench.errors import BenchError
+from bench.rows import MIGRATIONS, REQUIRED
 
 LOCK_TIMEOUT_S = 120  # a writer that holds a results file longer than this is stuck: give up with one line
 
@@ -256,6 +261,16 @@ def columns(schema: type) -> list[str]:
     return [f.name for f in dataclasses.fields(schema)]
 
 
+def column_kinds(schema: type) -> dict[str, type]:
+    """Each column's value type, from the schema's annotations: bool, int, float, or str for anything else."""
+    hints = typing.get_type_hints(schema)
+    kinds = {}
+    for name in columns(schema):
+        held = typing.get_args(hints[name]) or (hints[name],)
+        kinds[name] = next((kind for kind in (bool, int, float) if kind in held), str)
+    return kinds
+
+
 def _cell(value: Any) -> str:
     """CSV text of one value: empty for None and NaN, floats in full (repr) precision."""
     if value is None:
@@ -267,13 +282,33 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def _is_number(text: str) -> bool:
+    """Whether ``text`` reads as a number (as float() and pandas read it: 1, 2.5e-3, inf, nan)."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+SHOWN_CHARS = 40  # of a bad cell, in an error: enough to recognise it, short enough for one line
+BOOLEAN_TEXT = ("true", "false")  # how the writer spells a bool (any case), as pandas reads it
+
+
+def _shown(text: str) -> str:
+    """A cell as an error quotes it: in repr (newlines escaped), cut at SHOWN_CHARS."""
+    return repr(text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "...")
+
+
 class ResultsFile:
-    """A results CSV of one row schema: locked appends, a refusal for files that are not ours."""
+    """A results CSV of one row schema: locked appends, a refusal for files that are not ours, checked reads."""
 
     def __init__(self, path: str | os.PathLike, schema: type):
         self.path = Path(path)
         self.schema = schema
         self.columns = columns(schema)
+        self.kinds = column_kinds(schema)
+        self.required = REQUIRED.get(schema, ())
 
     def _lock(self):
         from filelock import FileLock
@@ -288,9 +323,9 @@ class ResultsFile:
                              f"{display_path(self.path / 'results.csv')}")
         if not self.path.exists() or self.path.stat().st_size == 0:
             return None
-        try:
-            with self.path.open(newline="", encoding="utf-8") as f:
-                header = next(csv.reader(f), None)
+        try:  # the first line alone: bytes further on are damaged rows, which reading names by their line
+            with self.path.open("rb") as f:
+                header = next(csv.reader([f.readline().decode("utf-8")], strict=True), None)
         except (OSError, UnicodeDecodeError, csv.Error) as e:
             raise self._foreign(f"not a text CSV ({type(e).__name__})") from None
         if not header:
@@ -304,9 +339,62 @@ class ResultsFile:
         return BenchError(f"{display_path(self.path)} is not a sis-bench {self.schema.__name__} file ({why}); "
                           f"nothing was written to it: move it away or give another --out")
 
+    def _damaged(self, line: int, what: str) -> BenchError:
+        """The one-line error for a damaged row: the file, its line (the header is line 1), and how to go on."""
+        return BenchError(f"{display_path(self.path)} line {line}: {what}; fix or delete line {line}, or move the "
+                          f"file away")
+
     def check(self) -> None:
-        """Refuse, before any work is done, a file that an append would refuse."""
-        self.header()
+        """Refuse, before any work is done, a file that an append or a read would refuse."""
+        if self.header() is not None:
+            self._records(self._text())
+
+    def _text(self) -> str:
+        """The file's text; bytes that are not UTF-8 are a one-line error naming their line."""
+        raw = self.path.read_bytes()
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise self._damaged(raw[: e.start].count(b"\n") + 1, "bytes that are not UTF-8 text") from None
+
+    def _records(self, text: str) -> tuple[list[str], list[list[str]]]:
+        """The header and every non-blank row, each checked against the schema (one-line error naming the first
+        damaged line)."""
+        reader = csv.reader(io.StringIO(text), strict=True)
+        header = next(reader)
+        missing = [c for c in self.required if c not in header]
+        if missing:
+            raise BenchError(f"{display_path(self.path)} line 1 (the header) lacks column {missing[0]!r}, which every "
+                             f"{self.schema.__name__} needs and no migration derives; the file comes from an unknown "
+                             f"version or was edited: restore the column, or move the file away and write it again")
+        rows, start = [], reader.line_num + 1
+        while True:
+            try:
+                fields = next(reader, None)
+            except csv.Error as e:
+                raise self._damaged(start, f"not valid CSV ({e})") from None
+            if fields is None:
+                return header, rows
+            if fields:
+                self._check_row(header, fields, start)
+                rows.append(fields)
+            start = reader.line_num + 1
+
+    def _check_row(self, header: list[str], fields: list[str], line: int) -> None:
+        """A one-line error if the row at ``line`` has the wrong number of fields, an empty required cell, or text
+        where the schema holds a number or a bool."""
+        if len(fields) != len(header):
+            raise self._damaged(line, f"{len(fields)} field{'s' if len(fields) != 1 else ''} where the header has "
+                                      f"{len(header)} (cut short or garbled)")
+        for name, text in zip(header, fields):
+            kind, value = self.kinds[name], text.strip()
+            if not value:
+                if name in self.required:
+                    raise self._damaged(line, f"column {name!r} is empty, and every {self.schema.__name__} needs it")
+            elif kind is bool and value.lower() not in BOOLEAN_TEXT:
+                raise self._damaged(line, f"column {name!r} holds {_shown(text)} where True or False belongs")
+            elif kind in (int, float) and not _is_number(value):
+                raise self._damaged(line, f"column {name!r} holds {_shown(text)} where a number belongs")
 
     def append(self, rows: Iterable[Mapping[str, Any]]) -> None:
         """Add ``rows`` at the end of the file (created with the schema's header), under the file lock."""
@@ -342,24 +430,38 @@ class ResultsFile:
         return buffer.getvalue()
 
     def _migrate(self, header: list[str]) -> list[str]:
-        """Rewrite a file of an older schema (a subset of the columns) with the full header; caller holds the lock."""
-        with self.path.open(newline="", encoding="utf-8") as f:
-            old = list(csv.DictReader(f))
+        """Rewrite a file of an older schema (a subset of the columns) with the full header, every row's text kept;
+        a damaged row stops it, named by its line, before anything is written. The caller holds the lock."""
+        _, old = self._records(self._text())
         full = header + [c for c in self.columns if c not in header]
-        write_text(self.path, self._lines([dict(zip(full, full))] + old, full))
+        write_text(self.path, self._lines([dict(zip(full, full))] + [dict(zip(header, row)) for row in old], full))
         return full
 
     def read(self):
-        """The rows as a pandas DataFrame with every schema column (absent ones empty)."""
+        """The rows as a pandas DataFrame with every schema column: each row checked (one-line error naming the
+        first damaged line), the columns of later versions filled as ``bench.rows.MIGRATIONS`` says, the rest of
+        the absent ones empty."""
         import pandas as pd
 
         if self.header() is None:
             return pd.DataFrame(columns=self.columns)
+        text = self._text()
+        self._records(text)
         try:
-            df = pd.read_csv(self.path, low_memory=False)
-        except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
+            df = pd.read_csv(io.StringIO(text), low_memory=False)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
             raise self._foreign(f"unparseable: {type(e).__name__}") from None
-        return df.reindex(columns=self.columns)
+        return self._migrated(df.reindex(columns=self.columns))
+
+    def _migrated(self, df):
+        """``df`` with each column of ``bench.rows.MIGRATIONS`` filled where a row leaves it empty."""
+        for column, derive in MIGRATIONS.get(self.schema, {}).items():
+            empty = df[column].isna()
+            if empty.any():
+                values = df[column].astype(object)
+                values[empty] = [derive(row) for row in df[empty].to_dict("records")]
+                df[column] = values
+        return df
 
 
 # ---------------------------------------------------------------------------------------------- folder locks

@@ -3,11 +3,16 @@
 Every row carries the provenance columns (``Provenance``, filled by ``bench.provenance.provenance``), so that a
 reader can tell what was measured on what. ``bench.io.ResultsFile(path, SpeedRow)`` appends rows of a schema
 and refuses files that are not of it.
+
+Files written by older versions hold a subset of today's columns. When they are read, ``REQUIRED`` names the
+columns no row can do without (a file lacking one, or a row with one empty, is refused naming the line), and
+``MIGRATIONS`` fills the later columns a reader depends on where a row leaves them empty.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Callable, Mapping, Optional
 
 
 @dataclass
@@ -190,3 +195,45 @@ class SweepRow(Provenance):
     recipe_lr: Optional[float] = None  # the preset recipe's rate when the sweep ran
     seconds: Optional[float] = None
     run: Optional[str] = None
+
+
+# ---------------------------------------------------------------------------------------------- older files
+
+REQUIRED: dict[type, tuple[str, ...]] = {
+    SpeedRow: ("mode", "model", "preset", "resolution", "batch_size", "steps", "precision"),
+    RoundRow: ("sweep", "process", "round", "model", "resolution", "batch_size", "kind", "seconds"),
+    QualityRow: ("model", "preset", "train_step"),
+    MaskScoreRow: ("eval_key", "model", "mask", "inter", "union"),
+    SweepRow: ("model", "preset", "lr", "train_steps"),
+}
+
+
+def _given(value: Any) -> bool:
+    """Whether a cell read from a file holds a value (not empty, not NaN)."""
+    return value is not None and value != "" and not (isinstance(value, float) and math.isnan(value))
+
+
+def derived_device_name(row: Mapping[str, Any]) -> str:
+    """``device_name`` of a row written before it was recorded: the device type, with the threads on a CPU (the
+    CPU or GPU model is unknown, so rows of different machines of one type share a table)."""
+    device, threads = row.get("device"), row.get("threads")
+    if not _given(device):
+        return "device not recorded"
+    if device == "cpu" and _given(threads):
+        return f"CPU, model not recorded ({int(threads)} thread{'s' if int(threads) != 1 else ''})"
+    return f"{device}, model not recorded"
+
+
+def derived_status(row: Mapping[str, Any]) -> str:
+    """``status`` of a row written before it was recorded: ok where the row holds its figures."""
+    return "ok" if row.get("mode") == "flops-only" or _given(row.get("latency_nfe_median_s")) else "not recorded"
+
+
+def eager(row: Mapping[str, Any]) -> bool:
+    """``compile`` of a row written before the option existed: those versions ran the model eagerly."""
+    return False
+
+
+MIGRATIONS: dict[type, dict[str, Callable[[Mapping[str, Any]], Any]]] = {
+    SpeedRow: {"device_name": derived_device_name, "status": derived_status, "compile": eager},
+}
