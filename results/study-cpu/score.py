@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from pathlib import Path
 
 from bench import presets
@@ -40,7 +41,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--results", type=Path, default=STUDY, help="the study's results folder")
     ap.add_argument("--preset", default="cpu", help="the study's preset")
+    ap.add_argument("--offline", action="store_true", help="fetch no weights (as bench run --offline)")
     args = ap.parse_args()
+    if args.offline:
+        os.environ["SIS_BENCH_OFFLINE"] = "1"
 
     import torch
 
