@@ -27,6 +27,7 @@ first (a few minutes on CPU at 32 px) on the train split of the evaluated data s
 """
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import math
@@ -38,10 +39,17 @@ import numpy as np
 import torch
 
 from bench import metrics
-from bench.data import NUM_CLASSES
+from bench import parser as face_parser
+from bench import sample as sampler  # a module: tests replace its generate
+from bench.checkpoint import load
+from bench.data import NUM_CLASSES, FaceDataset, onehot
 from bench.errors import BenchError
+from bench.flow import METHODS, NFE_PER_STEP
 from bench.io import ResultsFile, display_path, to_uint8, write_json, write_png
+from bench.provenance import provenance
 from bench.rows import MaskScoreRow, QualityRow
+from bench.runtime import check_precision
+from bench.synth import ensure_default_set
 
 DEFAULT_OUT = Path("results/quality.csv")
 RUN_ROOTS = (Path("runs"), Path("results/runs"))
@@ -77,24 +85,27 @@ def discover_runs(roots=RUN_ROOTS) -> list[Path]:
 def run_data(run_config: dict, size: int) -> Path:
     """The data folder a run trained on; its default synthetic set is generated if absent (as the trainer does)."""
     if run_config.get("synthetic"):
-        from bench.synth import ensure_default_set
-
         ensure_default_set(run_config["data"], run_config["synth_n"], size, progress=False)
     return Path(run_config["data"])
 
 
 # --------------------------------------------------------------------------- generated images
-def eval_dir(run, settings: QualitySettings, checkpoint: Path) -> Path:
-    """RUN/eval/<hash of everything that decides the images>."""
+def eval_key(checkpoint: Path, step: int, image_size: int, settings: QualitySettings) -> tuple[str, dict]:
+    """The name of the eval folder (a hash of everything that decides the images) and what it hashes."""
     ckpt = Path(checkpoint)
     st = ckpt.stat()
     key = {
-        "checkpoint": {"file": ckpt.name, "step": run.step, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns},
-        "data": display_path(settings.data), "split": settings.split, "size": run.image_size,
+        "checkpoint": {"file": ckpt.name, "step": step, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns},
+        "data": display_path(settings.data), "split": settings.split, "size": image_size,
         "steps": settings.steps, "method": settings.method, "guidance": settings.guidance, "seed": settings.seed,
         "precision": settings.precision,
     }
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16], key
+
+
+def eval_dir(run, settings: QualitySettings, checkpoint: Path) -> Path:
+    """RUN/eval/<hash of everything that decides the images>."""
+    digest, key = eval_key(checkpoint, run.step, run.image_size, settings)
     folder = run.run_dir / EVAL_DIRNAME / digest
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "settings.json", key)
@@ -112,10 +123,6 @@ def generated_images(run, labels: torch.Tensor, settings: QualitySettings, batch
     from PIL import Image
     from tqdm import tqdm
 
-    from bench.data import onehot
-    from bench.flow import NFE_PER_STEP
-    from bench.sample import generate
-
     folder = eval_dir(run, settings, checkpoint)
     per = settings.samples_per_mask
     todo = [(i, j) for i in range(len(labels)) for j in range(per) if not sample_file(folder, i, j).exists()]
@@ -123,8 +130,8 @@ def generated_images(run, labels: torch.Tensor, settings: QualitySettings, batch
                       disable=not progress or not todo):
         chunk = todo[start:start + batch_size]
         masks = onehot(labels[[i for i, _ in chunk]])
-        images, _ = generate(run, masks, [i * SAMPLE_STRIDE + j for i, j in chunk], settings.seed, settings.steps,
-                             settings.method, settings.guidance, batch_size, settings.precision)
+        images, _ = sampler.generate(run, masks, [i * SAMPLE_STRIDE + j for i, j in chunk], settings.seed,
+                                     settings.steps, settings.method, settings.guidance, batch_size, settings.precision)
         pix = to_uint8(images).permute(0, 2, 3, 1).numpy()  # (B, S, S, 3)
         for (i, j), p in zip(chunk, pix):
             write_png(sample_file(folder, i, j), p)
@@ -174,8 +181,6 @@ def parse_require(value: str) -> set[str]:
 def get_parser(path: Optional[Path], size: int, data: Path, device: torch.device, progress: bool = True,
                echo=print):
     """The face parser: ``path``, or the default one for ``size``, trained there first if it does not exist."""
-    from bench import parser as face_parser
-
     if path is None:
         path = face_parser.default_parser_path(size)
         if not path.exists():
@@ -201,12 +206,9 @@ def evaluate_run(run_dir: Path, data: Optional[Path], resources: Resources, pars
     Returns the result row (QualityRow) and one MaskScoreRow per test mask (the per-mask counts behind mIoU and the
     diversities, from which confidence intervals are drawn). ``setting_overrides`` are QualitySettings fields
     other than ``data``."""
-    from bench import parser as face_parser
-    from bench.provenance import provenance
-    from bench.sample import load_run
-
     checkpoint = Path(checkpoint) if checkpoint is not None else Path(run_dir) / "checkpoints" / "last.pt"
-    run = load_run(run_dir, device, checkpoint, setting_overrides.get("precision"))  # cast once, for every batch
+    # cast once, for every batch
+    run = sampler.load_run(run_dir, device, checkpoint, setting_overrides.get("precision"))
     size = run.image_size
     data = Path(data) if data is not None else run_data(run.config, size)
     settings = QualitySettings(data=str(data), **{**setting_overrides, "precision": run.precision})
@@ -276,8 +278,6 @@ def counts_text(counts: torch.Tensor) -> str:
 
 def mask_sources(data: Path, split: str, n: int) -> list[str]:
     """Names of the first ``n`` faces of a split ("test-28000"), as the sample records name them."""
-    from bench.data import FaceDataset
-
     ds = FaceDataset(data, split=split, size=32)
     return [f"{split}-{i}" for i in ds.indices[:n]]
 
@@ -299,19 +299,47 @@ def append_rows(path: Path, rows: list[dict], masks: list[dict] = ()) -> None:
     ResultsFile(path, QualityRow).append(rows)
 
 
+def masks_to_score(settings: QualitySettings, image_size: int) -> int:
+    """How many masks a call with ``settings`` scores: ``n_masks`` of the split, or all of it."""
+    available = len(FaceDataset(settings.data, split=settings.split, size=image_size))
+    return min(settings.n_masks, available) if settings.n_masks else available
+
+
+def scored_before(out: Path, checkpoint: Path, image_size: int, settings: QualitySettings, resources: Resources,
+                  parser: Path) -> bool:
+    """Whether ``out`` holds a row of the same images (eval key) scored on at least as many masks with as many
+    samples each, by ``parser`` as it is now, with every metric that can be computed now: scoring again would add
+    nothing."""
+    key, _ = eval_key(checkpoint, int(load(checkpoint, mmap=True)["step"]), image_size, settings)
+    rows = ResultsFile(out, QualityRow).read()
+    rows = rows[(rows["eval_key"] == key) & (rows["samples_per_mask"] == settings.samples_per_mask)
+                & (rows["n_masks"] >= masks_to_score(settings, image_size)) & (rows["parser"] == str(parser))]
+    if resources.inception is not None:
+        rows = rows[rows["fid_status"] == "ok"]
+    if resources.alexnet is not None:
+        rows = rows[rows["lpips_status"] == "ok"]
+    # the parser file written after a row (retrained) scores differently; timestamps have whole seconds
+    parser_written = math.floor(Path(parser).stat().st_mtime)
+    return any(_seconds(stamp) >= parser_written for stamp in rows["timestamp"])
+
+
+def _seconds(stamp) -> float:
+    """A row's ISO timestamp as seconds since the epoch (-inf when it is not one)."""
+    try:
+        return datetime.datetime.fromisoformat(str(stamp)).timestamp()
+    except ValueError:
+        return -math.inf
+
+
 SUMMARY_COLUMNS = ["model", "preset", "n_masks", "fid", "kid", "lpips_diversity", "pixel_diversity", "miou",
                    "miou_ceiling"]
 
 
 def check_settings(settings: QualitySettings) -> None:
     """One-line errors for sampling settings that cannot work, naming the option and its range."""
-    from bench.flow import METHODS
-    from bench.runtime import check_precision
-    from bench.sample import check_guidance
-
     if settings.precision is not None:
         check_precision(settings.precision)
-    check_guidance(settings.guidance)
+    sampler.check_guidance(settings.guidance)
     if settings.method not in METHODS:
         raise BenchError(f"--method {settings.method}: use one of {', '.join(METHODS)}")
     if not 2 <= settings.samples_per_mask <= SAMPLE_STRIDE:
