@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 from pathlib import Path
 
 from bench import presets
 from bench.io import folder_lock
 from bench.pipeline import QUALITY_BATCH, SAMPLE_SEED, Pipeline, RunOptions
+from bench.weights import set_offline
 
 STUDY = Path("results/study-cpu")
 MODELS = ("sisma,sisma:scan=raster:conv=causal1d,sisma:scan=raster,sisma:conv=causal1d,dit,dit:cond=add,sdm,"
@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("--offline", action="store_true", help="fetch no weights (as bench run --offline)")
     args = ap.parse_args()
     if args.offline:
-        os.environ["SIS_BENCH_OFFLINE"] = "1"
+        set_offline()
 
     import torch
 
