@@ -25,7 +25,7 @@ PRESET = "cpu"
 BATCH = {"nfe": 1, "train": 8}
 ROUNDS = {"nfe": 30, "train": 6}
 NAMES = ("sisma", "dit")
-# SISMA / DiT-SIS per training step, generous: results/study-cpu trained both at about 1.5 steps/s (ratio about 1)
+# SISMA / DiT-SIS per training step, generous: docs/timing.md reads 1.07x to 1.19x on the token layout (1.57x before)
 TRAIN_RATIO_BOUND = 1.5
 RATIO_ROUNDS = 9
 
