@@ -107,7 +107,7 @@ class FaceParser(nn.Module):
 
 # --------------------------------------------------------------------------- training
 @dataclass
-class TrainConfig:
+class ParserTrainConfig:
     """Optimisation settings of ``bench parser train``."""
 
     steps: int = 1000
@@ -117,6 +117,11 @@ class TrainConfig:
     warmup: int = 100              # linear learning-rate warm-up steps, then cosine decay to 0
     dice: float = 1.0              # weight of the soft-Dice term added to the cross-entropy
     seed: int = 0
+
+
+# The class's former name, which bench/quality.py and bench/pipeline.py still use; to be removed once they say
+# ParserTrainConfig.
+TrainConfig = ParserTrainConfig
 
 
 def load_split(data: Path, split: str, size: int, limit: int | None = None,
@@ -161,13 +166,13 @@ def soft_dice_loss(logits: torch.Tensor, labels: torch.Tensor, eps: float = 1e-6
     return 1 - dice[target.sum((0, 2, 3)) > 0].mean()
 
 
-def _lr_factor(step: int, cfg: TrainConfig) -> float:
+def _lr_factor(step: int, cfg: ParserTrainConfig) -> float:
     if step < cfg.warmup:
         return (step + 1) / cfg.warmup
     return 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)))
 
 
-def train_parser(data: Path, config: ParserConfig, train: TrainConfig, device: torch.device | str = "cpu",
+def train_parser(data: Path, config: ParserConfig, train: ParserTrainConfig, device: torch.device | str = "cpu",
                  progress: bool = True) -> FaceParser:
     """Train a parser on the train split of ``data`` (random horizontal flips): cross-entropy plus soft Dice."""
     from tqdm import tqdm
@@ -195,7 +200,8 @@ def train_parser(data: Path, config: ParserConfig, train: TrainConfig, device: t
 
 
 @torch.no_grad()
-def parser_confusion(model: FaceParser, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+def parser_confusion(model: FaceParser, images: torch.Tensor, labels: torch.Tensor,
+                     batch_size: int = 64) -> torch.Tensor:
     """Confusion matrix of the parser on uint8 images (N, 3, S, S) against label maps (N, S, S)."""
     return per_image_confusion(model, images, labels, batch_size).sum(0)
 
@@ -252,7 +258,7 @@ def load_parser(path: Path, device: torch.device | str = "cpu") -> tuple[FacePar
     return model.to(device).eval(), ckpt.get("meta", {})
 
 
-def train_and_save(data: Path, size: int, train: TrainConfig, out: Path | None = None, width: int | None = None,
+def train_and_save(data: Path, size: int, train: ParserTrainConfig, out: Path | None = None, width: int | None = None,
                    levels: int | None = None, device: torch.device | str = "cpu", progress: bool = True) -> dict:
     """Train the parser for ``size`` px on the train split of ``data``, score it on the test split, save it to
     ``out`` (default ``default_parser_path(size)``); returns {path, test_miou, seconds}."""

@@ -92,7 +92,8 @@ def test_training_beats_the_untrained_parser(faces):
     cfg = fp.ParserConfig(size=SIZE, width=16)
     torch.manual_seed(0)
     before = fp.evaluate(fp.FaceParser(cfg).eval(), faces, "train")
-    model = fp.train_parser(faces, cfg, fp.TrainConfig(steps=300, batch_size=16, warmup=5, lr=1e-2), progress=False)
+    train = fp.ParserTrainConfig(steps=300, batch_size=16, warmup=5, lr=1e-2)
+    model = fp.train_parser(faces, cfg, train, progress=False)
     after = fp.evaluate(model, faces, "train")
     assert after > before + 0.2
 
@@ -125,5 +126,5 @@ def test_parser_ceiling_on_real_synthetic_test_faces(tmp_path):
     are what separates the two; the 0.9 of the issue needs far more steps on many faces, or a higher resolution.
     """
     data = generate_synthetic(tmp_path / "faces", n=2000, size=64, seed=0, progress=False)
-    model = fp.train_parser(data, fp.ParserConfig(size=32), fp.TrainConfig(steps=3000), progress=False)
+    model = fp.train_parser(data, fp.ParserConfig(size=32), fp.ParserTrainConfig(steps=3000), progress=False)
     assert fp.evaluate(model, data, "test") >= 0.68
