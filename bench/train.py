@@ -5,6 +5,9 @@ steps/s, wall time, CPU threads), ``checkpoints/last.pt`` (plus ``step_*.pt`` sn
 and at the steps of ``keep_at``) and ``samples/step_*.png`` grids (mask | samples from fixed noise, EMA weights).
 The conventions (time, path, target, guidance) are those of ``bench.flow``.
 
+A config comes from ``make_config``: the recipe and bookkeeping fields have no defaults of their own (they are the
+preset's, ``bench.presets``), and a TrainConfig built with any of them unset is refused.
+
 Exact resume: everything random is a function of the seed and the step. The data order is a seeded
 permutation per epoch, indexed by step; the noise, times and mask drops of the GLOBAL batch come from one
 generator whose state is checkpointed; each DDP rank takes its slice of both. So N steps in one go,
@@ -29,18 +32,22 @@ import datetime
 import io
 import math
 import os
+import random
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
+import models
 from bench import flow, presets, recompute
 from bench.autoencoder import SD_VAE, LatentCache, load_space
 from bench.checkpoint import (
@@ -52,56 +59,77 @@ from bench.checkpoint import (
     set_rng_state,
     snapshot,
 )
-from bench.data import check_complete, data_fingerprint, run_data_folder
+from bench.data import FaceDataset, check_complete, data_fingerprint, run_data_folder
 from bench.errors import BenchError
-from bench.io import check_folder_free, display_path, read_json, write_json, write_text
-from bench.presets import doc
+from bench.io import check_folder_free, display_path, folder_lock, read_json, write_json, write_text
+from bench.presets import Budget, Recipe, doc
 from bench.runtime import PRECISIONS, resolve_device
-from bench.synth import default_set_dir
-from bench.variants import build_model
+from bench.sample import GridSpec
+from bench.synth import default_set_dir, ensure_default_set, wait_for_default_set
+from bench.variants import Variant, build_model, parse_variant
+
+DEFAULT_PRESET = "cpu"
+# Field metadata: the field is filled by make_config from the preset's table (its value until then: None) ...
+FROM_PRESET = "from_preset"
+# ... or recorded by the harness (make_config, the trainer, `bench plan`) rather than given as a `bench train` option.
+RECORDED = "recorded"
+
+
+def from_preset(table: type, name: str) -> Any:
+    """A field whose value is the preset's (``table``: ``Recipe`` or ``Budget``), with that table's help text."""
+    return field(default=None, metadata={"help": presets.help_text(table, name), FROM_PRESET: True})
+
+
+def recorded(text: str, **kw) -> Any:
+    """A field the harness sets, with its help text; not a `bench train` option."""
+    return field(metadata={"help": text, RECORDED: True}, **kw)
 
 
 @dataclass
 class TrainConfig:
     """Everything that defines a run; written to RUN/config.json and into every checkpoint.
 
-    Defaults of the optimisation and bookkeeping fields come from ``bench.presets`` (per preset and backbone);
-    each field's help text is stored with it (``bench.presets.help_text``).
+    Made by ``make_config``, which fills the recipe and bookkeeping fields from ``bench.presets`` (per preset and
+    backbone); each field's help text is stored with it (``bench.presets.help_text``), and every field that is not
+    recorded by the harness is a `bench train` option.
     """
 
     model: str = doc("Registered backbone (sisma, dit, sdm, or a plugin).")
-    preset: str = doc("Size preset: paper, cpu or tiny; also picks the recipe and bookkeeping defaults.")
-    variant: str = doc("The variant's name (the backbone plus config overrides, e.g. sisma:scan=raster).",
-                       default="")
-    data: Optional[str] = doc("Data folder (CelebAMask-HQ or {train,test}/{images,labels} layout).", default=None)
-    synthetic: bool = doc("The data is the default synthetic set, generated on first use.", default=False)
-    synth_n: int = doc("Faces in the default synthetic set.", default=2000)
-    space: str = doc("pixel or latent (the SD-VAE's latents).", default="pixel")
+    preset: str = doc(f"Size preset: paper, cpu or tiny; also picks the recipe and bookkeeping defaults (default: "
+                      f"{DEFAULT_PRESET}).")
+    variant: str = recorded("The variant's name (the backbone plus config overrides, e.g. sisma:scan=raster).",
+                            default="")
+    data: Optional[str] = doc("Data folder (CelebAMask-HQ or {train,test}/{images,labels} layout). Default: a "
+                              "synthetic set in ./data, generated on first use.", default=None)
+    synthetic: bool = recorded("The data is the default synthetic set, generated on first use.", default=False)
+    synth_n: int = from_preset(Budget, "synth_n")
+    space: str = doc("pixel or latent (the SD-VAE's latents). Default: the model's own (paper: latent for sisma and "
+                     "dit, pixel for sdm; cpu and tiny: pixel).", default="pixel")
     vae: Optional[str] = doc("AutoencoderKL folder or hub id (latent space; fetched into the HF cache on first use).",
                              default=None)
-    model_overrides: dict = doc("Config fields of the backbone changed by the variant and the space.",
-                                default_factory=dict)
-    model_config: dict = doc("Every field of the backbone's config as built, so that a later change of a preset or a "
-                             "default cannot change what this run builds.", default_factory=dict)
-    steps: int = doc(presets.help_text(presets.Recipe, "steps"), default=600)
-    batch_size: int = doc(presets.help_text(presets.Recipe, "batch_size"), default=8)
-    lr: float = doc(presets.help_text(presets.Recipe, "lr"), default=1e-3)
-    warmup: int = doc(presets.help_text(presets.Recipe, "warmup"), default=0)
-    ema_decay: float = doc(presets.help_text(presets.Recipe, "ema_decay"), default=0.999)
+    model_overrides: dict = recorded("Config fields of the backbone changed by the variant and the space.",
+                                     default_factory=dict)
+    model_config: dict = recorded("Every field of the backbone's config as built, so that a later change of a preset "
+                                  "or a default cannot change what this run builds.", default_factory=dict)
+    steps: int = from_preset(Recipe, "steps")
+    batch_size: int = from_preset(Recipe, "batch_size")
+    lr: float = from_preset(Recipe, "lr")
+    warmup: int = from_preset(Recipe, "warmup")
+    ema_decay: float = from_preset(Recipe, "ema_decay")
     seed: int = doc("Seed of init, data order, noise and mask drops.", default=0)
-    precision: str = doc(presets.help_text(presets.Recipe, "precision"), default="fp32")
-    grad_clip: float = doc(presets.help_text(presets.Recipe, "grad_clip"), default=1.0)
-    p_uncond: float = doc(presets.help_text(presets.Recipe, "p_uncond"), default=0.1)
+    precision: str = from_preset(Recipe, "precision")
+    grad_clip: float = from_preset(Recipe, "grad_clip")
+    p_uncond: float = from_preset(Recipe, "p_uncond")
     time_dist: str = doc("Training time distribution: logit-normal or uniform.", default="logit-normal")
-    ckpt_every: int = doc(presets.help_text(presets.Budget, "ckpt_every"), default=250)
-    keep_every: int = doc(presets.help_text(presets.Budget, "keep_every"), default=0)
-    keep_at: list = doc("Also keep a snapshot step_N.pt at each of these steps (quality against training).",
-                        default_factory=list)
-    sample_every: int = doc(presets.help_text(presets.Budget, "sample_every"), default=250)
-    log_every: int = doc(presets.help_text(presets.Budget, "log_every"), default=10)
-    grid_masks: int = doc(presets.help_text(presets.Budget, "grid_masks"), default=4)
-    grid_steps: int = doc(presets.help_text(presets.Budget, "grid_steps"), default=50)
-    workers: int = doc(presets.help_text(presets.Budget, "workers"), default=0)
+    ckpt_every: int = from_preset(Budget, "ckpt_every")
+    keep_every: int = from_preset(Budget, "keep_every")
+    keep_at: list[int] = doc("Also keep a snapshot step_N.pt at this step (quality against training); repeat the "
+                             "option for several steps.", default_factory=list)
+    sample_every: int = from_preset(Budget, "sample_every")
+    log_every: int = from_preset(Budget, "log_every")
+    grid_masks: int = from_preset(Budget, "grid_masks")
+    grid_steps: int = from_preset(Budget, "grid_steps")
+    workers: int = from_preset(Budget, "workers")
     cache_latents: bool = doc("Keep each image's latent in RUN/latents after its first encoding (default: on in latent "
                               "space, off in pixel space).", default=False)
     micro_batch: int = doc("Samples per forward and backward pass: each process's share of the batch is split into "
@@ -109,12 +137,28 @@ class TrainConfig:
                            "at once).", default=0)
     checkpointing: bool = doc("Recompute each block's activations in backward instead of keeping them (less memory, "
                               "about a third more compute; bench/recompute.py).", default=False)
-    data_from_run: Optional[str] = doc("The data folder relative to the run folder, so that the run finds it from any "
-                                       "working folder (set at training).", default=None)
-    data_fingerprint: str = doc("What identifies the data set (bench.data.data_fingerprint), checked where the run's "
-                                "data is used.", default="")
-    memory_plan: dict = doc("What `bench plan` chose for `--gpu-memory` (bench/plan.py); empty without it.",
-                            default_factory=dict)
+    data_from_run: Optional[str] = recorded("The data folder relative to the run folder, so that the run finds it "
+                                            "from any working folder (set at training).", default=None)
+    data_fingerprint: str = recorded("What identifies the data set (bench.data.data_fingerprint), checked where the "
+                                     "run's data is used.", default="")
+    memory_plan: dict = recorded("What `bench plan` chose for `--gpu-memory` (bench/plan.py); empty without it.",
+                                 default_factory=dict)
+
+    def __post_init__(self):
+        require_preset_fields(self)
+
+
+def require_preset_fields(cfg: TrainConfig) -> None:
+    """One-line error for a config whose recipe or bookkeeping fields are not all set (not made by make_config)."""
+    unset = [f.name for f in dataclasses.fields(cfg) if f.metadata.get(FROM_PRESET) and getattr(cfg, f.name) is None]
+    if unset:
+        raise BenchError(f"TrainConfig of {cfg.model}/{cfg.preset} leaves {', '.join(unset)} unset; make it with "
+                         f"bench.train.make_config, which takes them from the preset's recipe and budget")
+
+
+def option_fields() -> list[str]:
+    """The TrainConfig fields that `bench train` takes as options: all but those the harness records."""
+    return [f.name for f in dataclasses.fields(TrainConfig) if not f.metadata.get(RECORDED)]
 
 
 # Options that only change how a run is watched or stored, not its trajectory: free to change on resume.
@@ -158,46 +202,49 @@ def make_config(model, run_dir: Path, resume: bool = False, **given) -> TrainCon
     """The run's config. ``model`` is a backbone or variant (``sisma:scan=raster``). A new run takes the preset's
     table (``bench.presets``) for that backbone, then the given options; on resume, the saved config with the
     given options, which must not change the trajectory (one-line error otherwise)."""
-    from bench.variants import Variant, parse_variant
-
     variant = model if isinstance(model, Variant) else parse_variant(str(model))
     given = {k: v for k, v in given.items() if v is not None}
-    config_path = Path(run_dir) / "config.json"
     if Path(run_dir).is_dir() and int(os.environ.get("RANK", "0")) == 0:  # the job's other processes: rank 0 holds it
         check_folder_free(run_dir, *RUN_LOCK)
-    if resume:
-        if not config_path.is_file():
-            raise BenchError(f"--resume: {run_dir} holds no run (no config.json); drop --resume to start one")
-        saved = read_json(config_path, "run config")
-        if not isinstance(saved, dict) or set(saved) - {f.name for f in dataclasses.fields(TrainConfig)}:
-            raise BenchError(f"{config_path} is not a sis-bench run config; restore it or train into a new --out")
-        missing = [k for k in ("model", "preset") if k not in saved]
-        if missing:
-            raise BenchError(f"{config_path} is not a sis-bench run config (no {missing[0]!r}); restore it or train "
-                             f"into a new --out")
-        saved.setdefault("variant", saved.get("model", ""))
-        given["model"], given["variant"] = variant.model, variant.name
-        if "data" in given:
-            given["data"] = display_path(given["data"])
-            if saved.get("data_fingerprint") and Path(given["data"]).is_dir() \
-                    and data_fingerprint(given["data"]) == saved["data_fingerprint"]:
-                saved["data"] = given["data"]  # the same data set, moved: found where it is now
-        elif saved.get("data") is not None:
-            saved["data"] = display_path(run_data_folder(saved, run_dir))  # found from any working folder, checked
-        for key, value in given.items():
-            if key not in RESUME_FREE and key in saved and saved[key] != value:
-                raise BenchError(f"--resume: {key} = {value!r} differs from the run's {saved[key]!r} "
-                                 f"({config_path}); drop the option or train into a new --out")
-        return TrainConfig(**{**saved, **given})
+    return resumed_config(variant, Path(run_dir), given) if resume else new_config(variant, Path(run_dir), given)
 
-    if Path(run_dir).exists() and not Path(run_dir).is_dir():
+
+def resumed_config(variant: Variant, run_dir: Path, given: dict) -> TrainConfig:
+    """The saved config of the run in ``run_dir`` with the ``given`` options that leave its trajectory alone."""
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise BenchError(f"--resume: {run_dir} holds no run (no config.json); drop --resume to start one")
+    saved = read_json(config_path, "run config")
+    if not isinstance(saved, dict) or set(saved) - {f.name for f in dataclasses.fields(TrainConfig)}:
+        raise BenchError(f"{config_path} is not a sis-bench run config; restore it or train into a new --out")
+    missing = [k for k in ("model", "preset") if k not in saved]
+    if missing:
+        raise BenchError(f"{config_path} is not a sis-bench run config (no {missing[0]!r}); restore it or train "
+                         f"into a new --out")
+    saved.setdefault("variant", saved.get("model", ""))
+    given["model"], given["variant"] = variant.model, variant.name
+    if "data" in given:
+        given["data"] = display_path(given["data"])
+        if saved.get("data_fingerprint") and Path(given["data"]).is_dir() \
+                and data_fingerprint(given["data"]) == saved["data_fingerprint"]:
+            saved["data"] = given["data"]  # the same data set, moved: found where it is now
+    elif saved.get("data") is not None:
+        saved["data"] = display_path(run_data_folder(saved, run_dir))  # found from any working folder, checked
+    for key, value in given.items():
+        if key not in RESUME_FREE and key in saved and saved[key] != value:
+            raise BenchError(f"--resume: {key} = {value!r} differs from the run's {saved[key]!r} "
+                             f"({config_path}); drop the option or train into a new --out")
+    return TrainConfig(**{**saved, **given})
+
+
+def new_config(variant: Variant, run_dir: Path, given: dict) -> TrainConfig:
+    """A new run's config: the preset's table for the backbone, then the ``given`` options."""
+    if run_dir.exists() and not run_dir.is_dir():
         raise BenchError(f"--out {run_dir} is a file; give a folder for the run")
-    if any((Path(run_dir) / "checkpoints").glob("*.pt")):
+    if any((run_dir / "checkpoints").glob("*.pt")):
         raise BenchError(f"{run_dir} already holds a run; add --resume to continue it or choose another --out")
     # A folder with a config but no checkpoint is a run that stopped before its first one: it starts again there.
-    import models
-
-    preset = given.pop("preset", "cpu")
+    preset = given.pop("preset", DEFAULT_PRESET)
     if preset not in presets.presets() or preset not in models.list_presets(variant.model):
         raise BenchError(f"unknown preset {preset!r} for {variant.model}; available: "
                          f"{', '.join(p for p in models.list_presets(variant.model) if p in presets.presets())}")
@@ -245,6 +292,7 @@ def model_config(model: str, preset: str, overrides: dict) -> dict:
 
 def check_config(cfg: TrainConfig) -> None:
     """One-line errors for option values that cannot work, naming the option and its valid range."""
+    require_preset_fields(cfg)  # a field may have been unset after the config was made
     if cfg.precision not in PRECISIONS:
         raise BenchError(f"--precision {cfg.precision}: use one of {', '.join(PRECISIONS)}")
     if cfg.time_dist not in flow.TIME_DISTS:
@@ -321,8 +369,6 @@ def seed_worker(worker_id: int) -> None:
     process group, and a worker that died of it would make the parent fail before it saves its checkpoint. The
     parent shuts its workers down itself (and they exit when it is gone).
     """
-    import random
-
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
@@ -541,8 +587,6 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, device: s
 
     Works alone or in every process of a torchrun job (WORLD_SIZE > 1: DDP, the global batch split evenly).
     """
-    from bench.io import folder_lock
-
     prepare_data(cfg, progress)  # before the process group: no collective waits on data generation
     main = int(os.environ.get("RANK", "0")) == 0  # the job's first process holds the run folder for all of them
     with folder_lock(run_dir, *RUN_LOCK) if main else contextlib.nullcontext():
@@ -558,8 +602,6 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, device: s
 def prepare_data(cfg: TrainConfig, progress: bool = True) -> None:
     """The default synthetic set of a run, generated by rank 0 (or the only process); the other processes of a
     torchrun job wait for its manifest to say it is complete. Nothing to do for a given data folder."""
-    from bench.synth import ensure_default_set, wait_for_default_set
-
     if not cfg.synthetic:
         return
     size = cfg.model_config.get("image_size") or build_model(cfg.model, cfg.preset, cfg.model_overrides,
@@ -571,24 +613,120 @@ def prepare_data(cfg: TrainConfig, progress: bool = True) -> None:
 
 
 def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ddp: Distributed, progress: bool) -> dict:
-    from torch.nn.parallel import DistributedDataParallel
-    from tqdm import tqdm
-
-    from bench.data import FaceDataset
-    from bench.sample import GridSpec
-
+    """This process's training: its state, new or restored, and its data; then the loop, with the run's files in
+    the main process."""
     check_config(cfg)
-    if cfg.batch_size % ddp.world:
-        raise BenchError(f"--batch-size {cfg.batch_size} is not divisible by the {ddp.world} processes; "
-                         f"the global batch is split evenly")
-    if cfg.micro_batch and (cfg.batch_size // ddp.world) % cfg.micro_batch:
-        raise BenchError(f"--micro-batch {cfg.micro_batch} does not divide each process's share of the batch "
-                         f"({cfg.batch_size} / {ddp.world} processes)")
-    device, last = ddp.device, run_dir / "checkpoints" / "last.pt"
+    check_split(cfg, ddp.world)
+    last = run_dir / "checkpoints" / "last.pt"
     if ddp.main and last.parent.is_dir():
         clean_stale_temporaries(last.parent)
+    state = initial_state(cfg, ddp.device)
+    if resume:
+        restore(state, cfg, run_dir, last, ddp.device)
+    feed = DataFeed(cfg, run_dir, state.model, ddp, state.step)
+    net = DistributedDataParallel(state.model, device_ids=[ddp.device.index] if ddp.device.type == "cuda" else None) \
+        if ddp.world > 1 else state.model
+    if state.step >= cfg.steps:  # nothing to do: the run's files (config.json, loss.csv) stay as they are
+        return {"step": state.step, "loss": None, "wall_s": state.clock.wall}
+    files = RunFiles(cfg, run_dir, state, feed.space) if ddp.main else None
+    bar = tqdm(total=cfg.steps, initial=state.step, disable=not (ddp.main and progress), desc=f"train {cfg.model}",
+               unit="step", dynamic_ncols=True)
+    try:
+        loss = train_loop(cfg, state, net, feed, files, bar, ddp, last)
+    finally:
+        bar.close()
+        if files:
+            files.close()
+    return {"step": state.step, "loss": loss, "wall_s": state.clock.wall}
 
-    # --- state: model, EMA, optimiser, scaler, noise generator; restored from the checkpoint on resume
+
+def check_split(cfg: TrainConfig, world: int) -> None:
+    """One-line errors for a global batch that the processes, and each process's micro-batches, cannot share evenly."""
+    if cfg.batch_size % world:
+        raise BenchError(f"--batch-size {cfg.batch_size} is not divisible by the {world} processes; "
+                         f"the global batch is split evenly")
+    if cfg.micro_batch and (cfg.batch_size // world) % cfg.micro_batch:
+        raise BenchError(f"--micro-batch {cfg.micro_batch} does not divide each process's share of the batch "
+                         f"({cfg.batch_size} / {world} processes)")
+
+
+def train_loop(cfg: TrainConfig, state: TrainState, net: nn.Module, feed: DataFeed, files: RunFiles | None, bar,
+               ddp: Distributed, last: Path) -> float:
+    """Train up to ``cfg.steps``: at logging and checkpoint steps the processes agree (``CheckWindow.agree``), then
+    the loss is logged, the checkpoint saved and the sample grid drawn; returns the processes' mean loss at the last
+    check. A stop request ends the run after the checkpoint of its step (``TrainingInterrupted``)."""
+    autocast = torch.autocast(ddp.device.type, dtype=PRECISIONS[cfg.precision], enabled=cfg.precision != "fp32")
+    window = CheckWindow(ddp.device, state.step)
+    params = list(state.model.parameters())
+    with StopSignals() as stop:
+        state.clock.start()
+        for batch in feed.loader:
+            grad_norm = optimise(cfg, state, net, batch, feed, window, ddp, autocast)
+            step = state.step
+            log_now = step % cfg.log_every == 0 or step == cfg.steps
+            save_now = step % cfg.ckpt_every == 0 or step == cfg.steps or (ddp.world == 1 and stop.signum)
+            stop_all = False
+            if log_now or save_now:
+                weights_bad = ~(all_finite(params) & all_finite(state.ema.parameters()))
+                stop_all = window.agree(ddp, stop.signum > 0, weights_bad, step, last, state.saved_step)
+            window.seconds += state.clock.stop()
+            if log_now:
+                if files:
+                    files.log_window(cfg, step, window, grad_norm, state.clock, bar)
+                window.reset()
+            bar.update()
+            if save_now or stop_all:
+                if ddp.main:
+                    save(state, cfg, len(feed.train_set), last)
+                state.saved_step = step
+            if stop_all:
+                raise TrainingInterrupted(stop.signum or signal.SIGTERM, step, last)
+            if files and (step % cfg.sample_every == 0 or step == cfg.steps):
+                files.grid.write(files.samples / f"step_{step:07d}.png")
+            state.clock.start()
+    return window.loss_mean
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop's state and steps
+# ----------------------------------------------------------------------------------------------
+
+class Clock:
+    """The run's training time across resumes, wall and CPU (all this process's threads), without the time spent
+    writing checkpoints and sample grids: started before a step, stopped after its check."""
+
+    def __init__(self, wall: float = 0.0, cpu: float = 0.0):
+        self.wall, self.cpu = wall, cpu
+        self.tic, self.tic_cpu = 0.0, 0.0
+
+    def start(self) -> None:
+        self.tic, self.tic_cpu = time.perf_counter(), time.process_time()
+
+    def stop(self) -> float:
+        """Add the time since ``start``; returns its wall seconds."""
+        toc = time.perf_counter()
+        self.wall += toc - self.tic
+        self.cpu += time.process_time() - self.tic_cpu
+        return toc - self.tic
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint holds beside the config: weights, EMA, optimiser, grad scaler, noise generator (time, noise
+    and mask drops of the global batch), step and clock; and the step of the last checkpoint (None: none yet)."""
+
+    model: nn.Module
+    ema: nn.Module
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    gen: torch.Generator
+    step: int = 0
+    clock: Clock = field(default_factory=Clock)
+    saved_step: Optional[int] = None
+
+
+def initial_state(cfg: TrainConfig, device: torch.device) -> TrainState:
+    """A new run's state, all of it seeded by ``cfg.seed``."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, cfg.preset, cfg.model_config or cfg.model_overrides).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
@@ -596,140 +734,158 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ddp: Distributed, prog
         recompute.enable(model)
     opt = make_optimizer(model.parameters(), cfg.lr, device)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    gen = torch.Generator().manual_seed(cfg.seed)  # time, noise and mask drops of the global batch
-    step, wall, cpu, saved_step = 0, 0.0, 0.0, None
-    if resume:
-        if not last.is_file():
-            raise BenchError(f"--resume: {run_dir} has no checkpoint (it stopped before its first one); "
-                             f"delete the folder and start again")
-        state = load(last)
-        load_weights(model, state.get("model"), state, dataclasses.asdict(cfg), last)
-        load_weights(ema, state.get("ema"), state, dataclasses.asdict(cfg), last)
-        for group in state["optimizer"]["param_groups"]:  # fused/foreach are this device's choice, not the saved one's
-            group.update(optimizer_flags(device))
-        opt.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        gen.set_state(state["generator"])
-        step = saved_step = state["step"]
-        wall = state["wall_s"]
-        cpu = state.get("cpu_s", math.nan)  # checkpoints before the column have no CPU time
-        del state
+    return TrainState(model, ema, opt, scaler, torch.Generator().manual_seed(cfg.seed))
 
-    # --- data, in the model's space (a synthetic set was made before the process group: prepare_data)
-    train_set = FaceDataset(cfg.data, "train", size=model.image_size)
-    space = load_space(cfg.space, cfg.vae, device)
-    cache = LatentCache(run_dir / "latents", space, "train") if cfg.cache_latents and cfg.space == "latent" else None
-    sampler = StepBatchSampler(len(train_set), cfg.batch_size, cfg.seed, step, cfg.steps, ddp.rank, ddp.world)
-    loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.workers,
-                                         pin_memory=device.type == "cuda", worker_init_fn=seed_worker,
-                                         generator=torch.Generator().manual_seed(cfg.seed))
-    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if ddp.world > 1 else model
-    autocast = torch.autocast(device.type, dtype=PRECISIONS[cfg.precision], enabled=cfg.precision != "fp32")
 
-    def save_checkpoint() -> None:
-        state = {"step": step, "wall_s": wall, "cpu_s": cpu, "config": dataclasses.asdict(cfg),
-                 "model": model.state_dict(),
-                 "ema": ema.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                 "rng": rng_state(), "generator": gen.get_state(),
-                 "sampler": {"seed": cfg.seed, "position": step * cfg.batch_size, "n": len(train_set)}}
-        save_atomic(state, last)
-        if (cfg.keep_every and step % cfg.keep_every == 0) or step in cfg.keep_at:
-            snapshot(last, last.with_name(f"step_{step:07d}.pt"))
+def restore(state: TrainState, cfg: TrainConfig, run_dir: Path, last: Path, device: torch.device) -> None:
+    """The state of the run's last checkpoint, every random state included, so that the run goes on exactly."""
+    if not last.is_file():
+        raise BenchError(f"--resume: {run_dir} has no checkpoint (it stopped before its first one); "
+                         f"delete the folder and start again")
+    saved = load(last)
+    load_weights(state.model, saved.get("model"), saved, dataclasses.asdict(cfg), last)
+    load_weights(state.ema, saved.get("ema"), saved, dataclasses.asdict(cfg), last)
+    for group in saved["optimizer"]["param_groups"]:  # fused/foreach are this device's choice, not the saved one's
+        group.update(optimizer_flags(device))
+    state.opt.load_state_dict(saved["optimizer"])
+    state.scaler.load_state_dict(saved["scaler"])
+    set_rng_state(saved["rng"])
+    state.gen.set_state(saved["generator"])
+    state.step = state.saved_step = saved["step"]
+    state.clock = Clock(saved["wall_s"], saved.get("cpu_s", math.nan))  # checkpoints before the column: no CPU time
 
-    if step >= cfg.steps:  # nothing to do: the run's files (config.json, loss.csv) stay as they are
-        return {"step": step, "loss": None, "wall_s": wall}
-    if ddp.main:
+
+def save(state: TrainState, cfg: TrainConfig, n_images: int, last: Path) -> None:
+    """Write the checkpoint of the state's step to ``last``, and keep a snapshot of it at the steps that keep one."""
+    save_atomic({"step": state.step, "wall_s": state.clock.wall, "cpu_s": state.clock.cpu,
+                 "config": dataclasses.asdict(cfg), "model": state.model.state_dict(), "ema": state.ema.state_dict(),
+                 "optimizer": state.opt.state_dict(), "scaler": state.scaler.state_dict(), "rng": rng_state(),
+                 "generator": state.gen.get_state(),
+                 "sampler": {"seed": cfg.seed, "position": state.step * cfg.batch_size, "n": n_images}}, last)
+    if (cfg.keep_every and state.step % cfg.keep_every == 0) or state.step in cfg.keep_at:
+        snapshot(last, last.with_name(f"step_{state.step:07d}.pt"))
+
+
+class DataFeed:
+    """This process's training data from step ``start`` on, and its way into the model's space (the autoencoder,
+    through the run's latent cache when it keeps one). A synthetic set was made before the process group
+    (``prepare_data``)."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, model: nn.Module, ddp: Distributed, start: int):
+        self.train_set = FaceDataset(cfg.data, "train", size=model.image_size)
+        self.space = load_space(cfg.space, cfg.vae, ddp.device)
+        self.cache = LatentCache(run_dir / "latents", self.space, "train") \
+            if cfg.cache_latents and cfg.space == "latent" else None
+        sampler = StepBatchSampler(len(self.train_set), cfg.batch_size, cfg.seed, start, cfg.steps, ddp.rank,
+                                   ddp.world)
+        self.loader = torch.utils.data.DataLoader(self.train_set, batch_sampler=sampler, num_workers=cfg.workers,
+                                                  pin_memory=ddp.device.type == "cuda", worker_init_fn=seed_worker,
+                                                  generator=torch.Generator().manual_seed(cfg.seed))
+
+    def encoder(self, batch: dict, images: torch.Tensor):
+        """``x1_of(part)``: the model-space data of the slice ``part`` of the batch (``forward_backward``)."""
+        def x1_of(part: slice) -> torch.Tensor:
+            if self.cache:
+                return self.cache.encode(images[part], batch["index"][part].tolist())
+            return self.space.encode(images[part])
+
+        return x1_of
+
+
+def optimise(cfg: TrainConfig, state: TrainState, net: nn.Module, batch: dict, feed: DataFeed, window: CheckWindow,
+             ddp: Distributed, autocast) -> torch.Tensor:
+    """One training step: the loss of this process's share of the batch (counted in ``window``) and its gradients,
+    then the optimiser and EMA updates; returns the gradient norm before clipping (on the device)."""
+    device = ddp.device
+    pin = device.type == "cuda"  # host tensors copied without waiting for the device
+    images, masks = batch["image"].to(device, non_blocking=True), batch["mask"].to(device, non_blocking=True)
+    t, x0, drop = (v.pin_memory() if pin else v
+                   for v in draw_noise(state.gen, cfg, state.model.input_shape, ddp.rank, ddp.world))
+    loss = forward_backward(net, feed.encoder(batch, images), masks, t, x0, drop, cfg.micro_batch, autocast,
+                            state.scaler, device)
+    window.add(loss, state.step)
+    for group in state.opt.param_groups:
+        group["lr"] = lr_at(state.step, cfg)
+    state.scaler.unscale_(state.opt)
+    grad_norm = nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip or math.inf)
+    state.scaler.step(state.opt)
+    state.scaler.update()
+    state.opt.zero_grad(set_to_none=True)
+    update_ema(state.ema, state.model, ema_decay_at(state.step, cfg.ema_decay))
+    state.step += 1
+    return grad_norm
+
+
+class CheckWindow:
+    """What the processes agree on at logging and checkpoint steps (see the module docstring).
+
+    Between checks it stays on the device: the logging window's loss sum (fp64), the last step's loss, and the first
+    step since the last check whose loss was not finite (0: none) with that loss. On the host: the window's steps and
+    seconds, the step of the last check, and what the last check found (the window's mean loss over the processes,
+    the processes' mean loss of that step).
+    """
+
+    def __init__(self, device: torch.device, step: int):
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.last_loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.bad_step = torch.zeros((), dtype=torch.int64, device=device)
+        self.bad_loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.steps, self.seconds, self.checked = 0, 0.0, step
+        self.window_mean, self.loss_mean = float("nan"), float("nan")
+
+    def add(self, loss: torch.Tensor, step: int) -> None:
+        """Count the loss of step ``step`` (0-based), without waiting for the device."""
+        self.last_loss = loss.double()
+        self.loss_sum += self.last_loss
+        first_bad = (self.bad_step == 0) & ~torch.isfinite(self.last_loss)
+        self.bad_step = torch.where(first_bad, step + 1, self.bad_step)
+        self.bad_loss = torch.where(first_bad, self.last_loss, self.bad_loss)
+        self.steps += 1
+
+    def agree(self, ddp: Distributed, stopping: bool, weights_bad: torch.Tensor, step: int, last: Path,
+              saved_step: int | None) -> bool:
+        """The one host sync of a step: one all-reduce of the window's numbers, this process's stop request and
+        whether its weights are finite. A non-finite loss since the last check, or weight, on any process is a
+        one-line error; otherwise returns whether any process was asked to stop."""
+        flags = torch.stack([self.loss_sum, self.last_loss, (self.bad_step > 0).double(),
+                             torch.tensor(float(stopping), dtype=torch.float64, device=self.loss_sum.device),
+                             weights_bad.double()])
+        window_sum, loss_sum, n_bad, n_stop, n_weights_bad = ddp.all_sum(flags)
+        self.window_mean = window_sum / ddp.world / self.steps
+        self.loss_mean = loss_sum / ddp.world
+        if n_bad or n_weights_bad:
+            raise BenchError(nonfinite_message(int(self.bad_step.item()), float(self.bad_loss.item()), bool(n_bad),
+                                               self.checked + 1, step, last, saved_step))
+        self.bad_step.zero_()
+        self.checked = step
+        return n_stop > 0
+
+    def reset(self) -> None:
+        """Start the next logging window."""
+        self.loss_sum.zero_()
+        self.steps, self.seconds = 0, 0.0
+
+
+class RunFiles:
+    """What the main process keeps in the run folder as it trains: config.json, loss.csv and the sample grids."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, state: TrainState, space: nn.Module):
         run_dir.mkdir(parents=True, exist_ok=True)
         record_data(cfg, run_dir)
-        log = LossLog(run_dir / "loss.csv", keep_until=step)  # first: a damaged log stops before anything is written
+        # the log first: a damaged one stops the run before anything is written
+        self.log = LossLog(run_dir / "loss.csv", keep_until=state.step)
         write_json(run_dir / "config.json", dataclasses.asdict(cfg))
-        grid = GridSpec.from_data(cfg, ema, space)
+        self.grid = GridSpec.from_data(cfg, state.ema, space)
+        self.samples = run_dir / "samples"
 
-    bar = tqdm(total=cfg.steps, initial=step, disable=not (ddp.main and progress), desc=f"train {cfg.model}",
-               unit="step", dynamic_ncols=True)
-    pin = device.type == "cuda"  # host tensors copied without waiting for the device
-    params = list(model.parameters())
-    # on the device, read at logging and checkpoint steps only: this window's loss sum (fp64), the last step's loss,
-    # the first step since the last check with a non-finite loss (0: none) and that loss
-    window_loss = torch.zeros((), dtype=torch.float64, device=device)
-    last_loss = torch.zeros((), dtype=torch.float64, device=device)
-    bad_step = torch.zeros((), dtype=torch.int64, device=device)
-    bad_loss = torch.zeros((), dtype=torch.float64, device=device)
-    window_steps, window_time, loss_mean, checked = 0, 0.0, float("nan"), step
-    with StopSignals() as stop:
-        tic, tic_cpu = time.perf_counter(), time.process_time()
-        for batch in loader:
-            images, masks = batch["image"].to(device, non_blocking=True), batch["mask"].to(device, non_blocking=True)
-            t, x0, drop = (v.pin_memory() if pin else v for v in draw_noise(gen, cfg, model.input_shape, ddp.rank,
-                                                                              ddp.world))
-            loss = forward_backward(
-                net, lambda part: cache.encode(images[part], batch["index"][part].tolist()) if cache
-                else space.encode(images[part]), masks, t, x0, drop, cfg.micro_batch, autocast, scaler, device)
-            last_loss = loss.double()
-            window_loss += last_loss
-            first_bad = (bad_step == 0) & ~torch.isfinite(last_loss)
-            bad_step = torch.where(first_bad, step + 1, bad_step)
-            bad_loss = torch.where(first_bad, last_loss, bad_loss)
+    def log_window(self, cfg: TrainConfig, step: int, window: CheckWindow, grad_norm: torch.Tensor, clock: Clock,
+                   bar) -> None:
+        """The loss.csv row of the logging window that ends at ``step``, and the progress bar's figures."""
+        steps_per_s = window.steps / window.seconds
+        self.log.write(step=step, loss=f"{window.window_mean:.6g}", lr=f"{lr_at(step - 1, cfg):.6g}",
+                       grad_norm=f"{float(grad_norm):.6g}", steps_per_s=f"{steps_per_s:.4g}",
+                       wall_s=f"{clock.wall:.2f}", cpu_s=f"{clock.cpu:.2f}", threads=torch.get_num_threads())
+        bar.set_postfix(loss=f"{window.window_mean:.4f}", steps_s=f"{steps_per_s:.2f}", refresh=False)
 
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, cfg)
-            scaler.unscale_(opt)
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            update_ema(ema, model, ema_decay_at(step, cfg.ema_decay))
-            step += 1
-            window_steps += 1
-
-            log_now = step % cfg.log_every == 0 or step == cfg.steps
-            save_now = step % cfg.ckpt_every == 0 or step == cfg.steps or (ddp.world == 1 and stop.signum)
-            stop_all = False
-            if log_now or save_now:  # the one host sync of a step (see the module docstring)
-                weights_bad = ~(all_finite(params) & all_finite(ema.parameters()))
-                totals = ddp.all_sum(torch.stack([window_loss, last_loss, (bad_step > 0).double(),
-                                                  torch.tensor(float(stop.signum > 0), dtype=torch.float64,
-                                                               device=device), weights_bad.double()]))
-                window_sum, loss_sum, n_bad, n_stop, n_weights_bad = totals
-                loss_mean = loss_sum / ddp.world
-                stop_all = n_stop > 0
-                if n_bad or n_weights_bad:
-                    if ddp.main:
-                        log.close()
-                    bar.close()
-                    raise BenchError(nonfinite_message(int(bad_step.item()), float(bad_loss.item()), bool(n_bad),
-                                                       checked + 1, step, last, saved_step))
-                bad_step.zero_()
-                checked = step
-            toc = time.perf_counter()
-            wall += toc - tic
-            cpu += time.process_time() - tic_cpu
-            window_time += toc - tic
-            if log_now:
-                if ddp.main:
-                    mean = window_sum / ddp.world / window_steps
-                    log.write(step=step, loss=f"{mean:.6g}", lr=f"{lr_at(step - 1, cfg):.6g}",
-                              grad_norm=f"{float(grad_norm):.6g}", steps_per_s=f"{window_steps / window_time:.4g}",
-                              wall_s=f"{wall:.2f}", cpu_s=f"{cpu:.2f}", threads=torch.get_num_threads())
-                    bar.set_postfix(loss=f"{mean:.4f}", steps_s=f"{window_steps / window_time:.2f}", refresh=False)
-                window_loss.zero_()
-                window_steps, window_time = 0, 0.0
-            bar.update()
-            if save_now or stop_all:
-                if ddp.main:
-                    save_checkpoint()
-                saved_step = step
-            if stop_all:
-                bar.close()
-                if ddp.main:
-                    log.close()
-                raise TrainingInterrupted(stop.signum or signal.SIGTERM, step, last)
-            if ddp.main and (step % cfg.sample_every == 0 or step == cfg.steps):
-                grid.write(run_dir / "samples" / f"step_{step:07d}.png")
-            tic, tic_cpu = time.perf_counter(), time.process_time()
-    bar.close()
-    if ddp.main:
-        log.close()
-    return {"step": step, "loss": loss_mean, "wall_s": wall}
+    def close(self) -> None:
+        self.log.close()

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import errno
 import functools
+import inspect
 import sys
+import typing
+from typing import Optional
 
 import typer
 
@@ -134,9 +137,39 @@ def positive(**options) -> None:
             raise BenchError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
 
 
-def field_help(cls: type, name: str) -> str:
-    """A config field's help text, as stored with the field."""
-    return help_text(cls, name)
+def options_from(cls: type, names: list[str], after: str):
+    """Decorator: the command also takes one ``--name`` option per field ``names`` of dataclass ``cls`` that it does
+    not declare itself, typed like the field (``--name/--no-name`` for a flag, repeatable for a list), with the help
+    text stored with the field and None when not given. They are listed after the command's parameter ``after``
+    and reach it as its ``**options``."""
+    types = typing.get_type_hints(cls)
+
+    def deco(fn):
+        own = inspect.signature(fn).parameters
+        # all keyword-only, so that options may follow the argument (Typer passes every parameter by name)
+        declared = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own.values()
+                    if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        derived = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[plain(types[name])],
+                                     default=typer.Option(None, flag(name, plain(types[name])),
+                                                          help=help_text(cls, name)))
+                   for name in names if name not in own]
+        cut = list(own).index(after) + 1
+        fn.__signature__ = inspect.Signature(declared[:cut] + derived + declared[cut:])
+        return fn
+
+    return deco
+
+
+def plain(annotation) -> type:
+    """The type inside ``Optional[...]``."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if typing.get_origin(annotation) is typing.Union and len(args) == 1 else annotation
+
+
+def flag(name: str, kind: type) -> str:
+    """The option's spelling: ``--name``, or ``--name/--no-name`` for a bool."""
+    option = "--" + name.replace("_", "-")
+    return f"{option}/--no-{option[2:]}" if kind is bool else option
 
 
 def split_list(text: str | None) -> list[str]:
