@@ -619,3 +619,136 @@ def test_a_sample_record_without_its_model_is_one_line(tmp_path):
     before = tree(tmp_path)
     one_line_error(invoke("report", "--results", res, "--reports", tmp_path / "rep"), "samples.json", "no model")
     assert tree(tmp_path) == before
+
+
+# --- 9. damaged or older rows in results files: named by file and line, or read through a migration (issue 25) ---
+
+TIMED = dict(timestamp="2026-01-01T00:00:00+00:00", device="cpu", device_name="Test CPU (2 threads)", threads=2,
+             torch="2.x", cuda="none", precision="fp32", batch_size=1, steps=20, nfe=20, commit="abc123",
+             mode="timed", status="ok", preset="cpu", resolution=32, compile=False, params=3000000,
+             flops_per_nfe=1.0e9)
+NFE_SECONDS = {"sisma": 0.0312, "dit": 0.0277}
+
+
+def speed_rows() -> list[dict]:
+    """Timed rows of two models, as `bench speed` writes them (the columns a report reads)."""
+    return [dict(TIMED, model=model, latency_nfe_median_s=s, latency_nfe_iqr_s=s / 10,
+                 image_latency_projected_s=s * 20, images_per_s_projected=1 / (s * 20))
+            for model, s in NFE_SECONDS.items()]
+
+
+def write_rows(path: Path, rows: list[dict], leave_out=()) -> Path:
+    """A results CSV written by hand with the rows' columns less ``leave_out`` (as an older version wrote it)."""
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = [c for c in dict.fromkeys(k for r in rows for k in r) if c not in leave_out]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, names, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def test_an_older_speed_file_without_device_name_still_gives_a_speed_section(tmp_path):
+    res = tmp_path / "results"
+    speed = write_rows(res / "speed.csv", speed_rows(), leave_out=("device_name", "compile", "status"))
+    before = speed.read_bytes()
+    result = invoke("report", "--results", res, "--reports", tmp_path / "rep", "--name", "r")
+    assert result.exit_code == 0, result.output
+    md = (tmp_path / "rep" / "r.md").read_text()
+    assert "## Speed" in md and "### CPU, model not recorded (2 threads): fp32" in md, md
+    assert "torch.compile off" in md and "31.2 ms" in md and "27.7 ms" in md
+    assert speed.read_bytes() == before  # read through the migration; the file itself is left as it was
+
+
+def test_an_append_to_an_older_speed_file_keeps_its_rows_and_its_report(tmp_path):
+    import csv
+
+    from bench.io import ResultsFile
+    from bench.rows import SpeedRow
+
+    res = tmp_path / "results"
+    speed = write_rows(res / "speed.csv", speed_rows(), leave_out=("device_name",))
+    with speed.open(newline="") as f:
+        old = list(csv.DictReader(f))
+    ResultsFile(speed, SpeedRow).append([dict(speed_rows()[0], model="sdm", timestamp="2026-01-02T00:00:00+00:00")])
+    with speed.open(newline="") as f:
+        now = list(csv.DictReader(f))
+    assert [{k: r[k] for k in old[0]} for r in now[:2]] == old  # the older rows kept, field for field
+    assert set(now[0]) == set(SpeedRow.__dataclass_fields__)  # under today's full header
+    rows = ResultsFile(speed, SpeedRow).read()
+    assert list(rows["model"]) == ["sisma", "dit", "sdm"]
+    assert list(rows["device_name"]) == ["CPU, model not recorded (2 threads)"] * 2 + ["Test CPU (2 threads)"]
+
+
+def damage(path: Path, how: str) -> str:
+    """Damage the last row of ``path`` as ``how`` says; returns the words the error must hold."""
+    text = path.read_text()
+    rows = text.splitlines()
+    header = rows[0].split(",")
+    if how == "text in a number":
+        cells = rows[-1].split(",")
+        cells[header.index("latency_nfe_median_s")] = "fast"
+        path.write_text("\n".join(rows[:-1] + [",".join(cells)]) + "\n")
+        return "column 'latency_nfe_median_s' holds 'fast' where a number belongs"
+    if how == "cut short":
+        path.write_text(text[: -len(rows[-1]) // 2])  # what a writer killed mid-line leaves
+        return "where the header has"
+    if how == "open quote":
+        path.write_text(text + '"sisma,unfinished\n')
+        return "not valid CSV"
+    cells = rows[-1].split(",")
+    cells[header.index("model")] = ""
+    path.write_text("\n".join(rows[:-1] + [",".join(cells)]) + "\n")
+    return "column 'model' is empty"
+
+
+@pytest.mark.parametrize("how", ["text in a number", "cut short", "open quote", "empty model"])
+def test_a_damaged_speed_row_is_named_by_file_and_line(tmp_path, how):
+    res = tmp_path / "results"
+    speed = write_rows(res / "speed.csv", speed_rows())
+    words = damage(speed, how)
+    line = len(speed_rows()) + (2 if how == "open quote" else 1)  # the header is line 1
+    before = tree(tmp_path)
+    one_line_error(invoke("report", "--results", res, "--reports", tmp_path / "rep"),
+                   f"speed.csv line {line}", words, f"fix or delete line {line}")
+    one_line_error(invoke("speed", "--flops-only", "--preset", "tiny", "--models", "sdm", "--out", speed),
+                   f"speed.csv line {line}")  # refused before any work, not appended to
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("name, row, column, number", [
+    ("quality.csv", dict(model="sisma", preset="cpu", train_step=300, miou=0.5), "model", "miou"),
+    ("quality_masks.csv", dict(eval_key="k", model="sisma", mask=0, inter="1 2", union="2 2"), "eval_key", "mask"),
+    ("speed_rounds.csv", dict(sweep="s", process=0, round=0, model="sisma", resolution=32, batch_size=1, kind="nfe",
+                              seconds=0.03), "seconds", "seconds"),
+    ("lr_sweep.csv", dict(model="sisma", preset="cpu", lr=1e-3, train_steps=300, heldout_loss=0.4), "lr",
+     "heldout_loss"),
+])
+def test_other_results_files_missing_a_column_or_holding_text(tmp_path, name, row, column, number):
+    res = tmp_path / "results"
+    write_rows(res / "speed.csv", speed_rows())
+    other = write_rows(res / name, [row], leave_out=(column,))
+    before = tree(tmp_path)
+    one_line_error(invoke("report", "--results", res, "--reports", tmp_path / "rep"),
+                   name, "line 1 (the header)", f"lacks column {column!r}")
+    assert tree(tmp_path) == before
+    write_rows(other, [row, {**row, number: "n/a"}])
+    before = tree(tmp_path)
+    one_line_error(invoke("report", "--results", res, "--reports", tmp_path / "rep"),
+                   f"{name} line 3", f"column {number!r} holds 'n/a' where a number belongs")
+    assert tree(tmp_path) == before
+
+
+def test_an_append_that_would_migrate_a_damaged_older_file_writes_nothing(tmp_path):
+    from bench.errors import BenchError
+    from bench.io import ResultsFile
+    from bench.rows import SpeedRow
+
+    speed = write_rows(tmp_path / "speed.csv", speed_rows(), leave_out=("device_name",))
+    damage(speed, "cut short")
+    before = speed.read_bytes()
+    with pytest.raises(BenchError, match="speed.csv line 3: .* where the header has"):
+        ResultsFile(speed, SpeedRow).append(speed_rows())  # the header migration would rewrite the cut row
+    assert speed.read_bytes() == before
