@@ -7,6 +7,7 @@ or None when there is nothing to draw, and never computes a number the report do
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +17,17 @@ from bench.io import atomic_write
 
 DPI = 130
 DISPLAY_NAMES = {"sisma": "SISMA", "dit": "DiT-SIS", "sdm": "SDM", "dim": "DiM"}
-MODEL_COLOURS = {"sisma": "#1f77b4", "dit": "#ff7f0e", "sdm": "#2ca02c", "dim": "#17becf"}
-EXTRA_COLOURS = ["#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+MODEL_COLOURS = {"sisma": "#1f77b4", "dit": "#ff7f0e", "sdm": "#2ca02c", "dim": "#9467bd"}  # one hue per family
+EXTRA_COLOURS = ["#d62728", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22"]  # families without a hue of their own
+# A variant keeps its family's hue in another shade (mixed towards white when positive, black when negative) and
+# another line style and marker, so that no two series of a figure look alike.
+VARIANT_SHADES = (0.0, 0.45, -0.35, 0.65, -0.55, 0.25, -0.2, 0.8)
+LINE_STYLES = ("-", "--", "-.", ":")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 LOSS_SMOOTHING_POINTS = 20  # the moving average of a loss curve spans 1/20 of its logged points
 PROJECTED_HATCH = "//"
 TITLE_CHARS = 38  # a panel title wraps at this many characters
+GRID_TITLE_LINE_IN = 0.15  # height of one line of a sample-grid column title (inches, at its font size)
 SLANT_CHARS_PER_BAR = 12  # bar labels longer than this on average are slanted, so that neighbours do not overlap
 
 
@@ -31,11 +38,41 @@ def display_name(model: str) -> str:
     return f"{name} ({overrides.replace(':', ', ')})" if overrides else name
 
 
+@dataclass(frozen=True)
+class Style:
+    """How one model's series is drawn."""
+
+    colour: str
+    line: str
+    marker: str
+
+
+def family(model: str) -> str:
+    return model.partition(":")[0]
+
+
+def shade(hex_colour: str, amount: float) -> str:
+    """``hex_colour`` mixed towards white (amount > 0) or black (amount < 0) by |amount|."""
+    rgb = np.array([int(hex_colour[i:i + 2], 16) for i in (1, 3, 5)], dtype=float)
+    target = 255.0 if amount > 0 else 0.0
+    mixed = rgb + (target - rgb) * abs(amount)
+    return "#" + "".join(f"{int(round(v)):02x}" for v in mixed)
+
+
+def style(model: str, order: list[str]) -> Style:
+    """The family's hue (its shade, line style and marker set by the variant's place among the family's models in
+    ``order``, the plain backbone first)."""
+    fam = family(model)
+    families = list(dict.fromkeys(family(m) for m in [*order, model] if family(m) not in MODEL_COLOURS))
+    base = MODEL_COLOURS.get(fam) or EXTRA_COLOURS[families.index(fam) % len(EXTRA_COLOURS)]
+    members = sorted(dict.fromkeys(m for m in [*order, model] if family(m) == fam), key=lambda m: (m != fam,))
+    i = members.index(model)
+    return Style(shade(base, VARIANT_SHADES[i % len(VARIANT_SHADES)]), LINE_STYLES[i % len(LINE_STYLES)],
+                 MARKERS[i % len(MARKERS)])
+
+
 def colour(model: str, order: list[str]) -> str:
-    if model in MODEL_COLOURS:
-        return MODEL_COLOURS[model]
-    extras = [m for m in order if m not in MODEL_COLOURS]
-    return EXTRA_COLOURS[extras.index(model) % len(EXTRA_COLOURS)] if model in extras else "#444444"
+    return style(model, order).colour
 
 
 def new_figure(width: float, height: float):
@@ -135,11 +172,11 @@ def scaling_figure(panels: list[dict], order: list[str]):
             d = data[data["model"] == model].sort_values("resolution")
             fit = panel["fits"].get(model)
             label = f"{display_name(model)}: k = {fit[0]:.2f}" if fit else f"{display_name(model)}: k n/a (one size)"
-            c = colour(model, order)
-            ax.plot(d["resolution"], d["value"], "o", color=c, label=label)
+            st = style(model, order)
+            ax.plot(d["resolution"], d["value"], st.marker, color=st.colour, label=label)
             if fit:
                 r = np.geomspace(d["resolution"].min(), d["resolution"].max(), 20)
-                ax.plot(r, fit[1] * ((r / 16.0) ** 2) ** fit[0], "--", color=c, linewidth=1.2)
+                ax.plot(r, fit[1] * ((r / 16.0) ** 2) ** fit[0], st.line, color=st.colour, linewidth=1.2)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         res = sorted(set(data["resolution"]))
@@ -174,9 +211,9 @@ def quality_latency_figure(points: pd.DataFrame, metrics: list[tuple[str, str]],
             value = getattr(row, column)
             if value is None or not np.isfinite(value):
                 continue
-            c = colour(row.model, order)
-            ax.plot(row.latency_s, value, "o", markersize=9, color=c, markerfacecolor="white" if row.projected else c,
-                    markeredgewidth=2)
+            st = style(row.model, order)
+            ax.plot(row.latency_s, value, st.marker, markersize=9, color=st.colour,
+                    markerfacecolor="white" if row.projected else st.colour, markeredgewidth=2)
             ax.annotate(display_name(row.model), (row.latency_s, value), xytext=(6, 4), textcoords="offset points",
                         fontsize=8)
         ax.set_xscale("log")
@@ -200,11 +237,11 @@ def loss_figure(curves: dict[str, pd.DataFrame], order: list[str]):
     ax = fig.subplots()
     for model in [m for m in order if m in curves]:
         c = curves[model].sort_values("step")
-        col = colour(model, order)
+        st = style(model, order)
         window = max(1, math.ceil(len(c) / LOSS_SMOOTHING_POINTS))
-        ax.plot(c["step"], c["loss"], color=col, alpha=0.3, linewidth=0.8)
-        ax.plot(c["step"], c["loss"].rolling(window, min_periods=1).mean(), color=col, linewidth=2,
-                label=display_name(model))
+        ax.plot(c["step"], c["loss"], color=st.colour, alpha=0.3, linewidth=0.8)
+        ax.plot(c["step"], c["loss"].rolling(window, min_periods=1).mean(), color=st.colour, linestyle=st.line,
+                linewidth=2, label=display_name(model))
     from matplotlib.ticker import MaxNLocator
 
     ax.set_xlabel("training step")
@@ -220,45 +257,62 @@ def loss_figure(curves: dict[str, pd.DataFrame], order: list[str]):
 
 # ---------------------------------------------------------------------------------------------- quality vs training
 
-def training_quality_figure(curves: dict[str, pd.DataFrame], order: list[str]):
-    """mIoU (line) and its interval (band) against training steps and against training FLOPs, per model.
+def training_quality_figure(curves: dict[str, pd.DataFrame], order: list[str], targets: tuple = (),
+                            reached: pd.DataFrame | None = None):
+    """mIoU (line) and its interval (band) against training steps and against training FLOPs, per model; the mIoU
+    targets of the time-to-quality table as dotted lines, and where each model reaches them (mean over seeds) as
+    crosses.
 
-    ``curves[model]`` has step, train_flops, miou, low, high.
+    ``curves[model]`` has step, train_flops, miou, low, high; ``reached`` has model, target, step, train_flops.
     """
     curves = {m: c for m, c in curves.items() if not c.empty}
     if not curves:
         return None
     has_flops = any(c["train_flops"].notna().all() for c in curves.values())
-    fig = new_figure(11.0 if has_flops else 6.0, 4.0)
+    fig = new_figure(12.0 if has_flops else 7.0, 4.4)
     axes = fig.subplots(1, 2 if has_flops else 1, squeeze=False)[0]
     for ax, x, label in zip(axes, ("step", "train_flops"), ("training step", "training FLOPs (log scale)")):
         for model in [m for m in order if m in curves]:
             c = curves[model].sort_values("step")
             if c[x].isna().any():
                 continue
-            col = colour(model, order)
-            ax.plot(c[x], c["miou"], color=col, marker="o", linewidth=1.8, label=display_name(model))
+            st = style(model, order)
+            ax.plot(c[x], c["miou"], color=st.colour, marker=st.marker, linestyle=st.line, linewidth=1.8,
+                    label=display_name(model))
             if c["low"].notna().all():
-                ax.fill_between(c[x], c["low"], c["high"], color=col, alpha=0.18, linewidth=0)
+                ax.fill_between(c[x], c["low"], c["high"], color=st.colour, alpha=0.15, linewidth=0)
+            hits = reached[(reached["model"] == model) & reached[x].notna()] if reached is not None else ()
+            for hit in getattr(hits, "itertuples", lambda: ())():
+                ax.plot(getattr(hit, x), hit.target, "x", color=st.colour, markersize=9, markeredgewidth=2.2)
+        for t in targets:
+            ax.axhline(t, color="#555555", linestyle=":", linewidth=0.9)
         ax.set_xlabel(label)
         ax.set_ylabel("mask mIoU")
         if x == "train_flops":
             ax.set_xscale("log")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=8)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize=7)
     return fig
 
 
 # ---------------------------------------------------------------------------------------------- samples
 
+def column_title(model: str) -> str:
+    """A model's name for a narrow column: the backbone, then one variant setting per line."""
+    base, _, overrides = model.partition(":")
+    return "\n".join([DISPLAY_NAMES.get(base, base), *overrides.split(":")]) if overrides else \
+        DISPLAY_NAMES.get(base, base)
+
+
 def sample_grid_figure(masks: list[np.ndarray], columns: dict[str, list[np.ndarray]], row_labels: list[str]):
     """Rows of mask | one sample per model (same mask, same seed); ``masks`` are RGB pictures of the labels."""
     if not masks or not columns:
         return None
-    names = ["mask"] + [display_name(m) for m in columns]
+    names = ["mask"] + [column_title(m) for m in columns]
     n_rows, n_cols = len(masks), len(names)
     cell = 1.45
-    fig = new_figure(cell * n_cols + 0.6, cell * n_rows + 0.4)
+    title_lines = max(n.count("\n") + 1 for n in names)
+    fig = new_figure(cell * n_cols + 0.6, cell * n_rows + 0.4 + GRID_TITLE_LINE_IN * title_lines)
     axes = np.array(fig.subplots(n_rows, n_cols, squeeze=False))
     for r in range(n_rows):
         pictures = [masks[r]] + [columns[m][r] for m in columns]
@@ -268,7 +322,7 @@ def sample_grid_figure(masks: list[np.ndarray], columns: dict[str, list[np.ndarr
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
-                ax.set_title(names[c], fontsize=10)
+                ax.set_title(names[c], fontsize=8)
         axes[r, 0].set_ylabel(row_labels[r], fontsize=7)
     return fig
 

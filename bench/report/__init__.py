@@ -25,11 +25,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from bench import plots
 from bench.io import tidy, write_text
 from bench.report import paper, quality, samples, setup, speed, training
-from bench.report.common import SMOKE_TEST_NOTE, Context, Figures, fmt
-from bench.report.paper import speed_ratio_sentence
+from bench.report.common import SMOKE_TEST_NOTE, Context, Figures
+from bench.report.glance import at_a_glance
 from bench.report.select import find_state, model_order, read_results, sample_sets, select
 
 DEFAULT_RESULTS = Path("results")
@@ -51,6 +50,7 @@ def build_report(results: Path = DEFAULT_RESULTS, reports: Path = DEFAULT_REPORT
     ctx.speeds = [s for s in (speed.speed_summary(group, sel, ctx.order) for group in sel.devices) if s]
     ctx.speed = ctx.speeds[0] if ctx.speeds else None
     ctx.final = quality.final_scores(ctx)
+    quality.training_summary(ctx)
     md = header(ctx) + at_a_glance(ctx)
     for section in SECTIONS:
         md += section(ctx)
@@ -72,28 +72,3 @@ def header(ctx: Context) -> list[str]:
     if ctx.state and ctx.state.get("budget", {}).get("note"):
         md += [f"> Preset `{sel.preset}` of `bench run`: {ctx.state['budget']['note']}", ""]
     return md
-
-
-def at_a_glance(ctx: Context) -> list[str]:
-    """A few lines with the headline numbers of the sections below."""
-    from bench.report.estimates import fmt_estimate, verdict
-    from bench.report.quality import REFERENCE, paired
-
-    lines, speed = [], ctx.speed
-    if speed is not None and not speed.latency.empty:
-        parts = [f"{plots.display_name(r.model)} {fmt(r.nfe_s * 1e3)} ms" for r in speed.latency.itertuples()]
-        lines.append(f"- Time per network evaluation (median, batch 1, {speed.device}): {', '.join(parts)}.")
-        lines.append(f"- {speed_ratio_sentence(speed)}")
-    final = ctx.final
-    if final:
-        parts = [f"{plots.display_name(m)} {fmt_estimate(s.figures.get('miou'))}" for m, s in final.items()]
-        lines.append(f"- Mask mIoU of generated images (mean over seeds, 95% interval): {', '.join(parts)}.")
-        ceilings = [s.figures["miou_ceiling"] for s in final.values() if "miou_ceiling" in s.figures]
-        if ceilings:
-            lines.append(f"- The parser on the real test images (the ceiling): {fmt_estimate(ceilings[0])}.")
-        if REFERENCE in final:
-            diffs = [f"{plots.display_name(m)} {verdict(paired(s, final[REFERENCE]).get('miou'))}"
-                     for m, s in final.items() if m != REFERENCE and paired(s, final[REFERENCE])]
-            if diffs:
-                lines.append(f"- mIoU minus SISMA's (paired): {'; '.join(diffs)}.")
-    return ["## At a glance", "", *lines, ""] if lines else []

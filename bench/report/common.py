@@ -113,3 +113,8 @@ class Context:
     speed: Optional[SpeedSummary] = None  # the newest device's (the headline)
     speeds: list = field(default_factory=list)  # every device's SpeedSummary, newest first
     final: dict = field(default_factory=dict)  # model -> bench.report.estimates.Scores at the end of training
+    checkpoints: dict = field(default_factory=dict)  # model -> step -> Scores: every scored checkpoint
+    settling: Optional[object] = None  # bench.report.settle.Settling over those checkpoints
+    reaches: dict = field(default_factory=dict)  # model -> [bench.report.settle.Reach per mIoU target]
+    reach_time: str = ""  # what the reaches' seconds are: "training CPU time" or "training time"
+    reach_source: str = ""  # where those times come from, in words

@@ -8,6 +8,7 @@ a difference only when its interval excludes 0.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -15,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from bench import plots
+from bench.report import settle
 from bench.report.common import Context, Footnotes, fmt, markdown
 from bench.report.estimates import Scores, estimate_all, fmt_estimate, paired, restrict, scores, steps_of, verdict
 
@@ -38,7 +40,8 @@ def quality_table(ctx: Context, final: dict[str, Scores], notes: Footnotes) -> p
     for model, s in final.items():
         r = s.rows.iloc[-1]
 
-        def figure(metric: str, status: Optional[str] = None, fallback: str = "no value in the row") -> str:
+        def figure(metric: str, status: Optional[str] = None, fallback: str = "no value in the row", *,
+                   s: Scores = s, r: pd.Series = r) -> str:
             e = s.figures.get(metric)
             if e is not None:
                 return fmt_estimate(e)
@@ -178,16 +181,28 @@ def mixing_verdict(final: dict[str, Scores], ablation: pd.DataFrame) -> str:
     return " ".join(lines)
 
 
-def training_curves(ctx: Context) -> dict[str, pd.DataFrame]:
+def checkpoints(ctx: Context) -> dict[str, dict[int, Scores]]:
+    """Per model: its runs at every scored training step (step -> Scores), each on the masks it was scored on."""
+    out = {}
+    for model in ctx.order:
+        runs = {step: s for step in steps_of(ctx.sel, model) if (s := scores(ctx.sel, model, step)) is not None}
+        if runs:
+            out[model] = runs
+    return out
+
+
+def on_curve_masks(runs: list[Scores]) -> list[Scores]:
+    """A model's runs at each checkpoint cut to the masks every checkpoint has (snapshots may have fewer)."""
+    common = common_masks(runs)
+    return [restrict(s, common) if common and len(common) < len(s.sources) else s for s in runs]
+
+
+def training_curves(ctx: Context, by_step: Optional[dict[str, dict[int, Scores]]] = None) -> dict[str, pd.DataFrame]:
     """Per model: mIoU with its interval at every scored step, and the training FLOPs spent up to it."""
     curves = {}
-    for model in ctx.order:
+    for model, runs in (by_step if by_step is not None else checkpoints(ctx)).items():
         points = []
-        runs = [s for s in (scores(ctx.sel, model, step) for step in steps_of(ctx.sel, model)) if s is not None]
-        common = common_masks(runs)
-        for s in runs:
-            if common and len(common) < len(s.sources):  # snapshots scored on fewer masks
-                s = restrict(s, common)
+        for s in on_curve_masks(list(runs.values())):
             e = estimate_all(s).figures.get("miou")
             if e is not None:
                 points.append({"step": s.step, "miou": e.value, "low": e.low, "high": e.high, "seeds": len(s.seeds),
@@ -267,7 +282,7 @@ def section(ctx: Context) -> list[str]:
                "embeddings only); cond=add: the mask token of each position is added at that position in every "
                "block (what cross-attention restricted to its own position computes), aligned as Cross-Mamba and "
                "SPADE are.", ""]
-    curves = training_curves(ctx)
+    curves = training_curves(ctx, ctx.checkpoints)
     if any(len(c) > 1 for c in curves.values()):
         table = pd.DataFrame([{"model": m, **{f"step {int(p.step)}": fmt_estimate_row(p) for p in c.itertuples()}}
                               for m, c in curves.items()]).fillna("-")
@@ -276,9 +291,12 @@ def section(ctx: Context) -> list[str]:
         md.append(ctx.figures.add(
             "quality_training.png",
             "mask mIoU (mean over seeds, 95% interval shaded) against training steps (left) and training FLOPs "
-            f"(right: {TRAIN_FLOPS_PER_NFE} x FLOPs per NFE x batch x steps). A ranking that still changes between "
-            "the last two checkpoints is not settled.", plots.training_quality_figure(curves, ctx.order)))
+            f"(right: {TRAIN_FLOPS_PER_NFE} x FLOPs per NFE x batch x steps). Dotted: the mIoU targets of the "
+            "time-to-quality table; crosses: where each model reaches them (mean over seeds). A ranking that still "
+            "changes between the last two checkpoints is not settled.",
+            plots.training_quality_figure(curves, ctx.order, settle.TARGETS, reached_points(ctx))))
         md += rising_note(curves, ctx)
+    md += settling_section(ctx)
     if ctx.speed is not None:
         points = ctx.speed.latency.merge(ctx.sel.quality[["model", "miou", "fid", "lpips_diversity",
                                                           "pixel_diversity"]], on="model", how="inner")
@@ -297,6 +315,81 @@ def section(ctx: Context) -> list[str]:
             plots.quality_latency_figure(points, metric_cols, ctx.order,
                                          f"seconds per image ({ctx.speed.steps} steps)")))
     return md
+
+
+def training_summary(ctx: Context) -> None:
+    """Fill ``ctx`` with every scored checkpoint, the settling rule's verdict and the time to quality."""
+    ctx.checkpoints = checkpoints(ctx)
+    ctx.settling = settle.settle(ctx.checkpoints)
+    curves = {m: on_curve_masks(list(runs.values())) for m, runs in ctx.checkpoints.items() if len(runs) > 1}
+    if not curves:
+        return
+    logs = {m: run_logs(ctx, runs) for m, runs in curves.items()}
+    column = settle.time_column([log for per_seed in logs.values() for log in per_seed.values()])
+    ctx.reach_time = "training CPU time" if column == "cpu_s" else "training time"
+    ctx.reaches = settle.time_to_quality(curves, logs, {m: train_flops_per_step(ctx, m) for m in curves})
+    ctx.reach_source = time_source(ctx, logs, column)
+
+
+def settling_section(ctx: Context) -> list[str]:
+    """Is the ranking settled (the rule of bench.report.settle), and the cost of each model to reach mIoU targets."""
+    result = ctx.settling
+    if result is None or not (result.models or result.left_out):
+        return []
+    md = ["### Is the ranking settled?", "", *settle.settling_lines(result, plots.display_name), ""]
+    if result.pairs:
+        md += [markdown(settle.settling_table(result, plots.display_name)), "",
+               "The rule: the models trained longest, compared pair by pair (paired mIoU differences, 95% "
+               "intervals) at their last two scored checkpoints; a pair is settled when its verdict (higher, lower, "
+               "or no detectable difference) is the same at both, the ranking when every pair is.", ""]
+    if not ctx.reaches:
+        return md
+    label = f"{ctx.reach_time} (s)"
+    md += ["### Time to quality", "", markdown(settle.reach_table(ctx.reaches, plots.display_name, label)), "",
+           f"Steps, {ctx.reach_time} and training FLOPs until a run's mask mIoU first reaches each "
+           "target, interpolated linearly between its scored checkpoints (on the masks every checkpoint has, as "
+           "the curves above); the mean over seeds with a t interval over the seeds. \"<=\": reached at the first "
+           "scored checkpoint already, so the figure is an upper bound; \"not reached\": some seed's last "
+           f"checkpoint is below the target. {ctx.reach_source} Training FLOPs: "
+           f"{TRAIN_FLOPS_PER_NFE} x FLOPs per NFE x batch x steps.", ""]
+    return md
+
+
+def reached_points(ctx: Context) -> pd.DataFrame:
+    """Where each model reaches each mIoU target (mean over seeds): model, target, step, train_flops."""
+    points = []
+    for model, per_target in ctx.reaches.items():
+        for r in per_target:
+            steps = r.summary(r.steps)
+            if steps is not None and not r.bounded:
+                points.append({"model": model, "target": r.target, "step": steps.value,
+                               "train_flops": steps.value * r.flops_per_step if r.flops_per_step else np.nan})
+    return pd.DataFrame(points, columns=["model", "target", "step", "train_flops"])
+
+
+def run_logs(ctx: Context, runs: list[Scores]) -> dict[int, pd.DataFrame]:
+    """The loss log of each seed's run (the run folder its rows name)."""
+    from bench.report.select import resolve_path
+
+    logs = {}
+    rows = runs[-1].rows
+    for seed, run in zip(runs[-1].seeds, rows["run"]):
+        if isinstance(run, str):
+            logs[seed] = settle.read_log(resolve_path(run, ctx.results))
+    return logs
+
+
+def time_source(ctx: Context, logs: dict[str, dict[int, pd.DataFrame]], column: str) -> str:
+    """Where the training times come from: which column of the runs' loss logs, at how many threads, on what."""
+    threads = sorted({int(t) for per_seed in logs.values() for log in per_seed.values()
+                      if "threads" in log for t in log["threads"].dropna()})
+    device = str(ctx.sel.quality["device_name"].dropna().iloc[-1]) if not ctx.sel.quality.empty else "this machine"
+    machine = re.sub(r"\s*\(\d+ threads?\)$", "", device)
+    what = ("CPU time of each training process (`cpu_s` in its loss.csv: all its threads, unaffected by other work "
+            "on the machine)" if column == "cpu_s" else
+            "wall-clock training time of each run (`wall_s` in its loss.csv; some runs have no CPU time logged)")
+    at = f", {'/'.join(map(str, threads))} thread(s)" if threads else ""
+    return f"Time: {what}, on {machine}{at}."
 
 
 def fmt_estimate_row(p) -> str:

@@ -1,12 +1,15 @@
 """The report's sample grid: the same test masks and noise through every model."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from bench import plots
 from bench.errors import BenchError
 from bench.io import display_path
 from bench.report.common import GRID_MAX_ROWS, Context
+from bench.report.select import SAMPLES_FILE
 
 
 def grid_pictures(sets: list[dict], order: list[str]):
@@ -47,6 +50,28 @@ def section(ctx: Context) -> list[str]:
             f"{len(masks)} test masks and the same seeds (noise of sample i from seed {s0.get('seed')}, i), "
             f"{s0.get('method')} {s0.get('steps')} steps, EMA weights; rows labelled by test face.",
             plots.sample_grid_figure(masks, columns, labels)))
+        md += left_out_note(ctx, list(columns))
     else:
         md += ["No sample folders (`samples.json`) of this preset under the results folder.", ""]
     return md
+
+
+def left_out_note(ctx: Context, shown: list[str]) -> list[str]:
+    """Which models of the report the grid lacks, and why: a sample set made with other masks, seed or sampler (it
+    cannot share the grid's rows), or none at all."""
+    missing = [m for m in ctx.order if m not in shown]
+    if not missing:
+        return []
+    other = set()
+    for path in ctx.results.rglob(SAMPLES_FILE):
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(rec, dict) and rec.get("preset") == ctx.sel.preset:
+            other.add(rec.get("model"))
+    why = [f"{plots.display_name(m)} ("
+           f"{'its sample set uses other masks, seed or sampler settings' if m in other else 'no sample set found'})"
+           for m in missing]
+    return [f"Not in the grid: {'; '.join(why)}. Redo the samples of every model with one setting (`bench run` "
+            "with all of them in --models, or `bench sample`) to see them side by side.", ""]

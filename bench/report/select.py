@@ -107,6 +107,7 @@ def select(speed: pd.DataFrame, quality: pd.DataFrame, preset: Optional[str],
     flops = latest(speed[speed["mode"] == "flops-only"], ["model", "preset", "resolution"])
     q = quality[quality["preset"] == preset]
     q = q.assign(train_seed=q["train_seed"].fillna(0))
+    q, replaced = newest_runs(q)
     q_all = latest(q, ["model", "train_seed", "train_step"])
     final = q_all["train_step"] == q_all["train_steps"].fillna(
         q_all.groupby(["model", "train_seed"])["train_step"].transform("max"))
@@ -115,6 +116,9 @@ def select(speed: pd.DataFrame, quality: pd.DataFrame, preset: Optional[str],
         notes.append(f"quality: the newest row per model, training seed and checkpoint of preset `{preset}` "
                      f"({len(q_all)} rows, {len(q_all[final])} of them at the end of training; "
                      f"{len(q) - len(q_all)} older rows not used)")
+    if replaced:
+        notes.append(f"quality: {replaced} rows of earlier run folders not used (a model and seed trained again in "
+                     f"another folder: only the newest run of each counts)")
     if timed.empty and kept_q.empty:
         raise BenchError(f"no timed speed rows and no quality rows for preset {preset!r} in the results; "
                          f"run `bench run --preset {preset}` (or `bench speed`/`bench quality`) first")
@@ -125,6 +129,16 @@ def select(speed: pd.DataFrame, quality: pd.DataFrame, preset: Optional[str],
     return Selection(preset, timed, flops, kept_q, notes, q_all, masks, devices=groups,
                      rounds=rounds[rounds["sweep"].isin(sweeps)], busy_rows=busy_rows)
 
+
+
+def newest_runs(q: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """The rows of the newest run folder of each model and training seed (the folder of its last row), and how many
+    rows of older folders were left out: a run trained again elsewhere replaces the older one's checkpoints."""
+    if q.empty or "run" not in q:
+        return q, 0
+    newest = q.groupby(["model", "train_seed"])["run"].transform("last")
+    keep = (q["run"] == newest) | q["run"].isna()
+    return q[keep], int((~keep).sum())
 
 
 def resolve_path(text: str, results: Path) -> Path:
