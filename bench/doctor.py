@@ -15,7 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
+from bench.autoencoder import SD_VAE, load_vae
 from bench.errors import BenchError
+from bench.metrics import ALEXNET_WEIGHTS, INCEPTION_WEIGHTS, resolve_weights
+from bench.plan import DEFAULT_MEMORY, parse_memory, plan, size_text, table
 
 NO_CUDA = "no CUDA"
 PLANNED = ("sisma", "dit", "sdm", "dim")  # the backbones whose memory plan the report shows
@@ -64,9 +67,9 @@ def torch_checks() -> list[Check]:
                          f"{_driver_version()}", True))
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
+            bf16 = "yes" if torch.cuda.is_bf16_supported() else "no"
             out.append(Check("torch", f"GPU {i}", f"{p.name}, {p.total_memory / 2 ** 30:.1f} GiB, compute "
-                             f"capability {p.major}.{p.minor}, bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'}",
-                             None))
+                             f"capability {p.major}.{p.minor}, bf16 {bf16}", None))
     else:
         why = "this torch has no CUDA build" if torch.version.cuda is None else \
             "torch.cuda.is_available() is False (no NVIDIA driver or no visible GPU)"
@@ -146,9 +149,6 @@ def sdpa_check() -> Check:
 
 def weight_checks() -> list[Check]:
     """The SD-VAE (latent models), Inception (FID/KID) and AlexNet (LPIPS) weights, where the harness looks."""
-    from bench.autoencoder import SD_VAE, load_vae
-    from bench.metrics import ALEXNET_WEIGHTS, INCEPTION_WEIGHTS, resolve_weights
-
     out = []
     try:
         with warnings.catch_warnings():
@@ -168,8 +168,6 @@ def weight_checks() -> list[Check]:
 
 def plan_checks(preset: str = "paper", memory: str | None = None) -> list[Check]:
     """The memory plan of ``preset`` for the first GPU's memory (or ``memory``, or the default)."""
-    from bench.plan import DEFAULT_MEMORY, parse_memory, plan, size_text, table
-
     if memory is None and torch.cuda.is_available():
         size, source = torch.cuda.get_device_properties(0).total_memory, "GPU 0"
     else:

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from models.ssm import count_scan_flops
+
 # Side, in image pixels, of the patch that defines one comparable token (SD-VAE factor 8 x patch 2).
 TOKEN_FOOTPRINT_PX = 16
 
@@ -40,8 +42,6 @@ def count_flops(fn, *args, **kwargs) -> FlopCount:
 
     Works with meta tensors, so a paper-size model costs neither memory nor time.
     """
-    from models.ssm import count_scan_flops
-
     with torch.no_grad(), FlopCounterMode(display=False) as counter, count_scan_flops() as scan:
         fn(*args, **kwargs)
     return FlopCount(counter=int(counter.get_total_flops()), scan=int(scan.flops))

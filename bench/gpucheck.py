@@ -11,7 +11,8 @@ Four steps, each one row (status ok, fail or skipped; seconds; what was measured
   (``bench.plan.training_memory``, the sample grid left out; SISMA only where mamba-ssm's fused ``mamba_inner_fn``
   loads, which the prediction assumes). The measured steps are the trainer's: its ``forward_backward`` under the
   recipe's autocast, fused AdamW (``make_optimizer``), gradient clipping and the EMA update (``update_ema``), with the
-  fp32 model, EMA copy, AdamW moments and gradients the plan adds from the parameters. Ok when the prediction is within ``PLAN_TOLERANCE`` (15%) of the measurement, the bound
+  fp32 model, EMA copy, AdamW moments and gradients the plan adds from the parameters. Ok when the prediction is
+  within ``PLAN_TOLERANCE`` (15%) of the measurement, the bound
   tests/test_gpu.py asserts: ``bench plan`` keeps a 10% margin for what is not a tensor (CUDA context, allocator
   fragmentation, workspaces), so an error well beyond that would make its choices unsafe (under) or wasteful (over);
 - ``fused-mamba``: mamba-ssm's fused ``mamba_inner_fn`` against ``models.ssm.mamba_inner_reference`` (fp32 on the
@@ -42,7 +43,19 @@ from pathlib import Path
 
 import torch
 
+from bench import (
+    plan,  # a module: tests replace its training_memory
+    presets,
+    recompute,
+)
 from bench.errors import BenchError
+from bench.io import display_path, strict_json, tidy, write_json, write_text
+from bench.plan import Setting, _space, size_text
+from bench.runtime import PRECISIONS
+from bench.train import forward_backward, make_optimizer, update_ema
+from bench.variants import build_model
+from models import ssm
+from models.mamba import SelfMamba, scan_orders
 
 STEPS = ("pytest", "speed", "memory", "fused-mamba")
 TIMEOUTS = {"pytest": 240.0, "speed": 100.0, "memory": 100.0, "fused-mamba": 40.0}  # seconds; 8 minutes in all
@@ -196,8 +209,6 @@ def report_text(header: str, results: list[StepResult], seconds: float) -> str:
 
 
 def write_results(md: Path, js: Path, header: str, results: list[StepResult], seconds: float) -> None:
-    from bench.io import tidy, write_json, write_text
-
     write_text(md, tidy(report_text(header, results, seconds)))
     write_json(js, {"header": tidy(header), "seconds": round(seconds, 1), "ok": not any(r.status == "fail"
                                                                                          for r in results),
@@ -263,14 +274,10 @@ def _env() -> dict:
 
 def _shown(cmd: list[str]) -> str:
     """A command as the results show it: ``python`` for this interpreter, paths without this machine's layout."""
-    from bench.io import tidy
-
     return " ".join(["python" if c == sys.executable else tidy(c) for c in cmd])
 
 
 def _log(cfg: GpuCheckConfig, step: str, cmd: list[str], done: Completed) -> Path:
-    from bench.io import tidy, write_text
-
     path = Path(cfg.out) / "logs" / f"{step}.log"
     status = f"timed out after {done.seconds:.0f} s" if done.timed_out else f"exit code {done.returncode}"
     write_text(path, tidy(f"$ {_shown(cmd)}\n# {status}\n\n--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}"))
@@ -278,8 +285,6 @@ def _log(cfg: GpuCheckConfig, step: str, cmd: list[str], done: Completed) -> Pat
 
 
 def _record(cfg: GpuCheckConfig, step: str, cmd: list[str], done: Completed) -> dict:
-    from bench.io import display_path, tidy
-
     return {"command": _shown(cmd), "returncode": done.returncode, "timed_out": done.timed_out,
             "timeout_s": cfg.timeout(step), "log": display_path(_log(cfg, step, cmd, done)),
             "output_tail": tidy((done.stdout + done.stderr)[-TAIL_CHARS:])}
@@ -523,11 +528,6 @@ def measured_training_peak(model: str, preset: str, batch: int, setting, precisi
     masks at the model's size."""
     import copy
 
-    from bench import recompute
-    from bench.plan import _space
-    from bench.runtime import PRECISIONS
-    from bench.train import forward_backward, make_optimizer, update_ema
-    from bench.variants import build_model
 
     dev = torch.device(device)
     torch.cuda.empty_cache()
@@ -547,7 +547,10 @@ def measured_training_peak(model: str, preset: str, batch: int, setting, precisi
         masks = torch.zeros(batch, net.num_classes, net.image_size, net.image_size, device=device)
         masks[:, 1] = 1
         t, x0, drop = torch.rand(batch), torch.randn(batch, c, h, w), torch.zeros(batch, dtype=torch.bool)
-        x1_of = lambda part, images=images, space=space: space.encode(images[part])
+
+        def x1_of(part, images=images, space=space):  # bound: space is deleted after the loop
+            return space.encode(images[part])
+
         forward_backward(net, x1_of, masks, t, x0, drop, setting.micro_batch if setting.accumulation > 1 else 0,
                          autocast, scaler, dev)
         scaler.unscale_(opt)
@@ -566,10 +569,6 @@ def measured_training_peak(model: str, preset: str, batch: int, setting, precisi
 def memory_check(models=MODELS, preset: str = "paper", batch: int = MEMORY_BATCH, steps: int = MEMORY_STEPS,
                  tolerance: float = PLAN_TOLERANCE, device: str = "cuda") -> dict:
     """Measured against predicted training peak per model (see the module docstring): {status, detail, data}."""
-    from bench import presets
-    from bench.plan import Setting, size_text, training_memory
-    from models import ssm
-
     setting = Setting(batch, 1, False)
     entries, parts = [], []
     for model in models:
@@ -582,7 +581,7 @@ def memory_check(models=MODELS, preset: str = "paper", batch: int = MEMORY_BATCH
                              "assumes it)")
                 parts.append(f"{model} skipped: {entry['reason']}")
                 continue
-            predicted = training_memory(model, preset, batch, setting, precision, grid_batch=0).peak
+            predicted = plan.training_memory(model, preset, batch, setting, precision, grid_batch=0).peak
             free, _ = torch.cuda.mem_get_info()
             entry["predicted"] = predicted
             if predicted > FREE_SHARE * free:
@@ -611,8 +610,6 @@ def memory_check(models=MODELS, preset: str = "paper", batch: int = MEMORY_BATCH
 
 def self_mamba_layer(width: int = 64, grid: int = 16, scan: str = "zigzag"):
     """A Self-Mamba layer (causal conv, one scan order: the fused kernel's case) with random weights, seeded."""
-    from models.mamba import SelfMamba, scan_orders
-
     torch.manual_seed(0)
     layer = SelfMamba(width, orders=scan_orders(scan, grid, 1), conv="causal1d", grid=grid)
     with torch.no_grad():
@@ -629,8 +626,6 @@ def fused_mamba_comparison(itype: torch.dtype, kernel=None, device: str = "cuda"
     ``itype``, the weights fp32 (bf16 autocast casts the projections inside). The output must be within 5x mamba-ssm's
     scan tolerances elementwise (|a - b| <= atol + rtol |b|), each gradient's largest error within 10 x (atol + rtol
     x its largest reference value). Returns {dtype, ok, worst (largest error / tolerance), output, grads}."""
-    from models import ssm
-
     kernel = kernel or ssm._fused_op()
     if kernel is None:
         raise RuntimeError("mamba-ssm's mamba_inner_fn does not load")
@@ -677,8 +672,6 @@ def fused_mamba_comparison(itype: torch.dtype, kernel=None, device: str = "cuda"
 
 def fused_mamba_check(dtypes=("fp32", "bf16"), kernel=None, device: str = "cuda") -> dict:
     """``fused_mamba_comparison`` per dtype: {status, detail, data}."""
-    from models import ssm
-
     kernel = kernel or ssm._fused_op()
     if kernel is None:
         return {"status": "fail", "detail": "mamba-ssm's fused mamba_inner_fn does not load: it needs mamba-ssm's "
@@ -718,7 +711,6 @@ def main(argv: list[str] | None = None) -> int:
         result = memory_check()
     else:
         result = fused_mamba_check()
-    from bench.io import strict_json
 
     print(RESULT_MARKER + json.dumps(strict_json(result), allow_nan=False), flush=True)
     return 0

@@ -32,6 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.errors import BenchError
+from bench.io import display_path, write_json
+from bench.runtime import set_threads
+from bench.train import TrainConfig, train
 
 LAUNCHERS = ("slurm", "local")
 JOB_MINUTES = 3 * 24 * 60  # default time limit of a training job
@@ -110,8 +113,6 @@ def train_spec(config: dict, run_dir: Path, device: str, threads: int | None, pr
 
 
 def write_spec(spec: dict, path: Path) -> Path:
-    from bench.io import write_json
-
     write_json(path, spec)
     return path
 
@@ -164,9 +165,6 @@ def result_path(spec_path: Path) -> Path:
 
 def run_spec(spec: dict) -> dict:
     """Train the run of ``spec`` in this process (one rank of torchrun, or alone); resume when it has a checkpoint."""
-    from bench.runtime import set_threads
-    from bench.train import TrainConfig, train
-
     if spec.get("threads"):
         set_threads(spec["threads"])
     run_dir = Path(spec["run_dir"])
@@ -180,8 +178,6 @@ def main(argv: list[str] | None = None) -> None:
     path = Path((argv if argv is not None else sys.argv[1:])[0])
     result = run_spec(json.loads(path.read_text()))
     if int(os.environ.get("RANK", "0")) == 0:
-        from bench.io import write_json
-
         write_json(result_path(path), result)
 
 
@@ -233,8 +229,6 @@ class Launcher:
 
     def record(self, job, spec_path: Path) -> dict:
         """What the state file keeps of a job."""
-        from bench.io import display_path
-
         return {"launcher": self.name, "id": str(job.job_id), "folder": display_path(self.folder),
                 "spec": display_path(spec_path), "log": display_path(job.paths.stdout)}
 
@@ -264,7 +258,6 @@ class Launcher:
         lines = [ln for ln in str(e).strip().splitlines() if ln.strip() and not ln.startswith(("-", " "))]
         reason = next((ln for ln in reversed(lines) if "Error" in ln or "Interrupted" in ln), lines[-1] if lines
                       else type(e).__name__)
-        from bench.io import display_path
 
         reason = re.sub(r"^(?:[A-Za-z_]\w*\.)+(?=\w+: )", "", reason.strip())  # bench.errors.BenchError -> BenchError
         return f"job {job.job_id} failed: {reason} (log: {display_path(job.paths.stderr)})"

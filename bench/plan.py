@@ -35,7 +35,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from bench import flow, memsim, presets, recompute
+from bench.autoencoder import LatentSpace, PixelSpace
 from bench.errors import BenchError
+from bench.memsim import cuda_autocast, round_allocation
+from bench.runtime import PRECISIONS, autocast, cast_for_inference, check_precision, model_precision
+from bench.sample import GRID_SAMPLES_PER_MASK
+from bench.speed import RANDOM_VAE_LABEL, sd_vae_architecture
+from bench.variants import Variant, build_model, parse_models, parse_variant
 
 GiB = 2 ** 30
 DEFAULT_MEMORY = "24GiB"  # the paper's RTX 4090
@@ -146,27 +153,19 @@ class ModelPlan:
 
 def _space(model, device: str):
     """The model's space on ``device``: pixels, or the SD-VAE architecture (its weights do not change memory)."""
-    from bench.autoencoder import LatentSpace, PixelSpace
-
     if model.space != "latent":
         return PixelSpace()
-    from bench.speed import RANDOM_VAE_LABEL, sd_vae_architecture
 
     with torch.device(device):
         return LatentSpace(sd_vae_architecture(), RANDOM_VAE_LABEL)
 
 
 def _bytes(tensors) -> int:
-    from bench.memsim import round_allocation
-
     return sum(round_allocation(t.numel() * t.element_size()) for t in tensors)
 
 
 def _autocast(device: str, precision: str, fake: bool):
     """The trainer's autocast: ``torch.autocast`` on a real device, its equivalent for fake CUDA tensors."""
-    from bench.memsim import cuda_autocast
-    from bench.runtime import PRECISIONS, autocast
-
     if precision == "fp32":
         return contextlib.nullcontext()
     if fake and torch.device(device).type == "cuda":
@@ -175,8 +174,6 @@ def _autocast(device: str, precision: str, fake: bool):
 
 
 def _enable_checkpointing(model, device: str, precision: str, fake: bool) -> None:
-    from bench import recompute
-
     if not fake:
         recompute.enable(model)
         return
@@ -193,9 +190,6 @@ def training_memory(model: str, preset: str, batch_size: int, setting: Setting, 
     """Simulate one training step of ``setting`` (see the module docstring); ``fake=False`` runs the same step on
     real tensors on ``device`` (the CPU check) with the autograd engine. ``grid_transient``: the sample grid's
     bytes when already known (they do not depend on the setting)."""
-    from bench import flow, memsim
-    from bench.variants import build_model
-
     share = batch_size // processes
     with memsim.fake_device(device) if fake else contextlib.nullcontext():
         net = build_model(model, preset, overrides, device).train()
@@ -254,9 +248,6 @@ def training_memory(model: str, preset: str, batch_size: int, setting: Setting, 
 
 def sampling_transient(net, space, batch_size: int, precision: str, device: str, fake: bool = True) -> int:
     """Peak bytes above the weights of one Euler step of ``net`` at ``batch_size`` and the decoding (no grad)."""
-    from bench import memsim
-    from bench.runtime import PRECISIONS, model_precision
-
     c, h, w = net.input_shape
     k, s = net.num_classes, net.image_size
     was_training, trainable = net.training, [p for p in net.parameters() if p.requires_grad]
@@ -282,10 +273,6 @@ def sampling_memory(model: str, preset: str, batch_size: int, precision: str, ov
                     device: str = "cuda") -> int:
     """Predicted peak bytes of ``bench sample`` at ``batch_size``: EMA weights (cast to the precision), decoder, one
     Euler step, decoding."""
-    from bench import memsim
-    from bench.runtime import cast_for_inference
-    from bench.variants import build_model
-
     with memsim.fake_device(device):
         net = cast_for_inference(build_model(model, preset, overrides, device).eval().requires_grad_(False), precision)
         space = _space(net, device)
@@ -309,11 +296,6 @@ def plan_model(model, preset: str = "paper", batch_size: int | None = None, prec
     """Predict ``model``'s peaks at the recipe's (or the given) batch and precision and choose the cheapest
     setting that fits ``memory`` less ``margin``; ``chosen`` is None when not even micro-batch 1 with
     checkpointing fits. ``micro_batch`` (0: the whole share) restricts the choice to that micro-batch."""
-    from bench import presets
-    from bench.runtime import check_precision
-    from bench.sample import GRID_SAMPLES_PER_MASK
-    from bench.variants import Variant, build_model, parse_variant
-
     variant = model if isinstance(model, Variant) else parse_variant(str(model))
     recipe = presets.recipe(preset, variant.model)
     batch_size = batch_size or recipe.batch_size
@@ -367,9 +349,6 @@ def plan(models, preset: str = "paper", batch_size: int | None = None, precision
          memory: int | str = DEFAULT_MEMORY, margin: float = DEFAULT_MARGIN, processes: int = 1,
          progress=None) -> list[ModelPlan]:
     """``plan_model`` for each backbone or variant of ``models`` (a comma-separated string or a list)."""
-    from bench import presets
-    from bench.variants import parse_models
-
     presets.budget(preset)
     return [plan_model(v, preset, batch_size, precision, memory, margin, processes, progress=progress)
             for v in parse_models(models)]
@@ -437,8 +416,8 @@ def table(plans: list[ModelPlan]) -> str:
         return ""
     p0 = plans[0]
     lines = [f"bench plan: preset {p0.preset}, global batch {p0.batch_size}, {p0.precision}, {p0.processes} "
-             f"process{'es' if p0.processes > 1 else ''}, GPU memory {size_text(p0.memory)}: fits when the predicted peak "
-             f"is at most {size_text(p0.budget)} (a {p0.margin:.0%} margin). Peaks are allocated tensor memory "
+             f"process{'es' if p0.processes > 1 else ''}, GPU memory {size_text(p0.memory)}: fits when the predicted "
+             f"peak is at most {size_text(p0.budget)} (a {p0.margin:.0%} margin). Peaks are allocated tensor memory "
              f"(torch.cuda.max_memory_allocated), predicted on fake CUDA tensors; SISMA and DiM with mamba-ssm's "
              f"and causal-conv1d's kernels (Self-Mamba through the fused mamba_inner_fn), attention with "
              f"flash/memory-efficient SDPA; AdamW fused.", ""]
@@ -448,9 +427,9 @@ def table(plans: list[ModelPlan]) -> str:
         df = pd.DataFrame([_row("without a plan", p, p.baseline), _row("with the plan", p, p.chosen)])
         lines.append(df.to_markdown(index=False))
         lines.append(f"with the plan: {breakdown(p.chosen or p.tried[-1])}")
-        lines.append("settings simulated, cheapest first (micro-batch x accumulation, checkpointing: peak): " + "; ".join(
-            f"{e.setting.micro_batch} x {e.setting.accumulation}, {'on' if e.setting.checkpointing else 'off'}: "
-            f"{size_text(e.peak)}" for e in p.tried))
+        tried = "; ".join(f"{e.setting.micro_batch} x {e.setting.accumulation}, "
+                          f"{'on' if e.setting.checkpointing else 'off'}: {size_text(e.peak)}" for e in p.tried)
+        lines.append(f"settings simulated, cheapest first (micro-batch x accumulation, checkpointing: peak): {tried}")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 

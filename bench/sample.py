@@ -30,16 +30,22 @@ import torch.nn as nn
 from torch import Tensor
 
 from bench import flow
+from bench.autoencoder import load_space
+from bench.checkpoint import load, load_weights
+from bench.data import FaceDataset, colorize, onehot, read_label_folder, resize_label, run_data_folder, write_label_png
 from bench.errors import BenchError
 from bench.io import display_path, read_json, to_uint8, write_json, write_png
+from bench.provenance import provenance
 from bench.runtime import PRECISIONS, autocast, cast_for_inference, check_precision, model_precision
+from bench.synth import ensure_default_set
+from bench.variants import build_model
 
 RUN_IDENTITY_KEYS = ("model", "preset")  # what a run config must name before its checkpoint is read
 RUN_CONFIG_KEYS = ("model", "preset", "space", "model_overrides")  # what sampling a run reads
 GRID_CELL_PX = 128  # grid cells are enlarged (nearest neighbour) to at least this size, for viewing
 GRID_PAD_PX = 2
-MAX_GRID_ROWS = 16
-GRID_SAMPLES_PER_MASK = 2  # samples per mask in the trainer's grids  # the overview grid of `bench sample` shows at most this many samples
+MAX_GRID_ROWS = 16  # the overview grid of `bench sample` shows at most this many samples
+GRID_SAMPLES_PER_MASK = 2  # samples per mask in the trainer's grids
 
 
 @dataclass
@@ -67,10 +73,6 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", checkpoint
              precision: str | None = None) -> Run:
     """The EMA weights of ``checkpoint`` (default RUN/checkpoints/last.pt), read on the CPU first, on ``device``, cast
     once to ``precision`` (default: the run's training precision; see the module docstring)."""
-    from bench.autoencoder import load_space
-    from bench.checkpoint import load, load_weights
-    from bench.variants import build_model
-
     run_dir = Path(run_dir)
     config_path = run_dir / "config.json"
     if not config_path.is_file():
@@ -82,8 +84,6 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", checkpoint
     state = load(ckpt, mmap=True)
     check_run_config(config, config_path, RUN_CONFIG_KEYS)
     if config.get("data") is not None:
-        from bench.data import run_data_folder
-
         config["data"] = display_path(run_data_folder(config, run_dir))  # found from any working folder, checked
     model = build_model(config["model"], config["preset"], config.get("model_config") or config["model_overrides"])
     load_weights(model, state.get("ema"), state, config, ckpt)
@@ -185,11 +185,7 @@ def generate(run: Run, masks: Tensor, indices: Iterable[int], seed: int = 0, ste
 
 def test_labels(config: dict, size: int, n: int) -> tuple[list[str], Tensor]:
     """The first ``n`` label maps of the run's test split (cycled if it holds fewer): names and (n, S, S)."""
-    from bench.data import FaceDataset, resize_label
-
     if config.get("synthetic"):
-        from bench.synth import ensure_default_set
-
         ensure_default_set(config["data"], config["synth_n"], size, progress=False)
     test = FaceDataset(config["data"], "test", size=size)
     picks = [k % len(test) for k in range(n)]
@@ -202,7 +198,6 @@ def run_masks(run: Run, n: int, folder: str | Path | None = None) -> tuple[list[
     test split or from a folder of label PNGs (class indices 0-18)."""
     if folder is None:
         return test_labels(run.config, run.image_size, n)
-    from bench.data import read_label_folder
 
     names, labels = read_label_folder(folder, size=run.image_size)
     picks = [i % len(labels) for i in range(n)]
@@ -211,8 +206,6 @@ def run_masks(run: Run, n: int, folder: str | Path | None = None) -> tuple[list[
 
 def grid_picture(labels: Tensor, images: Tensor, per_mask: int) -> np.ndarray:
     """One row per mask: the mask in colour, then its ``per_mask`` samples; cells enlarged for viewing."""
-    from bench.data import colorize
-
     S = labels.shape[-1]
     zoom = max(1, GRID_CELL_PX // S)
     pix = to_uint8(images).permute(0, 2, 3, 1).numpy()  # (N, S, S, 3)
@@ -244,8 +237,6 @@ class GridSpec:
         return cls(ema, space, labels, noise, cfg.grid_steps, cfg.precision, GRID_SAMPLES_PER_MASK)
 
     def write(self, path: Path) -> None:
-        from bench.data import onehot
-
         masks = onehot(self.labels).repeat_interleave(self.per_mask, dim=0)
         images, _ = sample_batch(self.model, self.space, masks, self.noise, self.steps, precision=self.precision)
         write_png(path, grid_picture(self.labels, images, self.per_mask))
@@ -260,9 +251,6 @@ def write_samples(run: Run, out: Path, n: int, steps: int = 200, method: str = "
                   grid: bool = True, progress: bool = False) -> dict:
     """``n`` images of a run in ``out``: PNGs, the masks used (masks/*.png), grid.png and samples.json (returned).
     ``precision`` None: the one the run was loaded at."""
-    from bench.data import onehot, write_label_png
-    from bench.provenance import provenance
-
     if precision is not None:
         check_precision(precision)
     if n < 1:

@@ -81,14 +81,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import models
+from bench import presets
+from bench.autoencoder import LatentSpace
 from bench.errors import BenchError
 from bench.flops import FlopCount, count_flops, equivalent_tokens, example_inputs, fit_power_law
+from bench.flow import NFE_PER_STEP
 from bench.io import ResultsFile
 from bench.provenance import provenance
 from bench.quiet import Quietness, wait_for_quiet
 from bench.rounds import GUIDED_SCALE, Job, image_rounds_per_process, time_process  # noqa: F401 (GUIDED_SCALE: API)
 from bench.rows import RoundRow, SpeedRow
 from bench.runtime import PRECISIONS, resolve_device
+from bench.stats import paired_ratio
 from bench.timed_models import (  # noqa: F401
     PIXEL_DECODER_LABEL,
     RANDOM_VAE_LABEL,
@@ -98,6 +103,7 @@ from bench.timed_models import (  # noqa: F401
     sd_vae_architecture,
 )
 from bench.timing import load_average, sdpa_enabled
+from bench.variants import parse_models, parse_variant
 
 FLOPS_ONLY_SCALES = (1, 2, 4)  # default resolutions of --flops-only: the preset's image size times these
 
@@ -166,9 +172,6 @@ class Setting:
 
 def run_speed(cfg: SpeedConfig, echo=print):
     """Run the sweep of ``cfg``: rows appended to ``cfg.out`` and returned; summary tables through ``echo``."""
-    import models
-    from bench.variants import parse_models
-
     variants = parse_models(cfg.models)
     cfg.models = [v.name for v in variants]
     if cfg.precision is not None and cfg.precision not in PRECISIONS:
@@ -248,8 +251,6 @@ DEFAULT_PROTOCOL = (10, 1)  # rounds per process and processes of a preset witho
 
 def preset_protocol(preset: str) -> tuple[int, int]:
     """(rounds per process, processes) of a preset's sweep (bench.presets)."""
-    from bench import presets
-
     try:
         b = presets.budget(preset)
     except BenchError:
@@ -259,9 +260,6 @@ def preset_protocol(preset: str) -> tuple[int, int]:
 
 def recipe_precision(name: str, preset: str) -> str:
     """The training precision of the variant ``name``'s backbone at ``preset`` (fp32 for a preset without recipes)."""
-    from bench import presets
-    from bench.variants import parse_variant
-
     try:
         return presets.recipe(preset, parse_variant(name).model).precision
     except BenchError:  # a plugin's own preset: no recipe table
@@ -279,13 +277,15 @@ def resolution_overrides(name: str, base: torch.nn.Module, resolution: int) -> d
         step = factor * getattr(base.config, "patch_size", 1)
         if resolution % step:
             raise BenchError(f"model {name!r} cannot take {resolution} px images: the resolution must be a "
-                             f"multiple of {step} (input factor {factor} x patch size); try {step * max(1, round(resolution / step))}")
+                             f"multiple of {step} (input factor {factor} x patch size); "
+                             f"try {step * max(1, round(resolution / step))}")
         overrides["input_size"] = resolution // factor
     elif "channel_mult" in fields:
         step = 2 ** (len(base.config.channel_mult) - 1)  # the UNet's total downsampling
         if resolution % step:
             raise BenchError(f"model {name!r} cannot take {resolution} px images: the resolution must be a "
-                             f"multiple of {step} (its UNet downsamples {step}x); try {step * max(1, round(resolution / step))}")
+                             f"multiple of {step} (its UNet downsamples {step}x); "
+                             f"try {step * max(1, round(resolution / step))}")
     return overrides
 
 
@@ -325,8 +325,6 @@ def decoder_flops(model: torch.nn.Module) -> int | None:
 
 @functools.lru_cache(maxsize=None)
 def _sd_vae_decode_flops(latent_shape: tuple) -> int:
-    from bench.autoencoder import LatentSpace
-
     with torch.device("meta"):
         space = LatentSpace(sd_vae_architecture(), RANDOM_VAE_LABEL)
     return count_flops(space.decode, torch.empty(1, *latent_shape, device="meta")).total
@@ -399,15 +397,13 @@ def run_worker(job) -> dict:
 def sweep_rows(settings: list[Setting], cfg: SpeedConfig, device: torch.device, results: list[dict], sweep: str,
                gate: str) -> tuple[list[dict], list[dict]]:
     """One row per setting and batch size from every process's rounds, and the per-round rows."""
-    from bench.flow import NFE_PER_STEP
-
     rounds = [{**r, "sweep": sweep, "model": settings[r["setting"]].name,
                "resolution": settings[r["setting"]].resolution}
               for res in results for r in res["rounds"]]
     busy_rounds = [r for r in rounds if r["busy"]]
+    busy_count = len({(r["process"], r["round"], r["kind"] == "image") for r in busy_rounds})
     busy = "; ".join(filter(None, [f"busy at the start: {gate}" if gate else "",
-                                   f"busy in {len({(r['process'], r['round'], r['kind'] == 'image') for r in busy_rounds})}"
-                                   f" rounds: {busy_rounds[0]['busy']}" if busy_rounds else ""]))
+                                   f"busy in {busy_count} rounds: {busy_rounds[0]['busy']}" if busy_rounds else ""]))
     discarded = sum(res["discarded"] for res in results)
     best = max(res["best_gflops"] for res in results)
     nfe = cfg.steps * NFE_PER_STEP["euler"]
@@ -526,8 +522,6 @@ def timed_table(rows: list[dict]) -> str:
 def ratio_summary(rows: list[dict], cfg: SpeedConfig) -> str:
     """Each model's per-NFE time over the first model's (SISMA's when timed) at the smallest batch and each model's
     first resolution, paired by round, with the per-process ratios; and why rows are flagged busy."""
-    from bench.stats import paired_ratio
-
     rounds = ResultsFile(rounds_path(cfg.out), RoundRow).read()
     ok = [r for r in rows if r["status"] == "ok" and r["batch_size"] == min(cfg.batch_sizes)]
     firsts = list({r["model"]: r for r in reversed(ok)}.values())[::-1]  # each model's first resolution
@@ -540,8 +534,9 @@ def ratio_summary(rows: list[dict], cfg: SpeedConfig) -> str:
                       & (rounds["resolution"] == row["resolution"]) & (rounds["batch_size"] == row["batch_size"])]
         return mine.set_index(["process", "round"])["seconds"].astype(float)
 
-    lines = [f"per-NFE time over {ref['model']}'s at batch {ref['batch_size']}, paired by round (mean of the processes' "
-             f"median ratios; 95% interval of a second run: t over the processes; each process's ratio in brackets):"]
+    lines = [f"per-NFE time over {ref['model']}'s at batch {ref['batch_size']}, paired by round (mean of the "
+             f"processes' median ratios; 95% interval of a second run: t over the processes; each process's ratio "
+             "in brackets):"]
     for row in firsts:
         if row is ref:
             continue
