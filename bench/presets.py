@@ -184,7 +184,8 @@ BUDGETS: dict[str, Budget] = {
         quality_masks=0, quality_snapshot_masks=0, quality_samples=10, quality_steps=200,
         quality_fractions=(0.25, 0.5, 1.0),
         speed_steps=200, speed_batch_sizes=(1, 8), speed_scales=(2,), speed_warmup=5, speed_repeats=6,
-        speed_processes=5, speed_scale_repeats=10, speed_image_repeats=5, full_image_max_seconds=120.0, paper_flops=True),
+        speed_processes=5, speed_scale_repeats=10, speed_image_repeats=5, full_image_max_seconds=120.0,
+        paper_flops=True),
 }
 
 

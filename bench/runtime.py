@@ -75,7 +75,7 @@ def cast_for_inference(model: torch.nn.Module, precision: str) -> torch.nn.Modul
     kept = {id(module.get_parameter(name)) for module in model.modules()
             for name in getattr(module, FP32_PARAMETERS, ())}
     for module in model.modules():
-        for name, p in module._parameters.items():
+        for p in module._parameters.values():
             if p is not None and p.is_floating_point() and id(p) not in kept and p.dtype != dtype:
                 p.data = p.data.to(dtype)
         for name, b in module._buffers.items():

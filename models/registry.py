@@ -69,7 +69,7 @@ def _load_plugins() -> None:
         except Exception as e:  # a plugin must not take the harness down with it
             import warnings
 
-            warnings.warn(f"backbone plugin {ep.name!r} ({ep.value}) failed to load: {e}")
+            warnings.warn(f"backbone plugin {ep.name!r} ({ep.value}) failed to load: {e}", stacklevel=2)
 
 
 def list_models() -> list[str]:

@@ -1,4 +1,5 @@
-"""Shape-only selective scan and causal conv for fake tensors: what the real kernels allocate and save, nothing computed.
+"""Shape-only selective scan and causal conv for fake tensors: what the real kernels allocate and save, nothing
+computed.
 
 Fake tensors (``torch._subclasses.fake_tensor``, used by ``bench plan`` to predict GPU memory) carry no data, and
 no kernel can run on them. These autograd Functions stand in for the kernels a real device would run, allocating

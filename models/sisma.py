@@ -43,7 +43,8 @@ PRESETS = {
     # The paper: SD-VAE latents of 256 px images, 16 x 16 tokens of width 1024, 24 blocks.
     "paper": SismaConfig(space="latent", in_channels=4, input_size=32, image_size=256, patch_size=2,
                          width=1024, depth=24),
-    # 32 px RGB, again 16 x 16 tokens; a training step at batch 16 takes about a second on two cores.
+    # 32 px RGB, again 16 x 16 tokens; a training step at the cpu recipe's batch 8 takes about half a second on two
+    # threads (docs/timing.md).
     "cpu": SismaConfig(space="pixel", in_channels=3, input_size=32, image_size=32, patch_size=2,
                        width=128, depth=6),
     # 16 px RGB, 8 x 8 tokens, for unit tests.

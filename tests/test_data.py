@@ -279,7 +279,8 @@ def test_corrupt_image_through_dataloader_workers_is_one_line(quirky):
 def test_cli_one_line_errors(tmp_path, quirky):
     r = _cli("data", "check", tmp_path / "nowhere")
     assert r.exit_code == 2 and r.stderr.count("\n") == 1
-    assert r.stderr.startswith(f"error: data folder {tmp_path / 'nowhere'} does not exist") and "bench data synth" in r.stderr
+    assert r.stderr.startswith(f"error: data folder {tmp_path / 'nowhere'} does not exist")
+    assert "bench data synth" in r.stderr
     (quirky / IMAGE_DIRNAME / "0.jpg").write_bytes(b"garbage")
     r = _cli("data", "preview", quirky, "--out", tmp_path / "p.png", "--split", "all", "--size", "20")
     assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.output

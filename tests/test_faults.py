@@ -270,7 +270,7 @@ def test_an_error_is_not_glued_to_a_progress_bar(capsys):
 
 def test_json_written_by_the_harness_is_strict(run):
     for path in list(run.rglob("*.json")):
-        json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{path} holds {c}"))
+        json.loads(path.read_text(), parse_constant=lambda c, path=path: pytest.fail(f"{path} holds {c}"))
 
 
 # --- 7. a run's state belongs to the machine that made it --------------------------------------------------------

@@ -172,7 +172,8 @@ def test_lpips_loads_a_local_alexnet_and_measures_distance(tmp_path):
 
     torch.manual_seed(0)
     # torchvision's file also holds the classifier; LPIPS only uses `features`, which keeps this file small
-    state = {k: v for k, v in torchvision.models.alexnet(weights=None).state_dict().items() if k.startswith("features.")}
+    full = torchvision.models.alexnet(weights=None).state_dict()
+    state = {k: v for k, v in full.items() if k.startswith("features.")}
     path = tmp_path / "alexnet.pth"
     torch.save(state, path)
     model = metrics.load_lpips(path)

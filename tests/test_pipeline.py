@@ -372,7 +372,8 @@ def test_local_jobs_on_cuda_get_gpus_of_their_own(tmp_path, monkeypatch):
     launcher = Launcher(LaunchOptions(launcher="local", jobs=3, gpus=2), tmp_path, cuda=True)
     monkeypatch.setattr(launcher, "_executor", Executor)
     assert launcher.capacity == 2 and launcher.processes == 2
-    first, second = launcher.submit(tmp_path / "a.json"), launcher.submit(tmp_path / "b.json")
+    first = launcher.submit(tmp_path / "a.json")
+    launcher.submit(tmp_path / "b.json")
     assert given == [[0, 1], [2, 3]] and launcher.capacity == 2
     launcher.result(first)
     launcher.submit(tmp_path / "c.json")

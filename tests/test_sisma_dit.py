@@ -113,10 +113,10 @@ def mamba_reference(layer, x, m=None):
     x = x.double()
     u, z = (x @ p["in_proj.weight"].T).chunk(2, dim=-1)  # (B, L, E)
 
-    def causal_conv_silu(s, weight, bias):  # s (B, L, E), weight (E, W): out_l = sum_k w_k * s_{l - W + 1 + k}
+    def causal_conv_silu(s, weight, bias):  # s (B, L, E), weight (E, W): out_i = sum_k w_k * s_{i - W + 1 + k}
         W, L = weight.shape[1], s.shape[1]
-        out = torch.stack([sum(weight[:, k] * s[:, l - W + 1 + k] for k in range(W) if l - W + 1 + k >= 0) + bias
-                           for l in range(L)], dim=1)
+        out = torch.stack([sum(weight[:, k] * s[:, i - W + 1 + k] for k in range(W) if i - W + 1 + k >= 0) + bias
+                           for i in range(L)], dim=1)
         return F.silu(out)
 
     u = causal_conv_silu(u, p["ssm.conv.conv1d.weight"][:, 0], p["ssm.conv.conv1d.bias"])
@@ -133,9 +133,9 @@ def mamba_reference(layer, x, m=None):
     A = -torch.exp(p["ssm.A_log"])  # (E, N)
     h = torch.zeros(x.shape[0], A.shape[0], N, dtype=torch.float64)
     ys = []
-    for l in range(x.shape[1]):
-        h = torch.exp(delta[:, l, :, None] * A) * h + (delta[:, l] * u[:, l])[..., None] * B[:, l, None, :]
-        ys.append((h * C[:, l, None, :]).sum(-1) + p["ssm.D"] * u[:, l])
+    for i in range(x.shape[1]):
+        h = torch.exp(delta[:, i, :, None] * A) * h + (delta[:, i] * u[:, i])[..., None] * B[:, i, None, :]
+        ys.append((h * C[:, i, None, :]).sum(-1) + p["ssm.D"] * u[:, i])
     y = torch.stack(ys, dim=1) * F.silu(z)  # (B, L, E)
     return y @ p["out_proj.weight"].T
 

@@ -83,7 +83,8 @@ def test_whole_image_beyond_budget_is_projected_not_measured(tmp_path):
     row = rows.iloc[0]
     assert pd.isna(row["profile_nfe_ms"])  # --no-breakdown: nothing profiled
     assert math.isnan(float(row["image_latency_s"])) and math.isnan(float(row["images_per_s"]))
-    assert row["image_latency_projected_s"] == pytest.approx(row["latency_nfe_median_s"] * STEPS + row["decode_latency_s"])
+    projected = row["latency_nfe_median_s"] * STEPS + row["decode_latency_s"]
+    assert row["image_latency_projected_s"] == pytest.approx(projected)
     assert row["nfe"] == STEPS
     written = read_csv(tmp_path / "speed.csv")[0]
     assert written["image_latency_s"] == "" and float(written["image_latency_projected_s"]) > 0

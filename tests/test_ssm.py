@@ -187,7 +187,8 @@ def test_warns_once_and_falls_back_when_the_kernel_cannot_be_built(compiler, mon
         monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     else:  # answers --version, fails every compile
         fake = tmp_path / "fake-cc"
-        fake.write_text('#!/bin/sh\n[ "$1" = --version ] && echo fake-cc 1.0 && exit 0\necho "fake-cc: error" >&2\nexit 1\n')
+        fake.write_text('#!/bin/sh\n[ "$1" = --version ] && echo fake-cc 1.0 && exit 0\n'
+                        'echo "fake-cc: error" >&2\nexit 1\n')
         fake.chmod(0o755)
         monkeypatch.setenv("CC", str(fake))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))

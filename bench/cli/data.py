@@ -15,7 +15,8 @@ DATA_HELP = "Data folder: CelebAMask-HQ layout or SEAN/SDM {train,test}/{images,
 
 @command("synth", parent=data_app)
 def synth_cmd(
-    out: Path = typer.Option(..., "--out", help="Folder to write the set into (new, empty, or an earlier synthetic set)."),
+    out: Path = typer.Option(..., "--out",
+                             help="Folder to write the set into (new, empty, or an earlier synthetic set)."),
     n: int = typer.Option(2000, "--n", help="Number of faces."),
     size: int = typer.Option(256, "--size", help="Image size in pixels (even); masks are written at half of it."),
     seed: int = typer.Option(0, "--seed", help="Seed: face i depends only on (seed, i), not on --n or --workers."),

@@ -32,7 +32,8 @@ def quality_cmd(
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="torch-fidelity Inception "
                                                      f"file (default: the hub cache's {INCEPTION_WEIGHTS.filename})."),
     alexnet_weights: Optional[Path] = typer.Option(None, "--alexnet-weights", help="torchvision AlexNet file "
-                                                   f"(default: the hub cache's {ALEXNET_WEIGHTS.filename}, fetched there on first use)."),
+                                                   f"(default: the hub cache's {ALEXNET_WEIGHTS.filename}, fetched "
+                                                   "there on first use)."),
     parser: Optional[Path] = typer.Option(None, "--parser", help="Face parser checkpoint (default: "
                                           "results/parser/parser-{size}px.pt, trained there first if absent)."),
     require: str = typer.Option("", "--require", help="Comma list of metrics that must be computed "

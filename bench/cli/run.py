@@ -37,7 +37,8 @@ def run_cmd(
                                           "torch's choice; 1 in each training job of --launcher local with --jobs "
                                           "above 1); recorded in the result rows."),
     vae: Optional[str] = typer.Option(None, "--vae", help="AutoencoderKL for latent-space models (paper preset): "
-                                      "a local diffusers folder or a hub id (from the HF cache, fetched there on first use)."),
+                                      "a local diffusers folder or a hub id (from the HF cache, fetched there on "
+                                      "first use)."),
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="Inception file for FID/KID "
                                                      "(default: torch's hub cache, fetched there on first use)."),
     offline: bool = offline_option(),
@@ -84,5 +85,5 @@ def run_cmd(
         typer.echo(f"\ninterrupted by {signal.Signals(signum).name}{where}{saved}. Run the same `bench run` "
                    f"command again: finished stages are skipped and training continues from its last checkpoint",
                    err=True)
-        raise typer.Exit(128 + signum)
+        raise typer.Exit(128 + signum) from None
     typer.echo(f"\nreport: {path}")

@@ -12,7 +12,8 @@ from bench.speed import MIN_IMAGE_REPEATS
 
 @command("speed")
 def speed_cmd(
-    models: str = typer.Option("sisma,dit,sdm", "--models", "-m", help="Comma-separated backbones or variants to measure (e.g. sisma,sisma:scan=raster,dit)."),
+    models: str = typer.Option("sisma,dit,sdm", "--models", "-m", help="Comma-separated backbones or variants to "
+                               "measure (e.g. sisma,sisma:scan=raster,dit)."),
     preset: str = typer.Option("cpu", "--preset", "-p", help="Size preset of every model: paper, cpu or tiny."),
     steps: int = typer.Option(200, "--steps", help="Euler steps of one whole image (1 NFE per step)."),
     batch_sizes: str = typer.Option("1,4", "--batch-sizes", help="Comma-separated batch sizes; "
