@@ -752,3 +752,45 @@ def test_an_append_that_would_migrate_a_damaged_older_file_writes_nothing(tmp_pa
     with pytest.raises(BenchError, match="speed.csv line 3: .* where the header has"):
         ResultsFile(speed, SpeedRow).append(speed_rows())  # the header migration would rewrite the cut row
     assert speed.read_bytes() == before
+
+
+def test_a_read_only_results_folder_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    import errno
+
+    from bench.io import ResultsFile
+
+    def read_only(self):  # the first write into the results folder: the file lock beside speed.csv
+        raise OSError(errno.EROFS, os_strerror(errno.EROFS), str(self.path.with_name(f".{self.path.name}.lock")))
+
+    monkeypatch.setattr(ResultsFile, "_lock", read_only)
+    out = tmp_path / "results" / "speed.csv"
+    one_line_error(invoke("speed", "--flops-only", "--preset", "tiny", "--models", "sdm", "--resolutions", 16,
+                          "--out", out), "speed.csv.lock", "read-only", "give a writable folder")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("blocked, words", [("file", ["a part of the path is a file"]),
+                                            ("forbidden", ["permission denied"])])
+def test_weights_fetch_into_an_unwritable_dest_is_one_line(tmp_path, monkeypatch, blocked, words):
+    import errno
+
+    from bench import weights
+
+    monkeypatch.setenv("SIS_BENCH_OFFLINE", "0")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    dest = tmp_path / "dest"
+    if blocked == "file":
+        dest.write_text("a file where the folder goes")
+    else:  # a folder this account may not write to (root ignores modes, so the refusal is injected)
+        mkdir = Path.mkdir
+
+        def forbidden(self, *args, **kwargs):
+            if dest in (self, *self.parents):
+                raise PermissionError(errno.EACCES, os_strerror(errno.EACCES), str(self))
+            return mkdir(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "mkdir", forbidden)
+    monkeypatch.setattr(weights, "download", lambda *a, **k: pytest.fail("fetched into an unwritable folder"))
+    before = tree(tmp_path)
+    one_line_error(invoke("weights", "fetch", "inception", "--dest", dest), "dest", *words)
+    assert tree(tmp_path) == before
