@@ -283,12 +283,12 @@ def _cell(value: Any) -> str:
 
 
 def _is_number(text: str) -> bool:
-    """Whether ``text`` reads as a number (as float() and pandas read it: 1, 2.5e-3, inf, nan)."""
+    """Whether ``text`` reads as a number as both float() and pandas read it (1, 2.5e-3, inf, nan; not 1_000)."""
     try:
         float(text)
     except ValueError:
         return False
-    return True
+    return "_" not in text
 
 
 SHOWN_CHARS = 40  # of a bad cell, in an error: enough to recognise it, short enough for one line
