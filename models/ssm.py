@@ -21,7 +21,8 @@ reversed or a snake of the token grid, after a prefix of tokens kept in place) t
 arithmetic; in and out in raster order, with no copies on the CPU kernel. ``causal_conv1d_tokens`` is Mamba's causal
 conv (+ SiLU) along such an order on the same layout, also in the C kernel; ``token_kernels_run`` says where both run.
 On fake tensors (``bench plan``) the scan and the causal conv compute nothing and allocate and save what the
-kernel of the tensors' device would (``models/scan_memory.py``); on the meta device they only give shapes.
+kernel of the tensors' device would (``models/scan_memory.py``; the token-layout entries' own autograd Functions on
+fake CPU tensors); on the meta device they only give shapes.
 A forced backend that cannot run raises RuntimeError rather than silently running another one.
 
 The fused Mamba layer: ``fused_inner(t)`` gives mamba-ssm's ``mamba_inner_fn`` (causal conv, x_proj, dt_proj,
@@ -483,16 +484,19 @@ def _state_unit(M: Tensor) -> Tensor:
 
 
 class _CpuTokenScan(torch.autograd.Function):
-    """Autograd wrapper around the C kernel's token-layout forward and backward (see selective_scan_tokens)."""
+    """Autograd wrapper around the C kernel's token-layout forward and backward (see selective_scan_tokens). On fake
+    tensors (``bench plan``) it allocates and saves the same tensors and computes nothing (its thread scratch, a few
+    hundred kB, is left out)."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, order, grid, prefix):
         tensors = [_fp32_view(t) for t in (u, delta)] + [_fp32(A), _state_unit(B), _state_unit(C)] + [
             _fp32(D), _fp32_view(z), _fp32(delta_bias)]
-        args, _scratch, pos = _token_args(*tensors, delta_softplus, order, grid, prefix, backward=False)
-        out = torch.empty(u.shape, dtype=torch.float32)
-        last = torch.empty(u.shape[0], u.shape[2], A.shape[1], dtype=torch.float32)
-        _KERNEL.load().ss_forward_tokens(ctypes.byref(args), pos.data_ptr(), out.data_ptr(), last.data_ptr())
+        out = u.new_empty(u.shape, dtype=torch.float32)
+        last = u.new_empty(u.shape[0], u.shape[2], A.shape[1], dtype=torch.float32)
+        if not _is_fake(u):
+            args, _scratch, pos = _token_args(*tensors, delta_softplus, order, grid, prefix, backward=False)
+            _KERNEL.load().ss_forward_tokens(ctypes.byref(args), pos.data_ptr(), out.data_ptr(), last.data_ptr())
         ctx.save_for_backward(*[t if t is not None else torch.empty(0) for t in tensors])
         ctx.absent = [t is None for t in tensors]
         ctx.grouped, ctx.softplus, ctx.order = B.dim() == 4, delta_softplus, (order, grid, prefix)
@@ -508,15 +512,16 @@ class _CpuTokenScan(torch.autograd.Function):
         batch, length, dim = u.shape
         groups, state = B.shape[2], A.shape[1]
         dout = u.new_zeros(u.shape) if dout is None else _fp32(dout)  # contiguous: the kernel reads it so
-        args, _scratch, pos = _token_args(*tensors, ctx.softplus, *ctx.order, backward=True)
         du, ddelta = u.new_empty(u.shape), u.new_empty(u.shape)
         dz = u.new_empty(u.shape) if z is not None else None
         dA, dD, dbias = u.new_zeros(dim, state), u.new_zeros(dim), u.new_zeros(dim)
         dB, dC = u.new_empty(batch, length, groups, state), u.new_empty(batch, length, groups, state)
         partial = u.new_empty(_KERNEL.load().ss_partial_floats(dim, groups, length, state))
         dlast = _fp32(dlast)
-        grads = _ScanGrads(*map(_ptr, (dout, dlast, du, ddelta, dz, dA, dD, dbias, dB, dC, partial)))
-        _KERNEL.load().ss_backward_tokens(ctypes.byref(args), ctypes.byref(grads), pos.data_ptr())
+        if not _is_fake(u):
+            args, _scratch, pos = _token_args(*tensors, ctx.softplus, *ctx.order, backward=True)
+            grads = _ScanGrads(*map(_ptr, (dout, dlast, du, ddelta, dz, dA, dD, dbias, dB, dC, partial)))
+            _KERNEL.load().ss_backward_tokens(ctypes.byref(args), ctypes.byref(grads), pos.data_ptr())
         if not ctx.grouped:
             dB, dC = dB.squeeze(2), dC.squeeze(2)
         result = [du, ddelta, dA, dB, dC, dD if D is not None else None, dz,
@@ -526,12 +531,13 @@ class _CpuTokenScan(torch.autograd.Function):
 
 
 def token_kernels_run(*tensors: Tensor | None) -> bool:
-    """True when the C kernel's token-layout entries (scan and causal conv) run for these tensors: all on the CPU,
-    none fp64, meta or fake, and the ``cpu`` backend chosen (built, and not forced away by SIS_BENCH_SCAN)."""
+    """True when the C kernel's token-layout entries (scan and causal conv) take these tensors: all on the CPU, none
+    fp64 or meta, and the ``cpu`` backend chosen (built, and not forced away by SIS_BENCH_SCAN). Fake CPU tensors
+    (``bench plan``'s CPU check) take them too, and only allocate and save what the kernels would."""
     # plain attribute checks: this runs per scan, where a few microseconds of Python are a noticeable part of a 1 ms
     # scan
     u = tensors[0]
-    return (u.device.type == "cpu" and u.dtype != torch.float64 and not u.is_meta and not _is_fake(u)
+    return (u.device.type == "cpu" and u.dtype != torch.float64 and not u.is_meta
             and all(t is None or t.device.type == "cpu" for t in tensors) and _choose_backend(u) == "cpu")
 
 
@@ -576,8 +582,9 @@ def selective_scan_tokens(
         if delta.shape != u.shape or A.shape[0] != dim or (z is not None and z.shape != u.shape):
             raise ValueError(f"selective_scan_tokens: u, delta, z must be (B, L, D) and A (D, N); got u "
                              f"{tuple(u.shape)}, delta {tuple(delta.shape)}, A {tuple(A.shape)}")
-        _record("cpu", (batch, dim, length), A)
-        with _profiler_range(SCAN_LABEL):
+        fake = _is_fake(u)
+        _record("fake" if fake else "cpu", (batch, dim, length), A)
+        with _profiler_range(None if fake else SCAN_LABEL):
             y, last = _CpuTokenScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, order, grid, prefix)
         return (y, last) if return_last_state else y
     perm = _order_perm(order, grid, length, prefix, u.device)
@@ -612,14 +619,16 @@ def _conv_args(x: Tensor, weight: Tensor, bias: Tensor | None, order: tuple[int,
 
 
 class _CpuTokenConv(torch.autograd.Function):
-    """Autograd wrapper around the C kernel's causal conv + SiLU on the token layout (see causal_conv1d_tokens)."""
+    """Autograd wrapper around the C kernel's causal conv + SiLU on the token layout (see causal_conv1d_tokens); on
+    fake tensors, as _CpuTokenScan, the same allocations and saved tensors without computing."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, order, grid, prefix):
         tensors = (_fp32_view(x), _fp32(weight), _fp32(bias))
-        args, _scratch, pos = _conv_args(*tensors, (order, grid, prefix), backward=False)
-        out = torch.empty(x.shape, dtype=torch.float32)
-        _KERNEL.load().ss_conv_forward_tokens(ctypes.byref(args), pos.data_ptr(), out.data_ptr())
+        out = x.new_empty(x.shape, dtype=torch.float32)
+        if not _is_fake(x):
+            args, _scratch, pos = _conv_args(*tensors, (order, grid, prefix), backward=False)
+            _KERNEL.load().ss_conv_forward_tokens(ctypes.byref(args), pos.data_ptr(), out.data_ptr())
         ctx.save_for_backward(*[t if t is not None else torch.empty(0) for t in tensors])
         ctx.has_bias, ctx.order = bias is not None, (order, grid, prefix)
         ctx.dtypes = [t.dtype if t is not None else None for t in (x, weight, bias)]
@@ -630,12 +639,13 @@ class _CpuTokenConv(torch.autograd.Function):
     def backward(ctx, dout):
         x, weight, bias = ctx.saved_tensors
         bias = bias if ctx.has_bias else None
-        args, _scratch, pos = _conv_args(x, weight, bias, ctx.order, backward=True)
         dout = _fp32(dout)  # contiguous: the kernel reads it so
         dx, dweight = x.new_empty(x.shape), torch.empty_like(weight)
         dbias = torch.empty_like(bias) if bias is not None else None
-        _KERNEL.load().ss_conv_backward_tokens(ctypes.byref(args), dout.data_ptr(), pos.data_ptr(), dx.data_ptr(),
-                                               dweight.data_ptr(), _ptr(dbias))
+        if not _is_fake(x):
+            args, _scratch, pos = _conv_args(x, weight, bias, ctx.order, backward=True)
+            _KERNEL.load().ss_conv_backward_tokens(ctypes.byref(args), dout.data_ptr(), pos.data_ptr(), dx.data_ptr(),
+                                                   dweight.data_ptr(), _ptr(dbias))
         grads = [g if g is None else g.to(dtype) for g, dtype in zip((dx, dweight, dbias), ctx.dtypes)]
         return (*grads, None, None, None)
 
@@ -655,7 +665,7 @@ def causal_conv1d_tokens(x: Tensor, weight: Tensor, bias: Tensor | None = None, 
         raise ValueError(f"causal_conv1d_tokens: expected weight ({dim}, W) and bias ({dim},) for x {tuple(x.shape)}, "
                          f"got {tuple(weight.shape)} and {None if bias is None else tuple(bias.shape)}")
     if token_kernels_run(x, weight, bias):
-        with _profiler_range(CAUSAL_CONV_LABEL):
+        with _profiler_range(None if _is_fake(x) else CAUSAL_CONV_LABEL):
             return _CpuTokenConv.apply(x, weight, bias, order, grid, prefix)
     perm = _order_perm(order, grid, length, prefix, x.device)
     return _from_scan_order(causal_conv1d(_to_scan_order(x, perm), weight, bias, activation="silu"), perm).contiguous()

@@ -5,6 +5,8 @@ gives what ``causal_conv1d`` gives on those copies up to fp32 rounding, the same
 
 The orders are the models' own objects: SISMA's (``models.mamba.ScanOrder``: raster reversed, the 8 snakes) and
 DiM's (``models.dim.Sweep``: rows or columns, forward or reversed, or a snake, after a prefix of tokens kept first)."""
+import contextlib
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -356,3 +358,27 @@ def test_the_causal_conv_layers_under_bf16_autocast_are_as_close_to_fp32_as_the_
     error = {name: ((y.float() - exact).norm() / exact.norm()).item() for name, y in (
         ("token", token), ("channel_major", channel_major))}
     assert error["token"] < 1.25 * error["channel_major"], error
+
+
+@pytest.mark.parametrize("conv", ["causal1d", "grid2d"])
+def test_on_fake_cpu_tensors_the_token_path_saves_what_it_saves_on_real_ones(conv):
+    """``bench plan``'s CPU check: fake CPU tensors take the token kernels' autograd Functions, which compute nothing
+    but save the same bytes as on real tensors."""
+    from bench import memsim
+    from models.mamba import CrossMamba
+
+    def saved_bytes(fake):
+        with memsim.fake_device("cpu") if fake else contextlib.nullcontext():
+            torch.manual_seed(0)
+            layer = CrossMamba(32, orders=[Sweep(0, 8, columns=True)], conv=conv, grid=8, d_state=16)
+            x, m = torch.randn(2, 64, 32, requires_grad=True), torch.randn(2, 64, 32)
+            saved = memsim.SavedTensors(exclude=list(layer.parameters()))
+            with saved:
+                y = layer.mix(x, m)
+            assert y.shape == x.shape and memsim.is_fake(y) == fake
+            return saved.bytes
+
+    ssm.reset_used_backends()
+    real = saved_bytes(False)
+    assert ssm.used_backends() == {"cpu"}
+    assert saved_bytes(True) == real and "fake" in ssm.used_backends()
