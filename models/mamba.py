@@ -215,7 +215,8 @@ class SelectiveSSM(nn.Module):
 
     def forward(self, u: Tensor, z: Tensor, m: Tensor | None, orders: list[ScanOrder | None]) -> Tensor:
         """u, z (B, E, L) and the projected mask stream m (B, E, L) (cross only), all in raster order ->
-        y (B, E, L) in raster order: the scans along every order, summed."""
+        y (B, E, L) in raster order: the scans along every order, summed. The channel-major path, on copies in each
+        order: ``forward_tokens`` takes it where the C kernel does not run and the conv is the causal one."""
         if self.conv.on_grid:  # the 2-D conv does not depend on the order: run it once
             u = self.conv(u)
             m = self.mask_conv(m) if self.cross else None
