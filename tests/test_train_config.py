@@ -73,7 +73,7 @@ def test_a_field_added_to_the_dataclass_becomes_an_option():
 
 
 def test_options_reach_make_config_typed_and_unset_ones_as_none(tmp_path, monkeypatch):
-    import bench.train
+    import bench.cli.train
 
     given = {}
 
@@ -84,7 +84,7 @@ def test_options_reach_make_config_typed_and_unset_ones_as_none(tmp_path, monkey
         given.update(options)
         raise Stop
 
-    monkeypatch.setattr(bench.train, "make_config", capture)
+    monkeypatch.setattr(bench.cli.train, "make_config", capture)
     args = ["train", "dit", "--out", str(tmp_path / "run"), "--lr", "0.01", "--keep-at", "3", "--keep-at", "5",
             "--no-cache-latents", "--data", "faces"]
     assert isinstance(CliRunner().invoke(app, args).exception, Stop)

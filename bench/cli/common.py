@@ -4,14 +4,19 @@ from __future__ import annotations
 import errno
 import functools
 import inspect
+import math
 import sys
 import typing
 from typing import Optional
 
 import typer
+from tqdm import tqdm
 
 from bench.errors import BenchError
+from bench.io import display_path
 from bench.presets import help_text
+from bench.weights import OFFLINE_ENV, env_switch, set_offline
+from models import UnknownModel
 
 app = typer.Typer(
     name="bench",
@@ -38,8 +43,6 @@ OS_ADVICE = {
 
 def os_error_line(e: OSError) -> str:
     """One line for an operating-system error: the path(s) it concerns and what to do."""
-    from bench.io import display_path
-
     paths = " -> ".join(display_path(p) for p in (e.filename, e.filename2) if p not in (None, ""))
     advice = OS_ADVICE.get(e.errno, f"{e.strerror or type(e).__name__}: check the path and its disk")
     where = f"{paths}: " if paths else ""
@@ -52,8 +55,6 @@ def one_line_errors(fn):
     to do. Anything else is a bug and keeps its traceback. A progress bar still open is closed first, so the line
     is not glued to it.
     """
-    from models import UnknownModel
-
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
@@ -69,8 +70,6 @@ def one_line_errors(fn):
 
 def check_environment() -> None:
     """The harness's on/off environment variables parse (a one-line error before any work if one does not)."""
-    from bench.weights import OFFLINE_ENV, env_switch
-
     for name in OFFLINE_ENV:
         env_switch(name)
 
@@ -84,10 +83,6 @@ def fail(message: str) -> None:
 
 def close_progress_bars() -> None:
     """Close every tqdm bar still on screen and end its line."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return
     bars = list(getattr(tqdm, "_instances", []))
     for bar in bars:
         bar.close()
@@ -107,8 +102,6 @@ def command(name: str, parent: typer.Typer = app, **kw):
 
 def _go_offline(offline: bool) -> bool:
     if offline:
-        from bench.weights import set_offline
-
         set_offline(True)
     return offline
 
@@ -130,8 +123,6 @@ def at_least(minimum: int, **options) -> None:
 
 def positive(**options) -> None:
     """One-line error for the first option (``name=value``) that is not a finite number above 0."""
-    import math
-
     for name, value in options.items():
         if value is not None and not (math.isfinite(value) and value > 0):
             raise BenchError(f"--{name.replace('_', '-')} must be a positive number, got {value}")

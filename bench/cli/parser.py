@@ -6,8 +6,8 @@ from pathlib import Path
 import typer
 
 from bench.cli.common import app, at_least, command, positive
-from bench.parser import ParserTrainConfig
-from bench.runtime import DEVICE_HELP
+from bench.parser import ParserTrainConfig, train_and_save
+from bench.runtime import DEVICE_HELP, resolve_device
 
 parser_app = typer.Typer(help="Face parser used to score mask adherence (mIoU).", no_args_is_help=True)
 app.add_typer(parser_app, name="parser")
@@ -31,9 +31,6 @@ def train_cmd(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ):
     """Train the face parser on the train split and save it; prints its mIoU on real test images."""
-    from bench.parser import train_and_save
-    from bench.runtime import resolve_device
-
     at_least(0, seed=seed)
     at_least(1, size=size, steps=steps, batch_size=batch_size, width=width, levels=levels)
     positive(lr=lr)

@@ -9,8 +9,10 @@ import typer
 
 from bench.cli.common import at_least, command, offline_option, options_from
 from bench.errors import BenchError
-from bench.runtime import DEVICE_HELP
-from bench.train import DEFAULT_PRESET, TrainConfig, option_fields
+from bench.plan import apply, describe
+from bench.runtime import DEVICE_HELP, set_threads
+from bench.train import DEFAULT_PRESET, TrainConfig, TrainingInterrupted, make_config, option_fields, train
+from bench.variants import parse_variant
 
 DEFAULT_RUN_ROOT = Path("runs")
 
@@ -37,10 +39,6 @@ def train_cmd(
     prints it); every option overrides it. Multi-process: `torchrun --nproc-per-node N $(which bench) train ...`
     (gloo on CPU, NCCL on GPU).
     """
-    from bench.runtime import set_threads
-    from bench.train import TrainingInterrupted, make_config, train
-    from bench.variants import parse_variant
-
     if gpu_memory and (options["micro_batch"] is not None or options["checkpointing"] is not None):
         raise BenchError("--gpu-memory chooses --micro-batch and --checkpointing; give either it or them")
     at_least(0, seed=options["seed"])
@@ -50,8 +48,6 @@ def train_cmd(
     run_dir = out or DEFAULT_RUN_ROOT / f"{variant.slug}-{options['preset'] or DEFAULT_PRESET}"
     cfg = make_config(variant, run_dir, resume, **options)
     if gpu_memory:
-        from bench.plan import apply, describe
-
         chosen = apply(cfg, gpu_memory, processes=int(os.environ.get("WORLD_SIZE", "1")), resume=resume)
         if int(os.environ.get("RANK", "0")) == 0:
             typer.echo(describe(chosen), err=True)
