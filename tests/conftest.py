@@ -23,3 +23,15 @@ def no_downloads(monkeypatch):
     weights.reset()
     yield
     weights.reset()
+
+
+@pytest.fixture(autouse=True)
+def quiet_machine(request, monkeypatch):
+    """Tests that time things check what is measured, not the machine's quiet: a machine busy with other work (CI's
+    neighbours, another test run) must not flag their rows as busy and leave them out of a report.
+    tests/test_quiet.py checks the busy detection itself, with the real verdict."""
+    if request.module.__name__.rpartition(".")[2] == "test_quiet":
+        return
+    from bench import quiet
+
+    monkeypatch.setattr(quiet.Quietness, "verdict", lambda self, other_cpus, gflops: "")
