@@ -12,6 +12,15 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """An empty working folder (the synthetic faces go to ./data); torch's thread count restored afterwards."""
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    yield tmp_path
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def no_downloads(monkeypatch):
     """No test reaches the network: downloads are off unless a test turns them back on (tests/test_weights.py serves

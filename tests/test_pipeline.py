@@ -21,15 +21,6 @@ STAGES = ["data", "train:sisma@0", "train:sisma:scan=raster@0", "train:dit:cond=
 PLOTS = ["latency.png", "scaling.png", "quality_latency.png", "quality_training.png", "loss.png", "samples.png"]
 
 
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    """An empty working folder (the synthetic faces go to ./data); torch's thread count restored afterwards."""
-    monkeypatch.chdir(tmp_path)
-    threads = torch.get_num_threads()
-    yield tmp_path
-    torch.set_num_threads(threads)
-
-
 def table_models(md: str, heading: str) -> list[str]:
     """First-column cells of the first Markdown table after ``heading``."""
     lines = md.splitlines()

@@ -2,21 +2,9 @@
 again, the new last step is."""
 import csv
 
-import pytest
-import torch
-
 from bench.pipeline import Pipeline, RunOptions
 
 STEPS = 20  # tiny: checkpoints every 10 steps; its fractions (0.5, 1) keep steps 10 and 20, then 20 and 40
-
-
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    """An empty working folder (the synthetic faces go to ./data); torch's thread count restored afterwards."""
-    monkeypatch.chdir(tmp_path)
-    threads = torch.get_num_threads()
-    yield tmp_path
-    torch.set_num_threads(threads)
 
 
 def scored(results) -> list[int]:
