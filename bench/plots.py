@@ -204,7 +204,7 @@ def quality_latency_figure(points: pd.DataFrame, metrics: list[tuple[str, str]],
     points = points[points["latency_s"].notna()]
     if not metrics or points.empty:
         return None
-    fig = new_figure(4.2 * len(metrics), 3.6)
+    fig = new_figure(3.6 * len(metrics) + 2.6, 3.6)  # + the legend
     axes = np.atleast_1d(fig.subplots(1, len(metrics), sharex=True))
     for ax, (column, label) in zip(axes, metrics):
         for row in points.itertuples():
@@ -213,16 +213,17 @@ def quality_latency_figure(points: pd.DataFrame, metrics: list[tuple[str, str]],
                 continue
             st = style(row.model, order)
             ax.plot(row.latency_s, value, st.marker, markersize=9, color=st.colour,
-                    markerfacecolor="white" if row.projected else st.colour, markeredgewidth=2)
-            ax.annotate(display_name(row.model), (row.latency_s, value), xytext=(6, 4), textcoords="offset points",
-                        fontsize=8)
+                    markerfacecolor="white" if row.projected else st.colour, markeredgewidth=2,
+                    label=display_name(row.model))
         ax.set_xscale("log")
         plain_log_ticks(ax.xaxis)
         ax.tick_params(axis="x", which="minor", labelsize=7)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
-        ax.margins(x=0.25, y=0.2)  # room for the labels
+        ax.margins(x=0.15, y=0.15)
+    # one legend for the figure, not a label beside each point: close points would overlap their labels
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize=7)
     return fig
 
 

@@ -58,6 +58,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from models.scan_memory import causal_conv1d_shapes, mamba_inner_shapes, selective_scan_shapes
+
 BACKENDS = ("cuda", "cpu", "torch", "ref")
 BACKEND_ENV = "SIS_BENCH_SCAN"
 FLOPS_PER_STATE_STEP = 9  # exp, 2 mul for dt*A and dt*u*B, FMA update (2), C product and sum (2), ~1 misc
@@ -702,8 +704,6 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, activat
     if activation not in (None, "silu", "swish"):
         raise ValueError(f"causal_conv1d: activation must be None, 'silu' or 'swish', got {activation!r}")
     if x.is_cuda and _is_fake(x):  # bench plan's memory: what causal-conv1d's kernel keeps (SiLU fused or not)
-        from models.scan_memory import causal_conv1d_shapes
-
         return causal_conv1d_shapes(x, weight, bias)
     if x.is_cuda:
         fused = _cuda_op("causal_conv1d", "causal_conv1d_fn")
@@ -779,8 +779,6 @@ def selective_scan(
     _check_shapes(u, delta, A, B, C)
     if _is_fake(u) and os.environ.get(BACKEND_ENV, "auto").strip().lower() not in ("torch", "ref"):
         # fake tensors (bench plan's memory): allocate and save what the kernel of u's device would
-        from models.scan_memory import selective_scan_shapes
-
         _record("fake", u, A)
         return selective_scan_shapes(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if u.is_meta:  # shapes only (FLOPs counted on the meta device by bench/flops.py): nothing to compute
@@ -822,8 +820,6 @@ def fused_inner(t: Tensor):
     if forced != "auto" or not t.is_cuda:
         return None
     if _is_fake(t):
-        from models.scan_memory import mamba_inner_shapes
-
         return _recording("fake", mamba_inner_shapes)
     fn = _fused_op()
     return None if fn is None else _recording(FUSED_BACKEND, fn, FUSED_LABEL)
