@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from bench import weights
 from bench.errors import BenchError
 from bench.io import save_torch
 
@@ -62,8 +63,6 @@ def load_vae(name_or_path: str):
     """A diffusers AutoencoderKL from a local folder, or a hub id from the Hugging Face cache (fetched there on first
     use); ``bench.weights.WeightsMissing`` (one line, with the reason) when it is absent and cannot be fetched."""
     from diffusers import AutoencoderKL
-
-    from bench import weights
 
     path = Path(name_or_path).expanduser()
     if not path.is_dir():

@@ -25,11 +25,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from bench import sample as sampler  # a module: tests replace its sample_batch
+from bench.breakdown import op_breakdown
 from bench.errors import BenchError
+from bench.flops import example_inputs
+from bench.flow import guided_velocity
 from bench.quiet import LoadMonitor, Quietness, calibrate, wait_for_quiet
-from bench.runtime import PRECISIONS, autocast, cast_for_inference
-from bench.timing import is_out_of_memory, no_recompiles, peak_memory, probe_kernels, time_calls
+from bench.runtime import PRECISIONS, autocast, cast_for_inference, tf32
+from bench.timed_models import eval_model, load_decoder
+from bench.timing import free_memory, is_out_of_memory, no_recompiles, peak_memory, probe_kernels, time_calls
 
 GUIDED_SCALE = 1.5  # the guidance scale of the guided timing (any s != 1 costs the same doubled call)
 KINDS = ("nfe", "guided", "decode")  # what a round times of each item
@@ -83,11 +89,6 @@ class Item:
 
 def time_process(job: Job) -> dict:
     """Run ``job`` here; returns {"items": [...], "rounds": [...], "best_gflops", "images", "discarded"}."""
-    from tqdm import tqdm
-
-    from bench.runtime import tf32
-    from bench.timed_models import load_decoder
-
     device = torch.device(job.device)
     torch.set_num_threads(job.threads)
     torch.manual_seed(job.seed)
@@ -119,11 +120,6 @@ def time_process(job: Job) -> dict:
 
 def prepare(job: Job, device: torch.device, decoders: dict) -> list[Item]:
     """Every model built (seeded), cast, probed and warmed up at every batch size; an OOM makes an 'oom' item."""
-    from bench.flops import example_inputs
-    from bench.flow import guided_velocity
-    from bench.sample import sample_batch
-    from bench.timed_models import eval_model
-
     items = []
     for index, s in enumerate(job.settings):
         dtype = PRECISIONS[s["precision"]]
@@ -156,7 +152,7 @@ def prepare(job: Job, device: torch.device, decoders: dict) -> list[Item]:
             it.calls = {"nfe": under(lambda net=net, xd=xd, t=t, m=maskd: net(xd, t, m)),
                         "guided": under(lambda g=guided, x=x, t=t: g(x, t)),
                         "decode": lambda space=space, x=x: space.decode(x.float())}
-            it.image = lambda net=net, space=space, mask=mask, noise=noise, p=s["precision"]: sample_batch(
+            it.image = lambda net=net, space=space, mask=mask, noise=noise, p=s["precision"]: sampler.sample_batch(
                 net, space, mask, noise, job.steps, "euler", 1.0, p)
             try:
                 warm_up(job, it, model, (xd, t, maskd), device, s["precision"])
@@ -181,8 +177,6 @@ def warm_up(job: Job, it: Item, model: torch.nn.Module, inputs: tuple, device: t
 
 
 def _failed(it: Item, e: BaseException, device: torch.device) -> Item:
-    from bench.timing import free_memory
-
     message = str(e).strip().splitlines()[0][:ERROR_CHARS] if str(e).strip() else "out of memory"
     it.status, it.error, it.calls, it.image = "oom", message, {}, None
     free_memory(device)
@@ -265,8 +259,6 @@ def choose_images(job: Job, items: list[Item], records: list[dict]) -> list[list
 
 def profile_item(job: Job, it: Item, device: torch.device) -> None:
     """Where one evaluation's time goes (smallest batch only): the breakdown's columns into the item's extras."""
-    from bench.breakdown import op_breakdown
-
     if it.batch_size != min(job.batch_sizes) or it.status != "ok":
         return
     it.extra.update(op_breakdown(it.calls["nfe"], device).columns())

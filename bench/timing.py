@@ -20,6 +20,9 @@ from pathlib import Path
 
 import torch
 
+from bench.errors import BenchError
+from models.ssm import reset_used_backends, used_backends
+
 MIB = 2 ** 20
 RSS_SAMPLE_INTERVAL_S = 1e-3
 SDPA_KERNELS = {  # aten operator chosen by scaled_dot_product_attention -> kernel name
@@ -71,8 +74,6 @@ def no_recompiles(active: bool = True):
     Through ``torch.compiler.set_stance("fail_on_recompile")`` (torch >= 2.6; older versions time without the check).
     Compiled functions must be warmed (compiled) before the block, in its grad mode and at its shapes.
     """
-    from bench.errors import BenchError
-
     set_stance = getattr(torch.compiler, "set_stance", None)
     if not active or set_stance is None:
         yield
@@ -103,8 +104,6 @@ def probe_kernels(model: torch.nn.Module, x, t, mask) -> dict:
     import torch.nn.functional as F
     from torch.overrides import TorchFunctionMode
     from torch.utils._python_dispatch import TorchDispatchMode
-
-    from models.ssm import reset_used_backends, used_backends
 
     class SdpaCalls(TorchFunctionMode):
         calls = 0

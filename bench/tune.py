@@ -14,9 +14,15 @@ from pathlib import Path
 import torch
 
 from bench import flow, presets
+from bench.data import FaceDataset
 from bench.errors import BenchError
 from bench.io import ResultsFile, display_path
+from bench.provenance import provenance
 from bench.rows import SweepRow
+from bench.runtime import resolve_device
+from bench.sample import load_run
+from bench.train import make_config, train
+from bench.variants import parse_models
 
 HELDOUT_IMAGES = 256
 HELDOUT_TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -27,8 +33,6 @@ SWEEP_FILE = "lr_sweep.csv"
 @torch.no_grad()
 def heldout_loss(run, batch_size: int = 64) -> float:
     """Mean flow-matching loss of a run's EMA model on the test split at HELDOUT_TIMES with fixed noise."""
-    from bench.data import FaceDataset
-
     ds = FaceDataset(run.config["data"], "test", size=run.image_size)
     n = min(HELDOUT_IMAGES, len(ds))
     gen = torch.Generator().manual_seed(HELDOUT_SEED)
@@ -49,12 +53,6 @@ def heldout_loss(run, batch_size: int = 64) -> float:
 def lr_sweep(preset: str, models: list[str], lrs: list[float], steps: int, seed: int = 0,
              results: Path = Path("results"), device: str = "auto", echo=print) -> list[dict]:
     """Train every (model, lr) for ``steps`` steps and append its held-out loss to RESULTS/lr_sweep.csv."""
-    from bench.provenance import provenance
-    from bench.runtime import resolve_device
-    from bench.sample import load_run
-    from bench.train import make_config, train
-    from bench.variants import parse_models
-
     variants = parse_models(models)
     if not lrs or min(lrs) <= 0:
         raise BenchError("--lrs takes positive learning rates, e.g. 3e-4,1e-3,2e-3")

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+import models
 from bench.errors import BenchError
 
 SEPARATOR = ":"
@@ -51,8 +52,6 @@ def _text(value: Any) -> str:
 
 def config_fields(model: str) -> dict[str, dataclasses.Field]:
     """The config dataclass fields of a registered backbone (built on the meta device at its first preset)."""
-    import models
-
     entry = models.get_entry(model)
     with torch.device("meta"):
         config = models.create_model(model, preset=entry.presets[0]).config
@@ -81,8 +80,6 @@ def _parse_value(model: str, f: dataclasses.Field, raw: str) -> Any:
 def parse_variant(text: str) -> Variant:
     """``model[:key=value...]`` -> Variant, checked: the model exists, each key is a config field, each value
     parses and builds (one-line errors listing what exists)."""
-    import models
-
     parts = [p.strip() for p in text.strip().split(SEPARATOR)]
     model = parts[0]
     if model not in models.list_models():
@@ -121,8 +118,6 @@ def build_model(model: str | Variant, preset: str, overrides: dict | None = None
                 device: torch.device | str | None = None) -> nn.Module:
     """The backbone or variant ``model`` at ``preset`` with further config ``overrides``, on ``device`` (None: the
     current default device): the one place a backbone is built."""
-    import models
-
     if isinstance(model, Variant) or SEPARATOR in model:
         variant = model if isinstance(model, Variant) else parse_variant(model)
         model, overrides = variant.model, {**variant.kwargs(), **(overrides or {})}

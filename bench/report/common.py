@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from bench.io import tidy  # noqa: F401  (re-exported: sections write paths through it)
+from bench.plots import save_figure
 
 MISSING = "missing"
 FINAL_LOSS_POINTS = 10  # the final loss is the mean of this many last logged points
@@ -94,8 +95,6 @@ class Figures:
         return f"![{Path(file).stem}]({self.name}/{file})\n\n*Figure: {caption}*\n"
 
     def save(self, folder: Path) -> None:
-        from bench.plots import save_figure
-
         for file, _, fig in self.items:
             save_figure(fig, folder / file)
 

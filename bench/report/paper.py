@@ -7,6 +7,7 @@ from typing import Optional
 import pandas as pd
 
 from bench.report.common import MISSING, Context, Selection, SpeedSummary, fmt, markdown
+from bench.report.estimates import nfe_ratio
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,6 @@ def paper_table(sel: Selection, speed: Optional[SpeedSummary], order: list[str])
 
 def speed_ratio_sentence(speed: Optional[SpeedSummary]) -> str:
     """The headline ratio from per-NFE medians (with its interval), and the paper's as context only."""
-    from bench.report.estimates import nfe_ratio
-
     paper = {p.model: p.seconds_per_image for p in PAPER_FIGURES}
     context = (f"For context only (different scale and hardware, not a target): the paper's SDM / SISMA ratio is "
                f"{paper['sdm'] / paper['sisma']:.2f} ({paper['sdm']} s / {paper['sisma']} s per image, {PAPER_STEPS} "

@@ -10,15 +10,19 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 import numpy as np
 import pandas as pd
 
 from bench import plots
+from bench.errors import BenchError
 from bench.report import settle
 from bench.report.common import Context, Footnotes, fmt, markdown
 from bench.report.estimates import Scores, estimate_all, fmt_estimate, paired, restrict, scores, steps_of, verdict
+from bench.report.select import resolve_path
+from bench.variants import build_model
 
 FID_RELIABLE_IMAGES = 2048  # Inception's feature size: fewer images per side make FID's covariance rank-deficient
 REFERENCE = "sisma"  # the backbone every other is compared with
@@ -84,15 +88,8 @@ def differences_table(final: dict[str, Scores], reference: str) -> pd.DataFrame:
 def model_config(model: str, preset: str, ctx: Optional[Context] = None) -> Optional[object]:
     """A variant's config as its run recorded it (config.json's model_config), else as built here on the meta
     device; None if neither is possible."""
-    from types import SimpleNamespace
-
-    from bench.errors import BenchError
-    from bench.variants import build_model
-
     rows = ctx.sel.quality[ctx.sel.quality["model"] == model] if ctx is not None else pd.DataFrame()
     if not rows.empty and pd.notna(rows.iloc[-1].get("run")):
-        from bench.report.select import resolve_path
-
         try:
             recorded = json.loads((resolve_path(rows.iloc[-1]["run"], ctx.results) / "config.json").read_text())
             if recorded.get("model_config"):
@@ -232,8 +229,6 @@ def train_flops_per_step(ctx: Context, model: str) -> Optional[float]:
     rows = ctx.sel.quality[ctx.sel.quality["model"] == model]
     if rows.empty:
         return None
-    from bench.report.select import resolve_path
-
     config = resolve_path(rows.iloc[-1]["run"], ctx.results) / "config.json"
     try:
         batch = json.loads(Path(config).read_text())["batch_size"]
@@ -369,8 +364,6 @@ def reached_points(ctx: Context) -> pd.DataFrame:
 
 def run_logs(ctx: Context, runs: list[Scores]) -> dict[int, pd.DataFrame]:
     """The loss log of each seed's run (the run folder its rows name)."""
-    from bench.report.select import resolve_path
-
     logs = {}
     rows = runs[-1].rows
     for seed, run in zip(runs[-1].seeds, rows["run"]):

@@ -6,6 +6,7 @@ import json
 import numpy as np
 
 from bench import plots
+from bench.data import colorize, read_label_png
 from bench.errors import BenchError
 from bench.io import display_path
 from bench.report.common import GRID_MAX_ROWS, Context
@@ -15,8 +16,6 @@ from bench.report.select import SAMPLES_FILE
 def grid_pictures(sets: list[dict], order: list[str]):
     """(mask pictures, {model: sample pictures}, row labels) of the sample grid."""
     from PIL import Image
-
-    from bench.data import colorize, read_label_png
 
     sets = sorted(sets, key=lambda r: order.index(r["model"]) if r["model"] in order else len(order))
     n = min(GRID_MAX_ROWS, min(len(r["files"]) for r in sets))

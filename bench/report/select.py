@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import Optional
 
 import pandas as pd
+import torch
 
+import models
 from bench.errors import BenchError
 from bench.io import ResultsFile, contained, display_path, read_json
 from bench.report.common import Selection
@@ -47,8 +49,6 @@ def latest(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 
 def model_order(names) -> list[str]:
     """Backbones in registry order, each followed by its variants (in order of appearance); unknown names last."""
-    import models
-
     names = list(dict.fromkeys(str(n) for n in names))
     registered = models.list_models()
 
@@ -61,11 +61,7 @@ def model_order(names) -> list[str]:
 
 def native_resolution(model: str, preset: str, resolutions) -> int:
     """The image size of ``model`` at ``preset`` (counted on the meta device), or the smallest one timed."""
-    import torch
-
     try:
-        import models
-
         with torch.device("meta"):
             return int(models.create_model(model, preset).image_size)
     except (LookupError, ValueError, TypeError, ImportError):

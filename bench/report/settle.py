@@ -23,7 +23,7 @@ import pandas as pd
 from scipy import stats as scipy_stats
 
 from bench import stats
-from bench.report.estimates import Scores, paired, restrict
+from bench.report.estimates import Scores, paired, restrict, verdict
 
 TARGETS = (0.3, 0.4, 0.5)  # mask mIoU targets of the time-to-quality table
 CONFIDENCE = 0.95
@@ -221,8 +221,6 @@ def fmt_cost(e: Optional[stats.Estimate], scale: float = 1.0, unit: str = "") ->
 
 def settling_table(result: Settling, name) -> pd.DataFrame:
     """One line per pair: its paired mIoU difference at both checkpoints and whether its verdict held."""
-    from bench.report.estimates import verdict
-
     first, last = result.steps
     return pd.DataFrame([{"pair": f"{name(p.a)} - {name(p.b)}", f"step {first}": verdict(p.differences[0]),
                           f"step {last}": verdict(p.differences[1]),

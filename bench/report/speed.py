@@ -6,8 +6,12 @@ from typing import Optional
 import pandas as pd
 
 from bench import plots
+from bench.breakdown import OP_CLASSES
+from bench.flops import equivalent_tokens, fit_power_law
 from bench.report.common import Context, Selection, SpeedSummary, fmt, markdown
+from bench.report.estimates import nfe_ratio
 from bench.report.paper import PAPER_FIGURES, PAPER_HARDWARE
+from bench.report.quality import model_config
 from bench.report.select import latest, native_resolution
 from bench.speed import MIN_IMAGE_REPEATS
 
@@ -93,8 +97,6 @@ def sdm_shape_note(ctx: Context) -> list[str]:
     rows = ctx.sel.timed[ctx.sel.timed["model"].isin(sdm)] if sdm and not ctx.sel.timed.empty else None
     if rows is None or rows.empty:
         return []
-    from bench.report.quality import model_config
-
     cfg = model_config(sdm[0], ctx.sel.preset)
     if cfg is None or not hasattr(cfg, "attention_resolutions"):
         return []
@@ -113,8 +115,6 @@ def sdm_shape_note(ctx: Context) -> list[str]:
 def scaling_panels(sel: Selection, order: list[str]) -> tuple[list[dict], pd.DataFrame]:
     """Panels for the scaling figure (GFLOPs and ms per NFE against resolution) and the table of their fitted
     exponents k (cost ~ tokens^k; a unit change does not change k)."""
-    from bench.flops import equivalent_tokens, fit_power_law
-
     def panel(short, title, ylabel, rows, column, unit):
         data = rows[["model", "resolution"]].assign(value=rows[column].astype(float) / unit)
         fits = {model: fit_power_law([equivalent_tokens(r) for r in d["resolution"]], d["value"])
@@ -168,8 +168,6 @@ def device_title(summary: SpeedSummary) -> str:
 
 def ratio_table(summary: SpeedSummary, order: list[str]) -> tuple[pd.DataFrame, str]:
     """Each model's per-NFE time over the reference's (paired by round where possible), and the reference's name."""
-    from bench.report.estimates import nfe_ratio
-
     models = [m for m in order if m in set(summary.latency["model"])]
     if len(models) < 2:
         return pd.DataFrame(), ""
@@ -192,8 +190,6 @@ def ratio_table(summary: SpeedSummary, order: list[str]) -> tuple[pd.DataFrame, 
 
 def breakdown_table(summary: SpeedSummary, order: list[str]) -> pd.DataFrame:
     """Where one NFE's time goes per model (shares of the profiled self time), and the FLOPs it achieves."""
-    from bench.breakdown import OP_CLASSES
-
     lines = []
     for model in order:
         rows = summary.rows[summary.rows["model"] == model] if not summary.rows.empty else summary.rows
@@ -213,8 +209,6 @@ def breakdown_table(summary: SpeedSummary, order: list[str]) -> pd.DataFrame:
 
 def breakdown_panel(summary: SpeedSummary) -> pd.DataFrame:
     """Milliseconds per NFE by operator class per model, for the stacked-bar figure."""
-    from bench.breakdown import OP_CLASSES
-
     rows = summary.rows[summary.rows["profile_nfe_ms"].notna()] if "profile_nfe_ms" in summary.rows else summary.rows
     data = {"model": list(rows["model"])} if not rows.empty else {"model": []}
     for c in OP_CLASSES:

@@ -7,9 +7,10 @@ import pandas as pd
 
 from bench import plots
 from bench.errors import BenchError
-from bench.io import display_path, read_json
+from bench.io import ResultsFile, display_path, read_json
 from bench.report.common import FINAL_LOSS_POINTS, Context, Selection, fmt, markdown, tidy
 from bench.report.select import resolve_path
+from bench.rows import SweepRow
 
 
 def training_runs(sel: Selection, samples: list[dict], results: Path) -> dict[str, Path]:
@@ -68,9 +69,6 @@ def recipe_table(ctx: Context) -> pd.DataFrame:
 
 def sweep_table(ctx: Context) -> pd.DataFrame:
     """The learning-rate sweep of this preset (results/lr_sweep.csv): held-out loss per model and rate."""
-    from bench.io import ResultsFile
-    from bench.rows import SweepRow
-
     path = ctx.results / "lr_sweep.csv"
     if not path.is_file():
         return pd.DataFrame()
