@@ -119,11 +119,6 @@ class ParserTrainConfig:
     seed: int = 0
 
 
-# The class's former name, which bench/quality.py and bench/pipeline.py still use; to be removed once they say
-# ParserTrainConfig.
-TrainConfig = ParserTrainConfig
-
-
 def load_split(data: Path, split: str, size: int, limit: int | None = None,
                progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``limit`` faces of a split held in memory: images (N, 3, S, S) uint8, labels (N, S, S) uint8.

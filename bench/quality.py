@@ -1,6 +1,6 @@
 """``bench quality``: sample trained runs on test masks and score the images; one row per run in results/quality.csv.
 
-Protocol (the README's design section):
+Protocol (where it sits in the chain: docs/design.md, "Data flow"):
 
 - Masks: the first ``--n-masks`` label maps of the test split (all by default), at the run's image size. Each mask
   gets ``--samples-per-mask`` samples (10); the noise of sample j of mask i depends only on (seed, i, j).
@@ -186,7 +186,7 @@ def get_parser(path: Optional[Path], size: int, data: Path, device: torch.device
         if not path.exists():
             echo(f"no face parser at {path}: training one on the train split of {data} "
                  f"(`bench parser train --data {data} --size {size}` does this ahead of time)")
-            cfg, train = face_parser.ParserConfig.for_size(size), face_parser.TrainConfig()
+            cfg, train = face_parser.ParserConfig.for_size(size), face_parser.ParserTrainConfig()
             model = face_parser.train_parser(data, cfg, train, device, progress)
             face_parser.save_parser(model, path, {"data": str(data), **asdict(train),
                                                   "test_miou": face_parser.evaluate(model, data, "test")})

@@ -125,8 +125,8 @@ class StageBodies(RunSetup):
     def stage_parser(self) -> dict:
         b, parsers = self.budget, {}
         for size in sorted(set(self.sizes.values())):
-            train_cfg = face_parser.TrainConfig(steps=b.parser_steps, batch_size=b.parser_batch,
-                                                seed=self.opts.seeds[0])
+            train_cfg = face_parser.ParserTrainConfig(steps=b.parser_steps, batch_size=b.parser_batch,
+                                                      seed=self.opts.seeds[0])
             result = face_parser.train_and_save(self.data_dir(size), size, train_cfg, self.dir / f"parser-{size}px.pt",
                                                 device=self.device)
             self.echo(f"   parser {size} px: mIoU on real test images {result['test_miou']:.4f}")

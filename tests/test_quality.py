@@ -28,7 +28,7 @@ def setup(tmp_path_factory):
                       ckpt_every=2, grid_masks=1, grid_steps=1)
     train(cfg, run, device="cpu", progress=False)
     parser = root / "parser.pt"
-    model = fp.train_parser(data, fp.ParserConfig(size=SIZE, width=8), fp.TrainConfig(steps=10), progress=False)
+    model = fp.train_parser(data, fp.ParserConfig(size=SIZE, width=8), fp.ParserTrainConfig(steps=10), progress=False)
     fp.save_parser(model, parser, {})
     return data, run, parser
 
