@@ -675,8 +675,8 @@ def fused_mamba_check(dtypes=("fp32", "bf16"), kernel=None, device: str = "cuda"
     kernel = kernel or ssm._fused_op()
     if kernel is None:
         return {"status": "fail", "detail": "mamba-ssm's fused mamba_inner_fn does not load: it needs mamba-ssm's "
-                "CUDA scan and causal-conv1d's CUDA conv (README, Running on a GPU; `bench doctor` says what is "
-                "missing)", "data": {}}
+                "CUDA scan and causal-conv1d's CUDA conv (docs/gpu.md; `bench doctor` says what is missing)",
+                "data": {}}
     results, parts = [], []
     for name in dtypes:
         try:

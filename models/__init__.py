@@ -2,7 +2,7 @@
 
 ``forward(x, t, mask) -> v``: x (B, C, H, W) in the model's space, t (B,) in [0, 1], mask (B, K, H, W)
 one-hot at image resolution; v has the shape of x (the contract: ``models.backbone.Backbone``; the
-conventions: the README's design section).
+conventions: docs/design.md, "Conventions").
 """
 from models.backbone import Backbone
 from models.registry import UnknownModel, create_model, get_entry, list_models, list_presets, register_model

@@ -25,9 +25,9 @@ class SismaConfig(TokenConfig):
     expand: int = 2  # d_inner = expand * width
     d_conv: int = 4  # width of the causal 1-D conv (conv "causal1d")
     dt_rank: int | None = None  # None: ceil(width / 16), as in Mamba
-    # Token mixing (models/mamba.py). The default was chosen by the ablation `bench run` reports (README: "SISMA's
-    # token mixing"): one snake per block, consecutive blocks from opposite corners, and a 3 x 3 conv on the token
-    # grid; raster + causal1d (strictly causal) is kept as an option.
+    # Token mixing (models/mamba.py). The default was chosen by the ablation `bench run` reports (docs/design.md,
+    # "SISMA's token mixing"): one snake per block, consecutive blocks from opposite corners, and a 3 x 3 conv on the
+    # token grid; raster + causal1d (strictly causal) is kept as an option.
     scan: str = "zigzag"
     conv: str = "grid2d"
 

@@ -694,7 +694,7 @@ def _cuda_op(module: str, name: str):
 @functools.cache
 def _warn_missing_cuda_op(package: str) -> None:
     """One warning per process that a CUDA tensor runs the PyTorch path because ``package`` is missing."""
-    warnings.warn(f"{package} or its compiled CUDA kernel is not installed (see README, Running on a GPU; "
+    warnings.warn(f"{package} or its compiled CUDA kernel is not installed (see docs/gpu.md; "
                   f"`bench doctor` says why); using the slower PyTorch implementation on CUDA",
                   RuntimeWarning, stacklevel=4)
 

@@ -122,8 +122,8 @@ def _fused_kernel():
     from models import ssm
 
     if ssm._fused_op() is None:
-        pytest.skip("mamba-ssm's mamba_inner_fn needs mamba-ssm's CUDA scan and causal-conv1d's CUDA conv (see README, "
-                    "Running on a GPU; `bench doctor` says what is missing)")
+        pytest.skip("mamba-ssm's mamba_inner_fn needs mamba-ssm's CUDA scan and causal-conv1d's CUDA conv (see "
+                    "docs/gpu.md; `bench doctor` says what is missing)")
 
 
 @pytest.mark.parametrize("itype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -64,7 +64,8 @@ def speed_cmd(
 
     Per-round times go to speed_rounds.csv beside --out, and a report pairs its ratios by round.
 
-    Another machine's rows: run `bench speed --out gpu.csv` there, then append them to results/speed.csv (README).
+    Another machine's rows: run `bench speed --out gpu.csv` there, then append them to results/speed.csv
+    (docs/timing.md).
     """
     from bench.speed import SpeedConfig, run_speed
 
