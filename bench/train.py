@@ -60,7 +60,7 @@ from bench.checkpoint import (
     snapshot,
 )
 from bench.data import FaceDataset, check_complete, data_fingerprint, run_data_folder
-from bench.errors import BenchError
+from bench.errors import BenchError, NonFiniteLoss
 from bench.io import check_folder_free, display_path, folder_lock, read_json, write_json, write_text
 from bench.presets import Budget, Recipe, doc
 from bench.runtime import PRECISIONS, resolve_device
@@ -854,8 +854,8 @@ class CheckWindow:
         self.window_mean = window_sum / ddp.world / self.steps
         self.loss_mean = loss_sum / ddp.world
         if n_bad or n_weights_bad:
-            raise BenchError(nonfinite_message(int(self.bad_step.item()), float(self.bad_loss.item()), bool(n_bad),
-                                               self.checked + 1, step, last, saved_step))
+            raise NonFiniteLoss(nonfinite_message(int(self.bad_step.item()), float(self.bad_loss.item()),
+                                                  bool(n_bad), self.checked + 1, step, last, saved_step), step)
         self.bad_step.zero_()
         self.checked = step
         return n_stop > 0

@@ -4,10 +4,12 @@ Each backbone (or variant) is trained at each learning rate for ``steps`` steps 
 then its EMA weights are scored by the held-out flow-matching loss: the test split's images (at most
 ``HELDOUT_IMAGES``), each at the same times ``HELDOUT_TIMES`` with the same noise for every run, so that the loss of
 two runs differs only by their weights. One row per run goes to ``results/lr_sweep.csv``; the rate with the lowest
-held-out loss is the one the preset's recipe uses (bench/presets.py cites the rows).
+held-out loss is the one the preset's recipe uses (bench/presets.py cites the rows). A rate at which training meets a
+non-finite loss is recorded as diverged (an empty held-out loss, the step it stopped at) and the sweep goes on.
 """
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import torch
 
 from bench import flow, presets
 from bench.data import FaceDataset
-from bench.errors import BenchError
+from bench.errors import BenchError, NonFiniteLoss
 from bench.io import ResultsFile, display_path
 from bench.provenance import provenance
 from bench.rows import SweepRow
@@ -71,16 +73,22 @@ def lr_sweep(preset: str, models: list[str], lrs: list[float], steps: int, seed:
             cfg = make_config(v, run_dir, resume=resume, **({} if resume else options))
             echo(f"{v.name} lr {lr:g}: {'continuing' if resume else 'training'} {display_path(run_dir)}")
             tic = time.perf_counter()
-            result = train(cfg, run_dir, resume=resume, device=str(device), progress=True)
-            run = load_run(run_dir, device, precision="fp32")  # the held-out loss of the fp32 EMA weights
-            loss = heldout_loss(run)
+            try:
+                result = train(cfg, run_dir, resume=resume, device=str(device), progress=True)
+            except NonFiniteLoss as e:  # a rate too high for this model is a result of the sweep, not its end
+                echo(f"   diverged: {e}")
+                result = {"step": e.step, "loss": math.nan}
+                loss = math.nan
+            else:
+                run = load_run(run_dir, device, precision="fp32")  # the held-out loss of the fp32 EMA weights
+                loss = heldout_loss(run)
+                echo(f"   held-out loss {loss:.5f}")
             row = {"model": v.name, "preset": preset, "lr": lr, "train_steps": result["step"],
                    "heldout_loss": loss, "train_loss": result["loss"], "run": display_path(run_dir),
                    "recipe_lr": recipe.lr, "seconds": time.perf_counter() - tic,
                    **provenance(device, cfg.precision, cfg.batch_size, steps, None, seed)}
             out.append([row])
             rows.append(row)
-            echo(f"   held-out loss {loss:.5f}")
     return rows
 
 
@@ -88,6 +96,8 @@ def best_rates(rows: list[dict]) -> dict[str, float]:
     """Per model, the learning rate with the lowest held-out loss."""
     best = {}
     for r in rows:
+        if math.isnan(r["heldout_loss"]):  # diverged
+            continue
         if r["model"] not in best or r["heldout_loss"] < best[r["model"]][1]:
             best[r["model"]] = (r["lr"], r["heldout_loss"])
     return {m: lr for m, (lr, _) in best.items()}

@@ -73,15 +73,17 @@ def sweep_table(ctx: Context) -> pd.DataFrame:
     if not path.is_file():
         return pd.DataFrame()
     rows = ResultsFile(path, SweepRow).read()
-    rows = rows[rows["preset"] == ctx.sel.preset].drop_duplicates(["model", "lr", "train_steps"], keep="last")
+    # "steps" is the length asked for; a diverged run stopped earlier (its train_steps)
+    rows = rows[rows["preset"] == ctx.sel.preset].drop_duplicates(["model", "lr", "steps"], keep="last")
     if rows.empty:
         return pd.DataFrame()
     lines = []
-    for (model, steps), g in rows.groupby(["model", "train_steps"], sort=False):
-        best = g.loc[g["heldout_loss"].idxmin(), "lr"]
+    for (model, steps), g in rows.groupby(["model", "steps"], sort=False):
+        best = g.loc[g["heldout_loss"].idxmin(), "lr"] if g["heldout_loss"].notna().any() else None
         line = {"model": model, "steps": fmt(int(steps))}
         for r in g.sort_values("lr").itertuples():
-            line[f"lr {r.lr:g}"] = f"{r.heldout_loss:.5f}" + (" (best)" if r.lr == best else "")
+            line[f"lr {r.lr:g}"] = (f"diverged (step {int(r.train_steps)})" if pd.isna(r.heldout_loss)
+                                    else f"{r.heldout_loss:.5f}" + (" (best)" if r.lr == best else ""))
         lines.append(line)
     return pd.DataFrame(lines).fillna("-")
 
