@@ -544,8 +544,9 @@ class LossLog:
     Each row averages the loss over the ``log_every`` steps before it; ``steps_per_s`` is over the same
     window, data loading included; ``wall_s`` is the run's training time so far, across resumes, without
     the time spent writing checkpoints and sample grids; ``cpu_s`` is the CPU time of the training process over
-    the same spans (all its threads; DataLoader workers are other processes), which other work on the machine does not
-    inflate as it does ``wall_s`` (nan for a run resumed from a checkpoint older than the column); ``threads`` is
+    the same spans (all its threads; DataLoader workers are other processes): it leaves out the time spent waiting for
+    a CPU, but not the slowdown of sharing a core or its caches with other work, so it too reads high on a busy
+    machine (nan for a run resumed from a checkpoint older than the column); ``threads`` is
     torch's CPU thread count then (a resumed run may have another).
     """
 

@@ -378,8 +378,8 @@ def time_source(ctx: Context, logs: dict[str, dict[int, pd.DataFrame]], column: 
                       if "threads" in log for t in log["threads"].dropna()})
     device = str(ctx.sel.quality["device_name"].dropna().iloc[-1]) if not ctx.sel.quality.empty else "this machine"
     machine = re.sub(r"\s*\(\d+ threads?\)$", "", device)
-    what = ("CPU time of each training process (`cpu_s` in its loss.csv: all its threads, unaffected by other work "
-            "on the machine)" if column == "cpu_s" else
+    what = ("CPU time of each training process (`cpu_s` in its loss.csv: all its threads; it leaves out time spent "
+            "waiting for a CPU, not the slowdown of sharing one)" if column == "cpu_s" else
             "wall-clock training time of each run (`wall_s` in its loss.csv; some runs have no CPU time logged)")
     at = f", {'/'.join(map(str, threads))} thread(s)" if threads else ""
     return f"Time: {what}, on {machine}{at}."
