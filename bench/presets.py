@@ -11,7 +11,8 @@ A backbone without an entry of its own (a plugin, say) uses the preset's ``DEFAU
 ``sisma:scan=raster`` uses its backbone's recipe. At ``paper`` each backbone trains with its own source's recipe
 (the SISMA paper, SDM's CelebA script, the DiT paper, DiM's ImageNet-256 config); at ``cpu`` and ``tiny`` they share a
 schedule and each has the learning rate that a sweep (``bench tune lr``, rows of the committed one in
-results/study-cpu/lr_sweep.csv) found best for it, except DiM, not swept yet (``UNSWEPT_RATES``, said in its source).
+results/study-cpu/lr_sweep.csv) found best for it; a backbone added later takes SISMA's and DiT-SIS's rate until it is
+swept (``UNSWEPT_RATES``, said in its source).
 """
 from __future__ import annotations
 
@@ -135,10 +136,10 @@ def _small(base: Recipe, lr: float, why: str) -> Recipe:
 SWEPT = ("lowest held-out flow-matching loss of its sweep over 3e-4, 1e-3, 2e-3, 4e-3, 8e-3 at 300 steps "
          "(bench tune lr --preset cpu; rows in results/study-cpu/lr_sweep.csv)")
 TINY_RATE = "the cpu sweep's rate (tiny runs 20 steps, too few to tune on)"
-CPU_RATES = {"sisma": 4e-3, "dit": 4e-3, "sdm": 1e-3}
-# Backbones whose cpu rate is not from the sweep yet (a sweep over five rates takes hours on two cores).
+CPU_RATES = {"sisma": 4e-3, "dit": 4e-3, "sdm": 1e-3, "dim": 2e-3}  # dim: 8e-3 diverged (a nan at step 97)
+# Backbones whose cpu rate is not from the sweep yet: SISMA's and DiT-SIS's swept rate until one is run for them.
 UNSWEPT = "not swept: SISMA's and DiT-SIS's swept rate, taken until `bench tune lr --preset cpu` is run for it"
-UNSWEPT_RATES = {"dim": 4e-3}
+UNSWEPT_RATES: dict[str, float] = {}
 RECIPES: dict[str, dict[str, Recipe]] = {
     "paper": PAPER,
     "cpu": {DEFAULT: _small(_CPU, 1e-3, "not tuned for backbones without a recipe (the default small-scale rate)"),
