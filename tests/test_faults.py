@@ -102,6 +102,7 @@ def test_a_failed_first_run_can_be_retried_in_its_folder(tmp_path, data):
 
 # --- 2. concurrent writers lose nothing; foreign results files are refused before any work ---------------------
 
+@pytest.mark.slow  # 14 s of three timing processes; the suite must stay under ten minutes on two cores
 def test_three_speed_processes_on_one_file_keep_every_row(tmp_path):
     out = tmp_path / "speed.csv"
     first = subprocess.run(BENCH + ["speed", "--flops-only", "--preset", "tiny", "--models", "sdm",

@@ -350,6 +350,7 @@ def round_orders(path):
     return {key: list(zip(g["model"], g["kind"])) for key, g in rows.groupby(["sweep", "process", "round"])}
 
 
+@pytest.mark.slow  # 18 s of fresh interpreters; the suite must stay under ten minutes on two cores
 def test_rounds_interleave_every_model_in_seeded_shuffled_orders_across_fresh_processes(tmp_path):
     """Two worker processes x 3 rounds: every round times each model once per kind, in an order shuffled per round
     and the same for the same seed; the rows carry each process's median."""
