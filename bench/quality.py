@@ -45,7 +45,7 @@ from bench.checkpoint import load
 from bench.data import NUM_CLASSES, FaceDataset, onehot
 from bench.errors import BenchError
 from bench.flow import METHODS, NFE_PER_STEP
-from bench.io import ResultsFile, display_path, to_uint8, write_json, write_png
+from bench.io import ResultsFile, display_path, sha256_file, to_uint8, write_json, write_png
 from bench.provenance import provenance
 from bench.rows import MaskScoreRow, QualityRow
 from bench.runtime import check_precision
@@ -56,6 +56,7 @@ RUN_ROOTS = (Path("runs"), Path("results/runs"))
 SAMPLE_STRIDE = 1000  # sample j of mask i uses noise index i * SAMPLE_STRIDE + j, so j < SAMPLE_STRIDE
 REQUIRABLE = ("fid", "kid", "lpips", "miou")
 EVAL_DIRNAME = "eval"
+PARSER_DIGEST_HEX = 16  # hex digits of the parser's SHA-256 kept in a quality row
 
 
 @dataclass
@@ -197,6 +198,12 @@ def get_parser(path: Optional[Path], size: int, data: Path, device: torch.device
     return model, path
 
 
+def parser_digest(path: Path) -> str:
+    """The parser file's identity in a quality row: its SHA-256, first 16 hex digits. A parser trained from the same
+    seed on another CPU rounds differently, so its path alone does not say which parser scored a row."""
+    return sha256_file(path)[:PARSER_DIGEST_HEX]
+
+
 # --------------------------------------------------------------------------- one run
 def evaluate_run(run_dir: Path, data: Optional[Path], resources: Resources, parser_path: Optional[Path],
                  device: torch.device, batch_size: int, progress: bool = True, echo=print,
@@ -255,6 +262,7 @@ def evaluate_run(run_dir: Path, data: Optional[Path], resources: Resources, pars
     row["miou"] = metrics.miou(conf.sum(0))
     row["miou_ceiling"] = metrics.miou(real_conf.sum(0))
     row["parser"] = str(used)
+    row["parser_sha256"] = parser_digest(used)
     row["eval_dir"] = str(folder)
     row.update(provenance(device, settings.precision, batch_size, settings.steps, nfe, settings.seed))
 
@@ -314,6 +322,8 @@ def scored_before(out: Path, checkpoint: Path, image_size: int, settings: Qualit
     rows = ResultsFile(out, QualityRow).read()
     rows = rows[(rows["eval_key"] == key) & (rows["samples_per_mask"] == settings.samples_per_mask)
                 & (rows["n_masks"] >= masks_to_score(settings, image_size)) & (rows["parser"] == str(parser))]
+    recorded = rows["parser_sha256"].notna() & (rows["parser_sha256"].astype(str) != "")
+    rows = rows[~recorded | (rows["parser_sha256"].astype(str) == parser_digest(parser))]
     if resources.inception is not None:
         rows = rows[rows["fid_status"] == "ok"]
     if resources.alexnet is not None:

@@ -153,6 +153,7 @@ class QualityRow(Provenance):
     miou: Optional[float] = None
     miou_ceiling: Optional[float] = None
     parser: Optional[str] = None
+    parser_sha256: Optional[str] = None  # the parser file's digest (16 hex): rows of one comparison need one parser
     eval_dir: Optional[str] = None
     eval_key: Optional[str] = None  # joins the row to its per-mask scores (MaskScoreRow)
 

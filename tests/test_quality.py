@@ -1,6 +1,7 @@
 """`bench quality`: a tiny trained run scored end to end, missing weights, --require, reuse of images, errors."""
 import dataclasses
 import functools
+import hashlib
 import math
 
 import pandas as pd
@@ -59,6 +60,7 @@ def test_quality_writes_a_row_with_missing_weights_marked(setup, tmp_path, empty
     assert row.pixel_diversity > 0 and 0 <= row.miou <= 1 and 0 <= row.miou_ceiling <= 1
     assert (row.model, row.preset, row.n_masks, row.samples_per_mask) == ("dit", "tiny", 3, 3)
     assert (row.steps, row.nfe, row.device) == (2, 2, "cpu") and "commit" in rows.columns
+    assert str(row.parser_sha256) == hashlib.sha256(parser.read_bytes()).hexdigest()[:16]
     pngs = sorted((run / "eval").glob("*/*.png"))
     assert len(pngs) == 9  # 3 masks x 3 samples
 
@@ -185,3 +187,22 @@ def test_empty_split_is_an_error(setup, tmp_path):
 
 def test_unknown_required_metric_is_an_error(tmp_path):
     _one_line_error(_quality("--require", "fid,is", "--out", tmp_path / "q.csv"), "'is'")
+
+
+def test_a_row_scored_by_another_parser_is_not_scored_before(setup, tmp_path, empty_hub):
+    """The pipeline skips a checkpoint scored before by the same parser: the same file, by its digest, not only by
+    path and time (a parser retrained on another CPU has the same path and a different digest)."""
+    from bench.quality import QualitySettings, Resources, scored_before
+    data, run, parser = setup
+    out = tmp_path / "q.csv"
+    result = _quality("--runs", run, "--data", data, "--steps", 2, "--samples-per-mask", 3, "--parser", parser,
+                      "--out", out)
+    assert result.exit_code == 0, result.output
+    settings = QualitySettings(data=str(data), samples_per_mask=3, steps=2, precision="fp32")
+    resources = Resources(None, "missing", None, "missing")
+    checkpoint = run / "checkpoints" / "last.pt"
+    assert scored_before(out, checkpoint, SIZE, settings, resources, parser)
+    rows = pd.read_csv(out, dtype={"parser_sha256": str})
+    rows["parser_sha256"] = "0123456789abcdef"
+    rows.to_csv(out, index=False)
+    assert not scored_before(out, checkpoint, SIZE, settings, resources, parser)

@@ -5,6 +5,7 @@ import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
@@ -324,3 +325,17 @@ def test_curves_use_the_masks_every_checkpoint_has_when_snapshots_score_fewer(tm
     assert "every point of these curves uses the masks all its checkpoints have (12)" in md
     assert "every point of these curves" not in build_report(make_seeded_results(tmp_path / "all"),
                                                              tmp_path / "r2", "s").read_text()
+
+
+def test_the_report_warns_when_its_rows_were_scored_by_more_than_one_parser():
+    """Parsers trained from one seed on two CPUs differ: rows scored by both are named, never silently compared."""
+    from bench.report.quality import parser_note
+    rows = pd.DataFrame({"model": ["sisma", "dit", "dim"], "parser_sha256": ["a" * 16, "a" * 16, "b" * 16]})
+    (note, blank) = parser_note(rows)
+    assert blank == "" and "more than one face parser" in note
+    assert f"sha256 {'a' * 16}: DiT-SIS, SISMA" in note and f"sha256 {'b' * 16}: DiM" in note
+    assert "--parser" in note
+    assert parser_note(rows.assign(parser_sha256="a" * 16)) == []
+    assert parser_note(rows.assign(parser_sha256=None)) == []  # older rows alone: nothing to tell apart
+    mixed = parser_note(rows.assign(parser_sha256=["a" * 16, None, None]))
+    assert "not recorded (older rows): DiM, DiT-SIS" in mixed[0]

@@ -256,6 +256,7 @@ def section(ctx: Context) -> list[str]:
               f"torch-fidelity's Inception, real test images against one sample per mask; with fewer than "
               f"{FID_RELIABLE_IMAGES} images per side they are marked unreliable.")
     md.append("")
+    md += parser_note(ctx.sel.quality_all if not ctx.sel.quality_all.empty else ctx.sel.quality)
     reference = REFERENCE if REFERENCE in final else next(iter(final))
     diffs = differences_table(final, reference)
     if not diffs.empty:
@@ -310,6 +311,22 @@ def section(ctx: Context) -> list[str]:
             plots.quality_latency_figure(points, metric_cols, ctx.order,
                                          f"seconds per image ({ctx.speed.steps} steps)")))
     return md
+
+
+def parser_note(rows: pd.DataFrame) -> list[str]:
+    """A warning when the compared rows were scored by more than one face parser (by the parser file's digest)."""
+    if rows.empty or "parser_sha256" not in rows:
+        return []
+    digests = rows["parser_sha256"].map(lambda d: "" if pd.isna(d) else str(d))
+    if digests.nunique() < 2:
+        return []
+    groups = [f"{f'sha256 {d}' if d else 'not recorded (older rows)'}: "
+              f"{', '.join(plots.display_name(m) for m in sorted(set(rows.loc[digests == d, 'model'])))}"
+              for d in sorted(set(digests))]
+    return [f"**The mIoU rows of this report were scored by more than one face parser** ({'; '.join(groups)}). "
+            "A parser trained from the same seed and data on another CPU rounds differently, so a difference "
+            "between models scored by different parsers includes the parsers' difference: score every compared "
+            "run with one parser (`bench quality --parser FILE`).", ""]
 
 
 def training_summary(ctx: Context) -> None:
