@@ -164,7 +164,7 @@ BUDGETS: dict[str, Budget] = {
         quality_masks=4, quality_snapshot_masks=0, quality_samples=2, quality_steps=10, quality_fractions=(0.5, 1.0),
         speed_steps=200, speed_batch_sizes=(1, 4), speed_scales=(2,), speed_warmup=1, speed_repeats=3,
         speed_processes=1, speed_scale_repeats=3, speed_image_repeats=1, full_image_max_seconds=5.0, paper_flops=False),
-    # The embedded default: about 27 minutes on two CPU cores (a fresh `bench run`, docs/run.md "Presets").
+    # The embedded default: about 26 minutes on two CPU cores (a fresh `bench run`, docs/run.md "Presets").
     "cpu": Budget(
         note="about 3.4M-parameter models at 32 px in pixel space (256 tokens, like the paper's latent grid), "
              "trained for a few hundred steps on synthetic faces: a small-scale comparison under one trainer, "

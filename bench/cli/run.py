@@ -15,7 +15,7 @@ from bench.runtime import DEVICE_HELP
 @command("run")
 def run_cmd(
     preset: str = typer.Option("cpu", "--preset", help="tiny (a two-minute smoke test), cpu (the default, about "
-                               "27 minutes on two cores) or paper (the paper's experiment: a GPU and --data)."),
+                               "26 minutes on two cores) or paper (the paper's experiment: a GPU and --data)."),
     data: Optional[Path] = typer.Option(None, "--data", help="Data folder: CelebAMask-HQ as distributed, or "
                                         "{train,test}/{images,labels}. Default: synthetic faces in ./data."),
     models: str = typer.Option("sisma,dit,sdm", "--models", help="Comma-separated backbones or variants to compare, "
