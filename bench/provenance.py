@@ -30,7 +30,16 @@ def git_commit() -> str:
 
 
 def device_name(device: torch.device | str) -> str:
-    """Human-readable name of a device: the GPU model on CUDA, the CPU model on CPU."""
+    """Human-readable name of a device: the GPU model on CUDA, the CPU model and torch's threads on CPU."""
+    name = machine_name(device)
+    if torch.device(device).type == "cuda":
+        return name
+    threads = torch.get_num_threads()
+    return f"{name} ({threads} thread{'s' if threads != 1 else ''})"
+
+
+def machine_name(device: torch.device | str) -> str:
+    """The GPU model on CUDA, the CPU model on CPU (without the thread count)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -42,8 +51,7 @@ def device_name(device: torch.device | str) -> str:
                 break
     except OSError:
         pass
-    threads = torch.get_num_threads()
-    return f"{name} ({threads} thread{'s' if threads != 1 else ''})"
+    return name
 
 
 def machine_fingerprint() -> str:

@@ -63,6 +63,7 @@ from bench.data import FaceDataset, check_complete, data_fingerprint, run_data_f
 from bench.errors import BenchError, NonFiniteLoss
 from bench.io import check_folder_free, display_path, folder_lock, read_json, write_json, write_text
 from bench.presets import Budget, Recipe, doc
+from bench.provenance import machine_name
 from bench.runtime import PRECISIONS, resolve_device
 from bench.sample import GridSpec
 from bench.synth import default_set_dir, ensure_default_set, wait_for_default_set
@@ -547,10 +548,11 @@ class LossLog:
     the same spans (all its threads; DataLoader workers are other processes): it leaves out the time spent waiting for
     a CPU, but not the slowdown of sharing a core or its caches with other work, so it too reads high on a busy
     machine (nan for a run resumed from a checkpoint older than the column); ``threads`` is
-    torch's CPU thread count then (a resumed run may have another).
+    torch's CPU thread count then (a resumed run may have another); ``machine`` the CPU or GPU model it ran on (a run
+    resumed elsewhere has two, and its times mix them; empty in logs older than the column).
     """
 
-    COLUMNS = ["step", "loss", "lr", "grad_norm", "steps_per_s", "wall_s", "cpu_s", "threads"]
+    COLUMNS = ["step", "loss", "lr", "grad_norm", "steps_per_s", "wall_s", "cpu_s", "threads", "machine"]
 
     def __init__(self, path: Path, keep_until: int):
         self.path = path
@@ -629,7 +631,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ddp: Distributed, prog
         if ddp.world > 1 else state.model
     if state.step >= cfg.steps:  # nothing to do: the run's files (config.json, loss.csv) stay as they are
         return {"step": state.step, "loss": None, "wall_s": state.clock.wall}
-    files = RunFiles(cfg, run_dir, state, feed.space) if ddp.main else None
+    files = RunFiles(cfg, run_dir, state, feed.space, ddp.device) if ddp.main else None
     bar = tqdm(total=cfg.steps, initial=state.step, disable=not (ddp.main and progress), desc=f"train {cfg.model}",
                unit="step", dynamic_ncols=True)
     try:
@@ -870,7 +872,8 @@ class CheckWindow:
 class RunFiles:
     """What the main process keeps in the run folder as it trains: config.json, loss.csv and the sample grids."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path, state: TrainState, space: nn.Module):
+    def __init__(self, cfg: TrainConfig, run_dir: Path, state: TrainState, space: nn.Module, device: torch.device):
+        self.machine = machine_name(device)
         run_dir.mkdir(parents=True, exist_ok=True)
         record_data(cfg, run_dir)
         # the log first: a damaged one stops the run before anything is written
@@ -885,7 +888,8 @@ class RunFiles:
         steps_per_s = window.steps / window.seconds
         self.log.write(step=step, loss=f"{window.window_mean:.6g}", lr=f"{lr_at(step - 1, cfg):.6g}",
                        grad_norm=f"{float(grad_norm):.6g}", steps_per_s=f"{steps_per_s:.4g}",
-                       wall_s=f"{clock.wall:.2f}", cpu_s=f"{clock.cpu:.2f}", threads=torch.get_num_threads())
+                       wall_s=f"{clock.wall:.2f}", cpu_s=f"{clock.cpu:.2f}", threads=torch.get_num_threads(),
+                       machine=self.machine)
         bar.set_postfix(loss=f"{window.window_mean:.4f}", steps_s=f"{steps_per_s:.2f}", refresh=False)
 
     def close(self) -> None:

@@ -339,3 +339,18 @@ def test_the_report_warns_when_its_rows_were_scored_by_more_than_one_parser():
     assert parser_note(rows.assign(parser_sha256=None)) == []  # older rows alone: nothing to tell apart
     mixed = parser_note(rows.assign(parser_sha256=["a" * 16, None, None]))
     assert "not recorded (older rows): DiM, DiT-SIS" in mixed[0]
+
+
+def test_time_to_quality_names_the_machines_the_runs_trained_on():
+    """From the runs' own loss logs; a run resumed on another machine is said to mix them."""
+    from types import SimpleNamespace
+
+    from bench.report.quality import time_source
+    ctx = SimpleNamespace(sel=SimpleNamespace(quality=pd.DataFrame({"device_name": ["Scoring CPU (2 threads)"]})))
+    log = pd.DataFrame({"step": [10, 20], "cpu_s": [1.0, 2.0], "threads": [2, 2], "machine": ["CPU A", "CPU A"]})
+    one = time_source(ctx, {"sisma": {0: log}}, "cpu_s")
+    assert "on CPU A, 2 thread(s)" in one and "mix" not in one and "Scoring" not in one
+    moved = time_source(ctx, {"sisma": {0: log}, "dit": {0: log.assign(machine=["CPU A", "CPU B"])}}, "cpu_s")
+    assert "on CPU A and CPU B (the times of these runs mix machines)" in moved
+    older = time_source(ctx, {"sisma": {0: log.drop(columns="machine")}}, "cpu_s")
+    assert "on Scoring CPU, 2 thread(s)" in older  # logs older than the column: the scoring machine

@@ -14,6 +14,7 @@ import torch
 from bench import flow
 from bench.checkpoint import load
 from bench.errors import BenchError
+from bench.provenance import machine_name
 from bench.synth import ensure_synthetic
 from bench.train import StepBatchSampler, draw_noise, make_config, train
 
@@ -85,6 +86,7 @@ def test_resume_continues_exactly(data, tmp_path):
         torch.testing.assert_close(sb["optimizer"]["state"][k]["exp_avg_sq"], v["exp_avg_sq"], **RESUME_TOL)
     assert [r["loss"] for r in loss_rows(a)] == [r["loss"] for r in loss_rows(b)]
     assert {r["threads"] for r in loss_rows(b)} == {str(torch.get_num_threads())}  # the speed's context
+    assert {r["machine"] for r in loss_rows(b)} == {machine_name("cpu")} != {""}  # the times' machine
     assert (b / "samples" / "step_0000002.png").exists() and (b / "samples" / "step_0000004.png").exists()
 
 

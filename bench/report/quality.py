@@ -393,8 +393,13 @@ def time_source(ctx: Context, logs: dict[str, dict[int, pd.DataFrame]], column: 
     """Where the training times come from: which column of the runs' loss logs, at how many threads, on what."""
     threads = sorted({int(t) for per_seed in logs.values() for log in per_seed.values()
                       if "threads" in log for t in log["threads"].dropna()})
-    device = str(ctx.sel.quality["device_name"].dropna().iloc[-1]) if not ctx.sel.quality.empty else "this machine"
-    machine = re.sub(r"\s*\(\d+ threads?\)$", "", device)
+    logged = sorted({str(m) for per_seed in logs.values() for log in per_seed.values()
+                     if "machine" in log for m in log["machine"].dropna() if str(m)})
+    if logged:  # the machines the runs trained on, from their own logs
+        machine = " and ".join(logged) + (" (the times of these runs mix machines)" if len(logged) > 1 else "")
+    else:  # logs older than the column: the machine that scored the runs
+        device = str(ctx.sel.quality["device_name"].dropna().iloc[-1]) if not ctx.sel.quality.empty else "this machine"
+        machine = re.sub(r"\s*\(\d+ threads?\)$", "", device)
     what = ("CPU time of each training process (`cpu_s` in its loss.csv: all its threads; it leaves out time spent "
             "waiting for a CPU, not the slowdown of sharing one)" if column == "cpu_s" else
             "wall-clock training time of each run (`wall_s` in its loss.csv; some runs have no CPU time logged)")
