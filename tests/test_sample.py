@@ -79,7 +79,7 @@ def test_train_resume_sample_commands(tmp_path, monkeypatch, model):
     assert record["train_step"] == 6 and record["provenance"]["nfe"] == 200
     config = json.loads((run / "config.json").read_text())
     assert config["steps"] == 6 and config["synthetic"] and Path(config["data"]).is_dir()
-    assert [r.split(",")[0] for r in (run / "loss.csv").read_text().split()[1:]] == [str(i) for i in range(1, 7)]
+    assert [r.split(",")[0] for r in (run / "loss.csv").read_text().splitlines()[1:]] == [str(i) for i in range(1, 7)]
     assert (run / "checkpoints" / "last.pt").exists() and (run / "samples" / "step_0000006.png").exists()
 
 
