@@ -64,6 +64,7 @@ class Selection:
     devices: list = field(default_factory=list)  # timed rows per device (bench.report.select.device_groups)
     rounds: pd.DataFrame = field(default_factory=pd.DataFrame)  # per-round times of the sweeps of those rows
     busy_rows: int = 0  # timed rows flagged busy, left out
+    quality_runs: pd.DataFrame = field(default_factory=pd.DataFrame)  # like quality_all, older run folders kept
 
 
 
@@ -117,3 +118,4 @@ class Context:
     reaches: dict = field(default_factory=dict)  # model -> [bench.report.settle.Reach per mIoU target]
     reach_time: str = ""  # what the reaches' seconds are: "training CPU time" or "training time"
     reach_source: str = ""  # where those times come from, in words
+    matched: dict = field(default_factory=dict)  # (model, parser digest) -> its final Scores as that parser scored it

@@ -14,6 +14,7 @@ import pandas as pd
 
 from bench import stats
 from bench.report.common import Selection, SpeedSummary
+from bench.report.select import parser_digests
 
 
 @dataclass
@@ -108,9 +109,16 @@ def estimate_all(s: Scores) -> Scores:
     return s
 
 
+def parser_of(s: Scores) -> str:
+    """The digest of the face parser that scored ``s``'s runs ("" when its rows record none; several joined by
+    "+", which no other set of runs shares)."""
+    return "+".join(sorted(set(parser_digests(s.rows))))
+
+
 def paired(a: Scores, b: Scores) -> dict[str, stats.Estimate]:
-    """a - b for mIoU and the per-mask diversities, on the seeds both have and the same draws."""
-    if not (a.per_mask and b.per_mask) or a.sources != b.sources:
+    """a - b for mIoU and the per-mask diversities, on the seeds both have and the same draws; nothing when the two
+    were scored by different face parsers (their difference would include the parsers')."""
+    if not (a.per_mask and b.per_mask) or a.sources != b.sources or parser_of(a) != parser_of(b):
         return {}
     common = [k for k in a.seeds if k in b.seeds]
     if not common:

@@ -6,9 +6,9 @@ from typing import Optional
 
 from bench import plots
 from bench.report.common import Context, fmt
-from bench.report.estimates import fmt_estimate, nfe_ratio, paired, verdict
+from bench.report.estimates import fmt_estimate, nfe_ratio, paired, parser_of, verdict
 from bench.report.paper import speed_ratio_sentence
-from bench.report.quality import REFERENCE
+from bench.report.quality import REFERENCE, main_parser, parser_labels, versus
 from bench.report.settle import Reach, fmt_cost, on_common_masks, verdict_line
 
 name = plots.display_name
@@ -16,7 +16,9 @@ name = plots.display_name
 
 def mask_verdict(ctx: Context) -> Optional[str]:
     """Which model follows the mask best, and by how much over the runner-up (paired difference)."""
-    means = {m: s.figures["miou"].value for m, s in ctx.final.items() if "miou" in s.figures}
+    parser = main_parser(ctx.final)  # the models one parser scored: others' mIoU is not comparable
+    means = {m: s.figures["miou"].value for m, s in ctx.final.items()
+             if "miou" in s.figures and parser_of(s) == parser}
     if len(means) < 2:
         return None
     best, second = sorted(means, key=means.get, reverse=True)[:2]
@@ -91,14 +93,19 @@ def figures(ctx: Context) -> list[str]:
         lines.append(f"- {speed_ratio_sentence(speed)}")
     final = ctx.final
     if final:
-        parts = [f"{name(m)} {fmt_estimate(s.figures.get('miou'))}" for m, s in final.items()]
-        lines.append(f"- Mask mIoU of generated images (mean over seeds, 95% interval): {', '.join(parts)}.")
-        ceilings = [s.figures["miou_ceiling"] for s in final.values() if "miou_ceiling" in s.figures]
+        labels = parser_labels(final)
+        parts = [f"{name(m)} {fmt_estimate(s.figures.get('miou'))}{f' ({labels[parser_of(s)]})' if labels else ''}"
+                 for m, s in final.items()]
+        lines.append(f"- Mask mIoU of generated images (mean over seeds, 95% interval"
+                     f"{'; parser in brackets' if labels else ''}): {', '.join(parts)}.")
+        ceilings = {labels.get(parser_of(s), ""): s.figures["miou_ceiling"] for s in final.values()
+                    if "miou_ceiling" in s.figures}
         if ceilings:
-            lines.append(f"- The parser on the real test images (the ceiling): {fmt_estimate(ceilings[0])}.")
+            text = ", ".join(f"{f'parser {label} ' if label else ''}{fmt_estimate(e)}" for label, e in ceilings.items())
+            lines.append(f"- The parser on the real test images (the ceiling): {text}.")
         if REFERENCE in final:
-            diffs = [f"{name(m)} {verdict(paired(s, final[REFERENCE]).get('miou'))}"
-                     for m, s in final.items() if m != REFERENCE and paired(s, final[REFERENCE])]
+            diffs = [f"{name(m)} {verdict(d.get('miou'))}" for m in final
+                     if m != REFERENCE and (d := versus(ctx, final, m, REFERENCE))]
             if diffs:
                 lines.append(f"- mIoU minus SISMA's (paired): {'; '.join(diffs)}.")
     return lines

@@ -20,8 +20,18 @@ from bench import plots
 from bench.errors import BenchError
 from bench.report import settle
 from bench.report.common import Context, Footnotes, fmt, markdown
-from bench.report.estimates import Scores, estimate_all, fmt_estimate, paired, restrict, scores, steps_of, verdict
-from bench.report.select import resolve_path
+from bench.report.estimates import (
+    Scores,
+    estimate_all,
+    fmt_estimate,
+    paired,
+    parser_of,
+    restrict,
+    scores,
+    steps_of,
+    verdict,
+)
+from bench.report.select import parser_view, resolve_path
 from bench.variants import build_model
 
 FID_RELIABLE_IMAGES = 2048  # Inception's feature size: fewer images per side make FID's covariance rank-deficient
@@ -39,8 +49,41 @@ def final_scores(ctx: Context) -> dict[str, Scores]:
     return out
 
 
+def main_parser(final: dict[str, Scores]) -> Optional[str]:
+    """The face parser the report's comparisons are made with: the one that scored the reference's final runs (or,
+    without them, the first model's)."""
+    if not final:
+        return None
+    return parser_of(final[REFERENCE] if REFERENCE in final else next(iter(final.values())))
+
+
+def reference_scores(ctx: Context, final: dict[str, Scores], reference: str, parser: str) -> Optional[Scores]:
+    """``reference``'s runs at the end of training as ``parser`` scored them: its final runs when that parser scored
+    them, else its newest runs that parser scored (older run folders); None when it scored none."""
+    if reference not in final:
+        return None
+    if parser_of(final[reference]) == parser:
+        return final[reference]
+    if (reference, parser) not in ctx.matched:
+        s = scores(parser_view(ctx.sel, parser), reference)
+        ctx.matched[reference, parser] = estimate_all(s) if s is not None else None
+    return ctx.matched[reference, parser]
+
+
+def versus(ctx: Context, final: dict[str, Scores], model: str, reference: str) -> dict:
+    """``model`` minus ``reference``, paired, with the reference's runs scored by ``model``'s parser."""
+    ref = reference_scores(ctx, final, reference, parser_of(final[model]))
+    return paired(final[model], ref) if ref is not None else {}
+
+
+def parser_labels(final: dict[str, Scores]) -> dict[str, str]:
+    """A short name per face parser ("A", "B", ... in order of first use), when the models' runs had several."""
+    found = list(dict.fromkeys(parser_of(s) for s in final.values()))
+    return {p: chr(ord("A") + i) for i, p in enumerate(found)} if len(found) > 1 else {}
+
+
 def quality_table(ctx: Context, final: dict[str, Scores], notes: Footnotes) -> pd.DataFrame:
-    lines = []
+    lines, labels = [], parser_labels(final)
     for model, s in final.items():
         r = s.rows.iloc[-1]
 
@@ -66,17 +109,19 @@ def quality_table(ctx: Context, final: dict[str, Scores], notes: Footnotes) -> p
             "pixel diversity": figure("pixel_diversity"),
             "LPIPS diversity": figure("lpips_diversity", "lpips_status"),
             "FID": fid, "KID": figure("kid", "kid_status"),
+            **({"parser": labels[parser_of(s)]} if labels else {}),
         })
     return pd.DataFrame(lines)
 
 
-def differences_table(final: dict[str, Scores], reference: str) -> pd.DataFrame:
-    """Each model minus the reference: paired differences with their intervals."""
+def differences_table(ctx: Context, final: dict[str, Scores], reference: str) -> pd.DataFrame:
+    """Each model minus the reference: paired differences with their intervals, against the reference's runs scored
+    by the model's parser."""
     lines = []
-    for model, s in final.items():
+    for model in final:
         if model == reference:
             continue
-        d = paired(s, final[reference])
+        d = versus(ctx, final, model, reference)
         if not d:
             continue
         lines.append({"model": model, f"mIoU - {reference}": verdict(d["miou"]),
@@ -102,12 +147,25 @@ def model_config(model: str, preset: str, ctx: Optional[Context] = None) -> Opti
         return None
 
 
-def ablation_table(ctx: Context, final: dict[str, Scores], base: str, fields: tuple[str, ...]) -> pd.DataFrame:
-    """The variants of one backbone: their config fields, parameters, mIoU and difference from the default."""
+def ablation_table(ctx: Context, final: dict[str, Scores], base: str, fields: tuple[str, ...]
+                   ) -> tuple[pd.DataFrame, dict[str, Scores], list[str]]:
+    """The variants of one backbone: their config fields, parameters, mIoU and difference from the default; the
+    scores the table shows (the default's replaced by its runs of the variants' parser where its newest runs had
+    another), and a note when they were."""
     variants = [m for m in final if m == base or m.startswith(base + ":")]
     if len(variants) < 2:
-        return pd.DataFrame()
+        return pd.DataFrame(), final, []
     reference = base if base in variants else variants[0]
+    final, note = dict(final), []
+    others = {parser_of(final[m]) for m in variants if m != reference}
+    if len(others) == 1 and (parser := others.pop()) != parser_of(final[reference]):
+        matched = reference_scores(ctx, final, reference, parser)
+        if matched is not None:
+            final[reference] = matched
+            note = [f"`{reference}`'s row in this table is its runs scored by the same face parser as the other "
+                    f"settings (step {matched.step}, seeds {','.join(map(str, matched.seeds))}: older run folders "
+                    f"than the Quality table's, which were scored by another parser), so that every difference "
+                    f"here is between runs of one parser.", ""]
     lines = []
     for model in variants:
         cfg = model_config(model, ctx.sel.preset, ctx)
@@ -124,9 +182,9 @@ def ablation_table(ctx: Context, final: dict[str, Scores], base: str, fields: tu
             line["ms / NFE"] = fmt(one["latency_nfe_median_s"] * 1e3, 3)
         line["mask mIoU"] = fmt_estimate(final[model].figures.get("miou"))
         line[f"mIoU - {reference}"] = "(reference)" if model == reference else \
-            verdict(paired(final[model], final[reference]).get("miou"))
+            verdict(versus(ctx, final, model, reference).get("miou"))
         lines.append(line)
-    return pd.DataFrame(lines)
+    return pd.DataFrame(lines), final, note
 
 
 WHOLE_IMAGE = "the whole image"
@@ -150,7 +208,8 @@ def mixing_verdict(final: dict[str, Scores], ablation: pd.DataFrame) -> str:
     and any non-causal setting of shorter reach that beats it (paired differences: a difference only when the
     interval excludes 0)."""
     base = ablation["model"].iloc[0]
-    means = {m: final[m].figures["miou"].value for m in ablation["model"] if "miou" in final[m].figures}
+    means = {m: final[m].figures["miou"].value for m in ablation["model"]  # one parser's settings only
+             if "miou" in final[m].figures and parser_of(final[m]) == parser_of(final[base])}
     if base not in means or len(means) < 2 or "a token sees" not in ablation:
         return "Too few scored settings to say which mixes best."
     reach = dict(zip(ablation["model"], ablation["a token sees"]))
@@ -256,24 +315,24 @@ def section(ctx: Context) -> list[str]:
               f"torch-fidelity's Inception, real test images against one sample per mask; with fewer than "
               f"{FID_RELIABLE_IMAGES} images per side they are marked unreliable.")
     md.append("")
-    md += parser_note(ctx.sel.quality_all if not ctx.sel.quality_all.empty else ctx.sel.quality)
+    md += parser_note(final)
     reference = REFERENCE if REFERENCE in final else next(iter(final))
-    diffs = differences_table(final, reference)
+    diffs = differences_table(ctx, final, reference)
     if not diffs.empty:
         md += [f"### Differences from {plots.display_name(reference)}", "", markdown(diffs), "",
                "Paired differences (the same seeds, masks and noise for both), with their 95% bootstrap intervals; "
                "an interval that contains 0 is written \"no detectable difference\".", ""]
-    ablation = ablation_table(ctx, final, "sisma", ("scan", "conv"))
+    ablation, shown, note = ablation_table(ctx, final, "sisma", ("scan", "conv"))
     if not ablation.empty:
-        md += ["### SISMA's token mixing: scan order x conv", "", markdown(ablation), "",
+        md += ["### SISMA's token mixing: scan order x conv", "", markdown(ablation), "", *note,
                "raster + causal1d is strictly causal (a token never sees the tokens after it in raster order, so "
                "the top of the image never sees the bottom); raster + grid2d reaches at most two token rows further "
                "down per block (the 3 x 3 convs of Self- and Cross-Mamba); zigzag (one snake path per block, its "
                "corner and direction cycling) and bidirectional scans let every token see the whole image. "
-               f"{mixing_verdict(final, ablation)}", ""]
-    dit = ablation_table(ctx, final, "dit", ("cond",))
+               f"{mixing_verdict(shown, ablation)}", ""]
+    dit, _, note = ablation_table(ctx, final, "dit", ("cond",))
     if not dit.empty:
-        md += ["### DiT-SIS: cross-attention against the aligned mask", "", markdown(dit), "",
+        md += ["### DiT-SIS: cross-attention against the aligned mask", "", markdown(dit), "", *note,
                "cond=cross: image tokens attend to the mask tokens and must learn where each belongs (position "
                "embeddings only); cond=add: the mask token of each position is added at that position in every "
                "block (what cross-attention restricted to its own position computes), aligned as Cross-Mamba and "
@@ -313,27 +372,32 @@ def section(ctx: Context) -> list[str]:
     return md
 
 
-def parser_note(rows: pd.DataFrame) -> list[str]:
-    """A warning when the compared rows were scored by more than one face parser (by the parser file's digest)."""
-    if rows.empty or "parser_sha256" not in rows:
+def parser_note(final: dict[str, Scores]) -> list[str]:
+    """When the models' runs were scored by more than one face parser: which parser scored which, and how the report
+    keeps them apart."""
+    labels = parser_labels(final)
+    if not labels:
         return []
-    digests = rows["parser_sha256"].map(lambda d: "" if pd.isna(d) else str(d))
-    if digests.nunique() < 2:
-        return []
-    groups = [f"{f'sha256 {d}' if d else 'not recorded (older rows)'}: "
-              f"{', '.join(plots.display_name(m) for m in sorted(set(rows.loc[digests == d, 'model'])))}"
-              for d in sorted(set(digests))]
-    return [f"**The mIoU rows of this report were scored by more than one face parser** ({'; '.join(groups)}). "
-            "A parser trained from the same seed and data on another CPU rounds differently, so a difference "
-            "between models scored by different parsers includes the parsers' difference: score every compared "
-            "run with one parser (`bench quality --parser FILE`).", ""]
+    groups = [f"{label}, {f'sha256 {p}' if p else 'digest not recorded (rows older than the column)'}: "
+              f"{', '.join(plots.display_name(m) for m, s in final.items() if parser_of(s) == p)}"
+              for p, label in labels.items()]
+    return [f"**These runs were scored by more than one face parser** (column `parser`: {'; '.join(groups)}). A "
+            "parser trained from the same seed and data on another CPU rounds differently, so mIoU values of "
+            "different parsers are not compared: every paired difference below is between runs of one parser "
+            "(against the reference's runs of that parser where it has them), and the ranking, its settling and the "
+            "time to quality use the parser of SISMA's runs. Score every compared run with one parser (`bench quality "
+            "--parser FILE`) to compare them all.", ""]
 
 
 def training_summary(ctx: Context) -> None:
     """Fill ``ctx`` with every scored checkpoint, the settling rule's verdict and the time to quality."""
     ctx.checkpoints = checkpoints(ctx)
-    ctx.settling = settle.settle(ctx.checkpoints)
-    curves = {m: on_curve_masks(list(runs.values())) for m, runs in ctx.checkpoints.items() if len(runs) > 1}
+    parser = main_parser(ctx.final)  # one parser's models are ranked: the others' mIoU is not comparable
+    other = {m for m, runs in ctx.checkpoints.items() if parser is not None and parser_of(runs[max(runs)]) != parser}
+    compared = {m: runs for m, runs in ctx.checkpoints.items() if m not in other}
+    ctx.settling = settle.settle(compared)
+    ctx.settling.left_out.update({m: "scored by another face parser" for m in other})
+    curves = {m: on_curve_masks(list(runs.values())) for m, runs in compared.items() if len(runs) > 1}
     if not curves:
         return
     logs = {m: run_logs(ctx, runs) for m, runs in curves.items()}

@@ -1,6 +1,7 @@
 """Which rows a report is made of: one preset, one speed setting, the newest row per model and setting."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Optional
@@ -103,6 +104,7 @@ def select(speed: pd.DataFrame, quality: pd.DataFrame, preset: Optional[str],
     flops = latest(speed[speed["mode"] == "flops-only"], ["model", "preset", "resolution"])
     q = quality[quality["preset"] == preset]
     q = q.assign(train_seed=q["train_seed"].fillna(0))
+    every_run = latest(q, ["model", "train_seed", "train_step", "run"])
     q, replaced = newest_runs(q)
     q_all = latest(q, ["model", "train_seed", "train_step"])
     final = q_all["train_step"] == q_all["train_steps"].fillna(
@@ -119,12 +121,31 @@ def select(speed: pd.DataFrame, quality: pd.DataFrame, preset: Optional[str],
         raise BenchError(f"no timed speed rows and no quality rows for preset {preset!r} in the results; "
                          f"run `bench run --preset {preset}` (or `bench speed`/`bench quality`) first")
     masks = masks if masks is not None else pd.DataFrame(columns=["eval_key"])
-    masks = masks[masks["eval_key"].isin(q_all["eval_key"].dropna())] if not q_all.empty else masks.iloc[:0]
+    masks = masks[masks["eval_key"].isin(every_run["eval_key"].dropna())] if not q_all.empty else masks.iloc[:0]
     rounds = rounds if rounds is not None else pd.DataFrame(columns=["sweep"])
     sweeps = set(pd.concat(groups)["sweep"].dropna()) if groups else set()
     return Selection(preset, timed, flops, kept_q, notes, q_all, masks, devices=groups,
-                     rounds=rounds[rounds["sweep"].isin(sweeps)], busy_rows=busy_rows)
+                     rounds=rounds[rounds["sweep"].isin(sweeps)], busy_rows=busy_rows, quality_runs=every_run)
 
+
+
+def parser_view(sel: Selection, parser: str) -> Selection:
+    """``sel`` as the rows scored by one face parser (``parser``: its digest, "" for rows that record none) see it:
+    the newest run of each model and seed among those rows, so that a comparison can pair runs of one parser."""
+    rows = sel.quality_runs
+    if rows.empty or "parser_sha256" not in rows:
+        return sel
+    rows, _ = newest_runs(rows[parser_digests(rows) == parser])
+    final = rows["train_step"] == rows["train_steps"].fillna(
+        rows.groupby(["model", "train_seed"])["train_step"].transform("max"))
+    return dataclasses.replace(sel, quality_all=rows, quality=latest(rows[final], ["model"]))
+
+
+def parser_digests(rows: pd.DataFrame) -> pd.Series:
+    """Each row's face parser digest as text, "" where the row records none (rows older than the column)."""
+    if "parser_sha256" not in rows:
+        return pd.Series("", index=rows.index, dtype=object)
+    return rows["parser_sha256"].map(lambda d: "" if pd.isna(d) else str(d))
 
 
 def newest_runs(q: pd.DataFrame) -> tuple[pd.DataFrame, int]:
