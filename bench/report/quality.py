@@ -339,7 +339,11 @@ def section(ctx: Context) -> list[str]:
                "SPADE are.", ""]
     curves = training_curves(ctx, ctx.checkpoints)
     if any(len(c) > 1 for c in curves.values()):
-        table = pd.DataFrame([{"model": m, **{f"step {int(p.step)}": fmt_estimate_row(p) for p in c.itertuples()}}
+        labels = parser_labels(final)
+        steps = sorted({int(p.step) for c in curves.values() for p in c.itertuples()})  # columns in step order
+        table = pd.DataFrame([{"model": m, **{f"step {k}": "-" for k in steps},
+                               **{f"step {int(p.step)}": fmt_estimate_row(p) for p in c.itertuples()},
+                               **({"parser": labels.get(parser_of(final[m]), "-")} if labels and m in final else {})}
                               for m, c in curves.items()]).fillna("-")
         md += ["### Quality against training", "", markdown(table), ""]
         md += curve_masks_note(curves, final)
