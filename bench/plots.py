@@ -91,6 +91,16 @@ def plain_log_ticks(axis) -> None:
     axis.set_minor_formatter(label)
 
 
+def tera_ticks(axis) -> None:
+    """Label a log axis of FLOPs in TFLOP (20, not 2 x 10^13), minor ticks at 2, 3 and 5 too, which do not crowd."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    label = FuncFormatter(lambda v, _: f"{v / 1e12:.3g}")
+    axis.set_major_formatter(label)
+    axis.set_minor_locator(LogLocator(subs=(2, 3, 5)))
+    axis.set_minor_formatter(label)
+
+
 def save_figure(fig, path: Path) -> None:
     """Write ``fig`` as a PNG at ``path``, atomically (bench.io)."""
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=DPI))
@@ -272,7 +282,7 @@ def training_quality_figure(curves: dict[str, pd.DataFrame], order: list[str], t
     has_flops = any(c["train_flops"].notna().all() for c in curves.values())
     fig = new_figure(12.0 if has_flops else 7.0, 4.4)
     axes = fig.subplots(1, 2 if has_flops else 1, squeeze=False)[0]
-    for ax, x, label in zip(axes, ("step", "train_flops"), ("training step", "training FLOPs (log scale)")):
+    for ax, x, label in zip(axes, ("step", "train_flops"), ("training step", "training TFLOP (log scale)")):
         for model in [m for m in order if m in curves]:
             c = curves[model].sort_values("step")
             if c[x].isna().any():
@@ -291,6 +301,7 @@ def training_quality_figure(curves: dict[str, pd.DataFrame], order: list[str], t
         ax.set_ylabel("mask mIoU")
         if x == "train_flops":
             ax.set_xscale("log")
+            tera_ticks(ax.xaxis)
         ax.grid(True, which="both", alpha=0.3)
     fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize=7)
     return fig

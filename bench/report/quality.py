@@ -397,7 +397,7 @@ def training_summary(ctx: Context) -> None:
     """Fill ``ctx`` with every scored checkpoint, the settling rule's verdict and the time to quality."""
     ctx.checkpoints = checkpoints(ctx)
     parser = main_parser(ctx.final)  # one parser's models are ranked: the others' mIoU is not comparable
-    other = {m for m, runs in ctx.checkpoints.items() if parser is not None and parser_of(runs[max(runs)]) != parser}
+    other = [m for m, runs in ctx.checkpoints.items() if parser is not None and parser_of(runs[max(runs)]) != parser]
     compared = {m: runs for m, runs in ctx.checkpoints.items() if m not in other}
     ctx.settling = settle.settle(compared)
     ctx.settling.left_out.update({m: "scored by another face parser" for m in other})
