@@ -19,9 +19,12 @@ Classes (``classify``, on the name without its namespace and leading and trailin
   ``models.ssm.FUSED_LABEL`` with the events inside it that would be ``other`` (``mamba_inner_fn``'s autograd
   Function, whose own time is mamba-ssm's causal-conv and scan kernels, and its allocations; its projections keep
   their class);
-- conv: causal-conv1d's range ``models.ssm.CAUSAL_CONV_LABEL`` and every event inside it, and every convolution:
-  ``conv`` or ``convolution`` as a word of the name (convolution, conv2d, mkldnn_convolution, slow_conv2d_forward,
-  thnn_conv2d, conv_depthwise2d, cudnn_convolution, ...);
+- conv: the causal conv's range ``models.ssm.CAUSAL_CONV_LABEL`` and the grid conv's ``GRID_CONV_LABEL`` (C or CUDA
+  kernels no aten operator shows) and every event inside them, and every convolution: ``conv`` or ``convolution`` as a
+  word of the name (convolution, conv2d, mkldnn_convolution, slow_conv2d_forward, thnn_conv2d, conv_depthwise2d,
+  cudnn_convolution, ...);
+- in a backward pass, the autograd nodes of the C kernel's Functions (``models.ssm.BACKWARD_NODES``), whose own time is
+  the kernel's backward: the scan's are scan, the convs' conv;
 - attention: scaled_dot_product_*, any name with ``attention`` (the flash, efficient and cudnn kernels) and softmax;
 - matmul: mm, addmm, bmm, baddbmm, matmul, linear, addmv, mv, dot, einsum and their variants (``MATMUL_OPS``);
 - layout: operators that move or reinterpret data without arithmetic (``LAYOUT_OPS``: copies and casts, views,
@@ -46,7 +49,7 @@ from torch.autograd import DeviceType
 from torch.autograd.profiler_util import FunctionEvent
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from models.ssm import CAUSAL_CONV_LABEL, FUSED_LABEL, SCAN_LABEL
+from models.ssm import BACKWARD_NODES, CAUSAL_CONV_LABEL, FUSED_LABEL, GRID_CONV_LABEL, SCAN_LABEL
 
 OP_CLASSES = ("matmul", "attention", "scan", "conv", "norm_elementwise", "layout", "other")
 DEFAULT_CALLS = 3
@@ -87,15 +90,18 @@ CONV_WORD = re.compile(r"(?:^|_)conv(?:olution)?(?:_|\d|$)")  # conv2d, slow_con
 NORM_WORD = re.compile(r"(?:^|_)norm(?:_|$)")  # layer_norm, native_batch_norm_legit; not normal
 RUNTIME_CALL = re.compile(r"^cu(?:da)?[A-Z]")  # cudaLaunchKernel, cuLaunchKernel: host calls of the CUDA runtime
 # profiler ranges whose class the events inside them take: (class, True: all of them | False: those that are other)
-RANGE_CLASSES = {SCAN_LABEL: ("scan", True), CAUSAL_CONV_LABEL: ("conv", True), FUSED_LABEL: ("scan", False)}
+RANGE_CLASSES = {SCAN_LABEL: ("scan", True), CAUSAL_CONV_LABEL: ("conv", True), GRID_CONV_LABEL: ("conv", True),
+                 FUSED_LABEL: ("scan", False)}
 
 
 def classify(name: str) -> str:
     """The class in OP_CLASSES of a profiler event named ``name`` (the rule: the module docstring)."""
     if name in (SCAN_LABEL, FUSED_LABEL):
         return "scan"
-    if name == CAUSAL_CONV_LABEL:
+    if name in (CAUSAL_CONV_LABEL, GRID_CONV_LABEL):
         return "conv"
+    if name in BACKWARD_NODES:
+        return BACKWARD_NODES[name]
     base = name.rpartition("::")[2].strip("_")
     if CONV_WORD.search(base):
         return "conv"

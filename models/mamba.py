@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models import ssm
-from models.ssm import causal_conv1d, causal_conv1d_tokens, selective_scan, selective_scan_tokens
+from models.ssm import causal_conv1d, causal_conv1d_tokens, grid_conv2d_tokens, selective_scan, selective_scan_tokens
 
 SCAN_ORDERS = ("raster", "bidirectional", "zigzag")
 RASTER_ORDER = dict(order=ssm.RASTER, grid=0, prefix=0)  # raster (None in a list of orders) for the token kernels
@@ -170,11 +170,9 @@ class TokenConv(nn.Module):
         return causal_conv1d_tokens(s, self.conv1d.weight[:, 0], self.conv1d.bias, **order)
 
     def grid_tokens(self, s: Tensor) -> Tensor:
-        """The grid conv + SiLU on token-major (B, L, E) streams, without moving them: (B, L, E) contiguous is the
-        channels-last layout of the (B, E, g, g) grid, which the conv reads and writes as it is."""
-        B, L, E = s.shape
-        grid = s.contiguous().view(B, self.grid, self.grid, E).permute(0, 3, 1, 2)  # a view: channels-last NCHW
-        return F.silu(self.conv2d(grid)).permute(0, 2, 3, 1).reshape(B, L, E)  # a view when the conv kept it
+        """The grid conv + SiLU on token-major (B, L, E) streams, without moving them (``grid_conv2d_tokens``: the C
+        kernel on CPU reads the linear layer's view as it lies)."""
+        return grid_conv2d_tokens(s, self.conv2d.weight, self.conv2d.bias, self.grid)
 
 
 class SelectiveSSM(nn.Module):

@@ -67,6 +67,9 @@ TORCH_CHUNK = 16  # positions per checkpointed chunk of the torch path: (B, D, 1
 KERNEL_SOURCE = Path(__file__).with_name("csrc") / "selective_scan.c"
 COMMON_FLAGS = ("-O3", "-ffast-math", "-fPIC", "-shared")  # fast-math: vector loops may call libmvec
 KERNEL_FLAG_SETS = (  # tried in order: OpenMP threads, then single-threaded SIMD, then portable
+    # the CPU's widest vectors (gcc and clang otherwise keep 256-bit ones on most AVX-512 CPUs): a scan position's 16
+    # states are one 512-bit vector, 13-17% faster on a Xeon; where the flag is unknown (not x86) the next set is used
+    ("-march=native", "-mprefer-vector-width=512", "-fopenmp"),
     ("-march=native", "-fopenmp"),
     ("-march=native", "-fopenmp-simd"),
     ("-fopenmp-simd",),
@@ -75,6 +78,7 @@ KERNEL_FLAG_SETS = (  # tried in order: OpenMP threads, then single-threaded SIM
 SCAN_LABEL = "sis_bench::selective_scan"
 FUSED_LABEL = "sis_bench::mamba_inner_fused"
 CAUSAL_CONV_LABEL = "sis_bench::causal_conv1d"
+GRID_CONV_LABEL = "sis_bench::grid_conv2d"
 
 
 def scan_flops(batch: int, dim: int, length: int, state: int) -> int:
@@ -322,6 +326,10 @@ class _Kernel:
                 lib.ss_conv_scratch_floats.argtypes = [ctypes.c_int64, ctypes.c_int32]
                 lib.ss_conv_forward_tokens.argtypes = [ctypes.c_void_p] * 3
                 lib.ss_conv_backward_tokens.argtypes = [ctypes.c_void_p] * 6
+                lib.ss_grid_conv_scratch_floats.restype = ctypes.c_int64
+                lib.ss_grid_conv_scratch_floats.argtypes = [ctypes.c_int64, ctypes.c_int32]
+                lib.ss_grid_conv_forward.argtypes = [ctypes.c_void_p] * 3
+                lib.ss_grid_conv_backward.argtypes = [ctypes.c_void_p] * 6
                 self._lib = lib
         return self._lib
 
@@ -671,6 +679,97 @@ def causal_conv1d_tokens(x: Tensor, weight: Tensor, bias: Tensor | None = None, 
             return _CpuTokenConv.apply(x, weight, bias, order, grid, prefix)
     perm = _order_perm(order, grid, length, prefix, x.device)
     return _from_scan_order(causal_conv1d(_to_scan_order(x, perm), weight, bias, activation="silu"), perm).contiguous()
+
+
+# --- the 3 x 3 grid conv on the token layout: SISMA's depthwise conv + SiLU, in the C kernel ---
+
+class _GridConvArgs(ctypes.Structure):
+    """Mirror of GridConvArgs in selective_scan.c."""
+
+    _fields_ = [(name, ctypes.c_int64) for name in ("batch", "grid", "dim")] + [
+        (name, ctypes.c_void_p) for name in ("x", "weight", "bias")] + [("sx", ctypes.c_int64 * 2),
+                                                                      ("threads", ctypes.c_int32)]
+
+
+def _grid_conv_args(x: Tensor, weight: Tensor, bias: Tensor | None, grid: int) -> _GridConvArgs:
+    """GridConvArgs for an fp32 (batch, L, E) view x with unit channel stride, contiguous fp32 weight (E, 3, 3)."""
+    return _GridConvArgs(x.shape[0], grid, x.shape[2], x.data_ptr(), weight.data_ptr(), _ptr(bias),
+                         (ctypes.c_int64 * 2)(*x.stride()[:2]), torch.get_num_threads())
+
+
+def _grid_conv_forward(x: Tensor, weight: Tensor, bias: Tensor | None, grid: int):
+    """The C kernel's forward: fp32 (x, weight, bias) as the kernel reads them, and the fp32 output (allocated only,
+    on fake tensors)."""
+    x32 = _fp32_view(x)
+    tensors = (x32 if x32.stride(2) == 1 else x32.contiguous(), _fp32(weight), _fp32(bias))
+    out = x.new_empty(x.shape, dtype=torch.float32)
+    if not _is_fake(x):
+        lib = _KERNEL.load()
+        scratch = torch.empty(torch.get_num_threads() * lib.ss_grid_conv_scratch_floats(grid, 0))
+        lib.ss_grid_conv_forward(ctypes.byref(_grid_conv_args(*tensors, grid)), scratch.data_ptr(), out.data_ptr())
+    return tensors, out
+
+
+class _CpuGridConv(torch.autograd.Function):
+    """Autograd wrapper around the C kernel's grid conv + SiLU (see grid_conv2d_tokens); on fake tensors the same
+    allocations and saved tensors without computing. The backward recomputes the pre-activation from x, so only
+    x (the input's own storage, a view) is kept for it."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, grid):
+        tensors, out = _grid_conv_forward(x, weight, bias, grid)
+        ctx.save_for_backward(*[t if t is not None else torch.empty(0) for t in tensors])
+        ctx.has_bias, ctx.grid = bias is not None, grid
+        ctx.dtypes = [t.dtype if t is not None else None for t in (x, weight, bias)]
+        return out.to(x.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        x, weight, bias = ctx.saved_tensors
+        bias = bias if ctx.has_bias else None
+        dout = _fp32(dout)  # contiguous: the kernel reads it so
+        dx, dweight = x.new_empty(x.shape), torch.empty_like(weight)
+        dbias = torch.empty_like(bias) if bias is not None else None
+        if not _is_fake(x):
+            lib = _KERNEL.load()
+            scratch = torch.empty(torch.get_num_threads() * lib.ss_grid_conv_scratch_floats(ctx.grid, 1))
+            lib.ss_grid_conv_backward(ctypes.byref(_grid_conv_args(x, weight, bias, ctx.grid)), dout.data_ptr(),
+                                      scratch.data_ptr(), dx.data_ptr(), dweight.data_ptr(), _ptr(dbias))
+        grads = [g if g is None else g.to(dtype) for g, dtype in zip((dx, dweight, dbias), ctx.dtypes)]
+        return (*grads, None)
+
+
+def grid_conv2d_tokens(x: Tensor, weight: Tensor, bias: Tensor | None, grid: int) -> Tensor:
+    """SiLU of the depthwise 3 x 3 conv (zero padding 1) on the token grid, on the token layout: x (batch, grid * grid,
+    E) in raster order, any strides, weight (E, 1, 3, 3) as ``nn.Conv2d(E, E, 3, padding=1, groups=E)`` holds it, bias
+    (E,) -> (batch, grid * grid, E) contiguous.
+
+    On CPU in fp32 the C kernel reads x as it lies (the same bits at any thread count); elsewhere (other dtypes, CUDA,
+    the meta device) ``F.conv2d`` on the channels-last view of the grid that (batch, L, E) contiguous is.
+    """
+    batch, length, dim = x.shape
+    if length != grid * grid or weight.shape != (dim, 1, 3, 3) or (bias is not None and bias.shape != (dim,)):
+        raise ValueError(f"grid_conv2d_tokens: expected x (batch, {grid}*{grid}, E), weight (E, 1, 3, 3) and bias "
+                         f"(E,), got {tuple(x.shape)}, {tuple(weight.shape)} and "
+                         f"{None if bias is None else tuple(bias.shape)}")
+    fp32 = x.dtype == weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
+    # bf16 (a cast model, autocast) keeps aten's bf16 conv; while FLOPs are counted (bench.flops runs
+    # count_scan_flops beside FlopCounterMode, which cannot see the C kernel) aten's conv runs, so it is counted
+    if fp32 and not _ACTIVE_COUNTERS and token_kernels_run(x, weight, bias):
+        with _profiler_range(None if _is_fake(x) else GRID_CONV_LABEL):
+            if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
+                                            (bias is not None and bias.requires_grad)):
+                return _CpuGridConv.apply(x, weight, bias, grid)
+            return _grid_conv_forward(x, weight, bias, grid)[1].to(x.dtype)  # sampling: no autograd node to make
+    planes = x.contiguous().view(batch, grid, grid, dim).permute(0, 3, 1, 2)  # a view: channels-last NCHW
+    return F.silu(F.conv2d(planes, weight, bias, padding=1, groups=dim)).permute(0, 2, 3, 1).reshape(batch, length, dim)
+
+
+# the autograd nodes of the C kernel's Functions, as the profiler names them in a backward pass (no forward range holds
+# them): the class of work each one does, for bench/breakdown.py
+BACKWARD_NODES = {f"{fn.__name__}Backward": cls for fn, cls in (
+    (_CpuScan, "scan"), (_CpuTokenScan, "scan"), (_CpuTokenConv, "conv"), (_CpuGridConv, "conv"))}
 
 
 # --- CUDA: mamba-ssm and causal-conv1d, imported lazily and only with CUDA present ---

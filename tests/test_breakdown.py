@@ -13,7 +13,7 @@ import models
 from bench import plots
 from bench.breakdown import OP_CLASSES, classify, op_breakdown
 from bench.flops import example_inputs
-from models.ssm import CAUSAL_CONV_LABEL, FUSED_LABEL, SCAN_LABEL
+from models.ssm import CAUSAL_CONV_LABEL, FUSED_LABEL, GRID_CONV_LABEL, SCAN_LABEL
 
 CPU = torch.device("cpu")
 NAMES = {
@@ -22,10 +22,11 @@ NAMES = {
     "attention": ["aten::scaled_dot_product_attention", "aten::_scaled_dot_product_flash_attention_for_cpu",
                   "aten::_scaled_dot_product_efficient_attention", "aten::_flash_attention_forward",
                   "aten::_scaled_dot_product_cudnn_attention", "aten::softmax", "aten::_safe_softmax"],
-    "scan": [SCAN_LABEL, FUSED_LABEL],
-    "conv": [CAUSAL_CONV_LABEL, "aten::convolution", "aten::_convolution", "aten::conv1d", "aten::conv2d",
-             "aten::mkldnn_convolution", "aten::_slow_conv2d_forward", "aten::thnn_conv2d",
-             "aten::_conv_depthwise2d", "aten::cudnn_convolution", "aten::slow_conv_dilated2d"],
+    "scan": [SCAN_LABEL, FUSED_LABEL, "_CpuScanBackward", "_CpuTokenScanBackward"],
+    "conv": [CAUSAL_CONV_LABEL, GRID_CONV_LABEL, "aten::convolution", "aten::_convolution", "aten::conv1d",
+             "aten::conv2d", "aten::mkldnn_convolution", "_CpuTokenConvBackward", "_CpuGridConvBackward",
+             "aten::_slow_conv2d_forward", "aten::thnn_conv2d", "aten::_conv_depthwise2d", "aten::cudnn_convolution",
+             "aten::slow_conv_dilated2d"],
     "norm_elementwise": ["aten::native_layer_norm", "aten::layer_norm", "aten::native_group_norm", "aten::rms_norm",
                          "aten::_native_batch_norm_legit_no_training", "aten::add", "aten::add_", "aten::mul_",
                          "aten::silu", "aten::gelu", "aten::softplus", "aten::exp", "aten::rsqrt", "aten::mean",
@@ -102,6 +103,7 @@ def test_the_scan_shows_for_sisma_only(name, has_scan, one_thread):
     b = op_breakdown(warmed(model, *example_inputs(model, 1, CPU)), CPU, calls=1)
     assert (b.seconds["scan"] > 0) == has_scan and (b.counts["scan"] > 0) == has_scan
     assert (b.seconds["attention"] > 0) == (not has_scan)
+    assert ((GRID_CONV_LABEL, "conv") in b.ops) == has_scan  # SISMA's grid conv, in the C kernel, is seen as conv
     assert sum(b.columns()[f"share_{c}"] for c in OP_CLASSES) == pytest.approx(1, abs=1e-3)
 
 

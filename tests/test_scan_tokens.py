@@ -1,7 +1,8 @@
 """The token-layout kernels: the scan (``ssm.selective_scan_tokens``), reading token-major views and walking each
 scan order itself, gives bit for bit what the channel-major kernel gives on explicitly permuted copies (the path
 the models took before), forward and backward, at any thread count; the causal conv (``ssm.causal_conv1d_tokens``)
-gives what ``causal_conv1d`` gives on those copies up to fp32 rounding, the same bits at any thread count.
+gives what ``causal_conv1d`` gives on those copies up to fp32 rounding, the same bits at any thread count; so does
+SISMA's 3 x 3 grid conv (``ssm.grid_conv2d_tokens``) against aten's conv on the channels-last grid.
 
 The orders are the models' own objects: SISMA's (``models.mamba.ScanOrder``: raster reversed, the 8 snakes) and
 DiM's (``models.dim.Sweep``: rows or columns, forward or reversed, or a snake, after a prefix of tokens kept first)."""
@@ -236,6 +237,72 @@ def test_token_conv_elsewhere_takes_the_permuted_path(monkeypatch):
         torch.testing.assert_close(got[1][name], expected[1][name], rtol=1e-5, atol=1e-5)
 
 
+def grid_conv_inputs(batch=2, grid=GRID, dim=40, seed=0):
+    """Leaves: one (batch, L, 2E) projection whose first half is the conv's input (a strided view, as SISMA's u is),
+    the depthwise weight (E, 1, 3, 3) and bias (E,)."""
+    g = torch.Generator().manual_seed(seed)
+    return {"xz": torch.randn(batch, grid * grid, 2 * dim, generator=g),
+            "weight": torch.randn(dim, 1, 3, 3, generator=g) * 0.5, "bias": torch.randn(dim, generator=g) * 0.1}
+
+
+def grid_conv_tokens(x, weight, bias, grid):
+    return ssm.grid_conv2d_tokens(x, weight, bias, grid)
+
+
+def grid_conv_reference(x, weight, bias, grid):
+    """The earlier path: aten's depthwise conv on the channels-last view of a contiguous copy, then SiLU."""
+    batch, length, dim = x.shape
+    planes = x.contiguous().view(batch, grid, grid, dim).permute(0, 3, 1, 2)
+    y = torch.nn.functional.conv2d(planes, weight, bias, padding=1, groups=dim)
+    return torch.nn.functional.silu(y).permute(0, 2, 3, 1).reshape(batch, length, dim)
+
+
+def grid_conv_run(fn, c, grid, bias=True, seed=1):
+    return conv_run(lambda x, w, b, _order: fn(x, w, b, grid), c, None, bias, seed)
+
+
+@pytest.mark.parametrize("grid,dim", [(GRID, 40), (16, 256), (1, 3)], ids=["g9-E40", "g16-E256", "g1-E3"])
+def test_grid_conv_gives_aten_conv(grid, dim):
+    """The same values up to fp32 rounding (the kernel adds the bias, then the taps in raster order, with its own
+    SiLU), forward and every gradient, with and without a bias, on a strided view with a partial channel tile."""
+    c = grid_conv_inputs(grid=grid, dim=dim)
+    for bias in (True, False):
+        (y, grads), (y_ref, grads_ref) = (grid_conv_run(fn, c, grid, bias) for fn in (
+            grid_conv_tokens, grid_conv_reference))
+        assert y.is_contiguous() and y.shape == y_ref.shape
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+        assert grads.keys() == grads_ref.keys()
+        for name in grads_ref:
+            torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_grid_conv_is_bit_identical_at_any_thread_count():
+    c = grid_conv_inputs(batch=THREADS_SHAPE["batch"], dim=THREADS_SHAPE["dim"], seed=7)
+    results = at_thread_counts(lambda: grid_conv_run(grid_conv_tokens, c, GRID))
+    for n in results:
+        assert torch.equal(results[n][0], results[1][0]), f"forward differs at {n} threads"
+        for name in results[1][1]:
+            assert torch.equal(results[n][1][name], results[1][1][name]), f"d{name} differs at {n} threads"
+
+
+def test_grid_conv_elsewhere_takes_aten_conv(monkeypatch):
+    c = grid_conv_inputs()
+    monkeypatch.setenv(ssm.BACKEND_ENV, "torch")
+    assert not ssm.token_kernels_run(c["xz"])
+    got, expected = (grid_conv_run(fn, c, GRID) for fn in (grid_conv_tokens, grid_conv_reference))
+    assert torch.equal(got[0], expected[0])
+    for name in expected[1]:
+        assert torch.equal(got[1][name], expected[1][name]), name
+
+
+def test_grid_conv_refuses_a_shape_that_is_not_its_grid():
+    c = grid_conv_inputs()
+    with pytest.raises(ValueError, match="expected x"):
+        ssm.grid_conv2d_tokens(c["xz"][..., :40], c["weight"], c["bias"], GRID + 1)
+    with pytest.raises(ValueError, match="weight"):
+        ssm.grid_conv2d_tokens(c["xz"][..., :40], c["weight"][:, :, :2], c["bias"], GRID)
+
+
 # --- the Mamba layers on the token layout against their earlier channel-major computation ---
 
 # operators that copy data into another layout; none may run in a Mamba layer's forward on the CPU kernels
@@ -316,8 +383,7 @@ def test_mamba_layers_compute_what_the_channel_major_path_did(cross, scan, block
     results = [output_and_grads(layer, fn) for fn in (
         lambda: layer.mix(x, m if cross else None), lambda: channel_major_mix(layer, x, m))]
     assert_close_results(*results, rtol=1e-5, atol=1e-6, grad_rtol=1e-4, grad_atol=1e-5)
-    if conv == "causal1d":  # the grid conv's input is made contiguous once per layer (TokenConv.grid_tokens)
-        assert layout_copies(lambda: layer.mix(x, m if cross else None)) == []
+    assert layout_copies(lambda: layer.mix(x, m if cross else None)) == []
 
 
 @pytest.mark.parametrize("scan", ["raster", "bidirectional", "zigzag"])

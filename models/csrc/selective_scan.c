@@ -790,3 +790,144 @@ void ss_conv_backward_tokens(const ConvArgs *c, const float *dout, int64_t *pos,
         }
     }
 }
+
+/* ---- The 3 x 3 depthwise grid conv + SiLU on the token layout (ss_grid_conv_forward, _backward) ----
+ *
+ *   a_{i,j} = bias + sum_{di, dj in -1..1} w_{di,dj} x_{i+di, j+dj}   (zero outside the grid),  out = a * sigmoid(a)
+ *
+ * per channel, on x (batch, grid * grid, dim) read through its strides with the channel stride 1 (the in_proj
+ * output's view), out, dout and dx contiguous (batch, grid * grid, dim). TILE channels of one batch element are one
+ * vector (GCC vector extensions: the compiler picks the registers), copied first into thread scratch with a border of
+ * zeros, so that every position takes the same nine taps with no test: a is the bias plus the nine taps in raster
+ * order, each lane on its own (a tap outside the grid adds w * 0), and the sigmoid is exp_inline's arithmetic, so the
+ * bits depend neither on the thread count nor on the vector width. The backward hands out channel tiles only: a
+ * tile's gradient of a, its dx, and its dweight and dbias sums (over the batch in order, then the positions in raster
+ * order) are made by one thread, so those sums too are in a fixed order. */
+
+typedef struct {
+    int64_t batch, grid, dim;
+    const float *x, *weight, *bias;      /* x (batch, grid * grid, dim) strided; weight (dim, 3, 3); bias NULL or (dim,) */
+    int64_t sx[2];                       /* x's strides (batch, position) in floats; the channel stride is 1 */
+    int32_t threads;
+} GridConvArgs;
+
+#define GRID_TAPS 9
+typedef float tile_vec __attribute__((vector_size(TILE * sizeof(float))));  /* 64-byte aligned: scratch only */
+
+/* Floats of scratch per thread: the padded (grid + 2)^2 tile of x, and in the backward that of the gradient of a. */
+int64_t ss_grid_conv_scratch_floats(int64_t grid, int32_t backward)
+{
+    return (backward ? 2 : 1) * (grid + 2) * (grid + 2) * TILE;
+}
+
+/* Channels [d0, d0 + T) of one batch element (src points at channel d0 of position 0, positions sl floats apart)
+ * into dst, a (g + 2) x (g + 2) grid of TILE-vectors whose border and channels beyond T are zero. */
+INLINE void grid_tile_gather(const float *src, int64_t sl, int64_t g, int64_t T, tile_vec *dst)
+{
+    memset(dst, 0, (g + 2) * (g + 2) * sizeof(tile_vec));
+    for (int64_t i = 0; i < g; i++)
+        for (int64_t j = 0; j < g; j++) memcpy(&dst[(i + 1) * (g + 2) + j + 1], src + (i * g + j) * sl, T * sizeof(float));
+}
+
+/* TILE lanes into T <= TILE floats of dst. */
+INLINE void tile_store(float *dst, tile_vec v, int64_t T)
+{
+    if (T == TILE) memcpy(dst, &v, sizeof v);
+    else memcpy(dst, &v, T * sizeof(float));
+}
+
+INLINE tile_vec tile_sigmoid(tile_vec a)
+{
+    tile_vec s;
+#pragma omp simd
+    for (int64_t q = 0; q < TILE; q++) s[q] = 1.0f / (1.0f + exp_inline(-a[q]));
+    return s;
+}
+
+/* Weights of channels [d0, d0 + T), one vector per tap k = 3 (di + 1) + dj + 1 (zero beyond T), and the biases. */
+INLINE void grid_tile_weights(const GridConvArgs *c, int64_t d0, int64_t T, tile_vec *w, tile_vec *bias)
+{
+    for (int64_t k = 0; k < GRID_TAPS; k++)
+        for (int64_t q = 0; q < TILE; q++) w[k][q] = q < T ? c->weight[(d0 + q) * GRID_TAPS + k] : 0.0f;
+    for (int64_t q = 0; q < TILE; q++) (*bias)[q] = q < T && c->bias ? c->bias[d0 + q] : 0.0f;
+}
+
+/* sum over the nine taps, in raster order, of w_k times the padded grid p around interior position (i, j), onto a */
+INLINE tile_vec grid_tile_taps(tile_vec a, const tile_vec *w, const tile_vec *p, int64_t g, int64_t i, int64_t j)
+{
+    const int64_t gp = g + 2;
+    for (int64_t di = 0; di < 3; di++)
+        for (int64_t dj = 0; dj < 3; dj++) a += w[3 * di + dj] * p[(i + di) * gp + j + dj];
+    return a;
+}
+
+void ss_grid_conv_forward(const GridConvArgs *c, float *scratch, float *out)
+{
+    const int64_t g = c->grid, L = g * g, E = c->dim, tiles = (E + TILE - 1) / TILE;
+#pragma omp parallel num_threads(c->threads)
+    {
+        tile_vec w[GRID_TAPS], bias;
+        tile_vec *xp = (tile_vec *)(scratch + omp_get_thread_num() * ss_grid_conv_scratch_floats(g, 0));
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t k = 0; k < c->batch * tiles; k++) {
+            const int64_t b = k / tiles, d0 = k % tiles * TILE, T = E - d0 < TILE ? E - d0 : TILE;
+            float *o = out + b * L * E + d0;
+            grid_tile_weights(c, d0, T, w, &bias);
+            grid_tile_gather(c->x + b * c->sx[0] + d0, c->sx[1], g, T, xp);
+            for (int64_t i = 0; i < g; i++)
+                for (int64_t j = 0; j < g; j++) {
+                    const tile_vec a = grid_tile_taps(bias, w, xp, g, i, j);
+                    tile_store(o + (i * g + j) * E, a * tile_sigmoid(a), T);
+                }
+        }
+    }
+}
+
+/* dout, dx (batch, grid * grid, dim) contiguous; dweight (dim, 3, 3) and dbias (dim,) are overwritten (dbias may be
+ * NULL when there is no bias); scratch: threads * ss_grid_conv_scratch_floats(grid, 1) floats. */
+void ss_grid_conv_backward(const GridConvArgs *c, const float *dout, float *scratch, float *dx, float *dweight,
+                           float *dbias)
+{
+    const int64_t g = c->grid, gp = g + 2, L = g * g, E = c->dim, tiles = (E + TILE - 1) / TILE;
+#pragma omp parallel num_threads(c->threads)
+    {
+        tile_vec w[GRID_TAPS], wflip[GRID_TAPS], bias, dw[GRID_TAPS], db;
+        tile_vec *xp = (tile_vec *)(scratch + omp_get_thread_num() * ss_grid_conv_scratch_floats(g, 1));
+        tile_vec *dap = xp + gp * gp;  /* the gradient of a, with the same zero border */
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < tiles; t++) {
+            const int64_t d0 = t * TILE, T = E - d0 < TILE ? E - d0 : TILE;
+            grid_tile_weights(c, d0, T, w, &bias);
+            for (int64_t k = 0; k < GRID_TAPS; k++) wflip[k] = w[GRID_TAPS - 1 - k];
+            db = (tile_vec){0};
+            for (int64_t k = 0; k < GRID_TAPS; k++) dw[k] = (tile_vec){0};
+            memset(dap, 0, gp * gp * sizeof(tile_vec));
+            for (int64_t b = 0; b < c->batch; b++) {
+                const float *dy = dout + b * L * E + d0;
+                float *dxb = dx + b * L * E + d0;
+                grid_tile_gather(c->x + b * c->sx[0] + d0, c->sx[1], g, T, xp);
+                /* da = dout * silu'(a), silu'(a) = s (1 + a (1 - s)); dbias and dweight summed as da is made */
+                for (int64_t i = 0; i < g; i++)
+                    for (int64_t j = 0; j < g; j++) {
+                        const tile_vec a = grid_tile_taps(bias, w, xp, g, i, j), s = tile_sigmoid(a);
+                        tile_vec dyv = {0};
+                        memcpy(&dyv, dy + (i * g + j) * E, T * sizeof(float));
+                        const tile_vec d = dyv * s * (1.0f + a * (1.0f - s));
+                        dap[(i + 1) * gp + j + 1] = d;
+                        db += d;
+                        for (int64_t di = 0; di < 3; di++)
+                            for (int64_t dj = 0; dj < 3; dj++) dw[3 * di + dj] += d * xp[(i + di) * gp + j + dj];
+                    }
+                /* dx_{i,j} = sum over taps of w_{di,dj} da_{i-di, j-dj}: the transposed conv, the flipped kernel on
+                 * the padded da, taps in raster order of the flipped kernel */
+                for (int64_t i = 0; i < g; i++)
+                    for (int64_t j = 0; j < g; j++)
+                        tile_store(dxb + (i * g + j) * E, grid_tile_taps((tile_vec){0}, wflip, dap, g, i, j), T);
+            }
+            for (int64_t q = 0; q < T; q++) {
+                for (int64_t k = 0; k < GRID_TAPS; k++) dweight[(d0 + q) * GRID_TAPS + k] = dw[k][q];
+                if (dbias) dbias[d0 + q] = db[q];
+            }
+        }
+    }
+}
