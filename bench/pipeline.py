@@ -196,7 +196,7 @@ class Pipeline(TrainingJobs):
                     self.run_jobs([(k, s) for k, s in enumerate(stages, 1) if s.name.startswith("train:")], state,
                                   ran, total)
                 continue
-            if self.is_done(stage, record, ran):
+            if self.is_done(stage, record, ran, state["stages"]):
                 self.echo(f"\n== [{i}/{total}] {stage.title}: done on {record.get('finished')}, skipped "
                           f"(--force redoes it)")
                 continue
@@ -220,8 +220,13 @@ class Pipeline(TrainingJobs):
         self.save_state(state)
         self.echo(f"   {stage.name} done in {seconds:.1f} s")
 
-    def is_done(self, stage: Stage, record: dict, ran: set[str]) -> bool:
-        """Finished before with the same settings, its inputs not redone since and its outputs there."""
+    def is_done(self, stage: Stage, record: dict, ran: set[str], records: dict | None = None) -> bool:
+        """Finished before with the same settings, its inputs not redone since and its outputs there. Redone since:
+        in this command (``ran``), or finished after it in an earlier one (``records``, the state file's stages): a
+        training continued to more steps over several resumed commands makes the sample grid of its last checkpoint
+        again, not keep the one of its earlier length."""
+        finished = record.get("finished", "")
+        later = records is not None and any(records.get(d, {}).get("finished", "") > finished for d in stage.deps)
         return (not self.opts.force and record.get("status") == "done"
-                and record.get("settings") == plain(stage.settings)
+                and record.get("settings") == plain(stage.settings) and not later
                 and not ran.intersection(stage.deps) and stage.outputs_exist(record.get("outputs", {})))

@@ -63,7 +63,7 @@ class TrainingJobs(StageBodies):
         queue, active = [], {}
         for i, stage in stages:
             record = state["stages"].get(stage.name, {})
-            if self.is_done(stage, record, ran):
+            if self.is_done(stage, record, ran, state["stages"]):
                 self.echo(f"\n== [{i}/{total}] {stage.title}: done on {record.get('finished')}, skipped "
                           f"(--force redoes it)")
                 continue

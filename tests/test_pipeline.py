@@ -369,3 +369,22 @@ def test_local_jobs_on_cuda_get_gpus_of_their_own(tmp_path, monkeypatch):
     launcher.result(first)
     launcher.submit(tmp_path / "c.json")
     assert given[-1] == [0, 1]
+
+
+def test_a_stage_whose_input_finished_after_it_in_an_earlier_command_is_redone():
+    """Training continued to more steps over several resumed commands: the sample grid made after the shorter training
+    is stale, though no stage of the last command redid its inputs; an input finished before it leaves it done."""
+    from types import SimpleNamespace
+
+    from bench.pipeline import Pipeline
+    from bench.run_setup import Stage
+
+    stage = Stage("sample", "sample grid", {"steps": 50}, ("train:sisma@0",), lambda: {})
+    record = {"status": "done", "settings": {"steps": 50}, "outputs": {}, "finished": "2026-12-07T17:16:26+00:00"}
+    runner = SimpleNamespace(opts=SimpleNamespace(force=False))
+    before = {"train:sisma@0": {"status": "done", "finished": "2026-12-07T17:10:00+00:00"}}
+    after = {"train:sisma@0": {"status": "done", "finished": "2026-12-07T18:13:36+00:00"}}
+    assert Pipeline.is_done(runner, stage, record, set(), before)
+    assert not Pipeline.is_done(runner, stage, record, set(), after)
+    assert not Pipeline.is_done(runner, stage, record, {"train:sisma@0"}, before)
+    assert not Pipeline.is_done(runner, stage, {**record, "settings": {"steps": 20}}, set(), before)

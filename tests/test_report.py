@@ -105,6 +105,7 @@ def results(tmp_path):
                           "mask_source": f"test-{1866 + k}"})
         (out / "samples.json").write_text(json.dumps(dict(
             run=str(run), model=model, preset="cpu", data="data/x", method="euler", steps=50, guidance=1.0, seed=0,
+            train_step=300 if model == "sisma" else 150,
             files=files, provenance={"timestamp": "2025-01-02T00:00:00+00:00"})))
     write_csv(res / "quality.csv", list(dict.fromkeys(k for r in quality for k in r)), quality)
     return res
@@ -138,6 +139,7 @@ def test_report_tables_plots_and_numbers(results, tmp_path):
 
     speed = table(md, "## Speed")
     assert [r["model"] for r in speed] == MODELS  # one row per backbone, at the preset's 32 px
+    assert "Training step of each column: SISMA 300, DiT-SIS 150, SDM 150." in md  # the grid says what it sampled
     for model, row in by_model(speed).items():
         params, flops, latency = SPEC[model]
         assert row["px"] == "32"

@@ -47,12 +47,23 @@ def section(ctx: Context) -> list[str]:
             "samples.png",
             f"mask | {' | '.join(plots.display_name(m) for m in columns)}: one sample per model for the same "
             f"{len(masks)} test masks and the same seeds (noise of sample i from seed {s0.get('seed')}, i), "
-            f"{s0.get('method')} {s0.get('steps')} steps, EMA weights; rows labelled by test face.",
+            f"{s0.get('method')} {s0.get('steps')} steps, EMA weights; rows labelled by test face. "
+            f"{training_steps(ctx.samples, list(columns))}",
             plots.sample_grid_figure(masks, columns, labels)))
         md += left_out_note(ctx, list(columns))
     else:
         md += ["No sample folders (`samples.json`) of this preset under the results folder.", ""]
     return md
+
+
+def training_steps(sets: list[dict], shown: list[str]) -> str:
+    """The training step of the checkpoint each column sampled, in one clause when they share it."""
+    step = {r["model"]: r.get("train_step") for r in sets}
+    if all(step.get(m) is None for m in shown):  # sample sets of an older harness do not record it
+        return ""
+    if len({step.get(m) for m in shown}) == 1:
+        return f"Every model at training step {step.get(shown[0])}."
+    return "Training step of each column: " + ", ".join(f"{plots.display_name(m)} {step.get(m)}" for m in shown) + "."
 
 
 def left_out_note(ctx: Context, shown: list[str]) -> list[str]:
