@@ -350,8 +350,11 @@ def _ptr(t: Tensor | None) -> int | None:
 
 
 def _fp32(t: Tensor | None) -> Tensor | None:
-    """Contiguous fp32 copy (or the tensor itself when it already is one)."""
-    return None if t is None else t.detach().to(torch.float32).contiguous()
+    """Contiguous fp32 copy (or the tensor itself when it already is one: the kernels only read their inputs, and an
+    autograd Function saves its inputs as they are, so no detached alias is made, which costs a dispatch per tensor)."""
+    if t is None or (t.dtype == torch.float32 and t.is_contiguous()):
+        return t
+    return t.detach().to(torch.float32).contiguous()
 
 
 def _kernel_args(u, delta, A, Bt, Ct, D, z, delta_bias, softplus, backward) -> tuple[_ScanArgs, Tensor]:
@@ -469,7 +472,7 @@ class _TokenArgs(ctypes.Structure):
 
 def _fp32_view(t: Tensor | None) -> Tensor | None:
     """fp32 tensor in its own layout: no copy when it already is fp32 (the kernel reads it through strides)."""
-    return None if t is None else t.detach().to(torch.float32)
+    return t if t is None or t.dtype == torch.float32 else t.detach().to(torch.float32)
 
 
 def _token_args(u, delta, A, B, C, D, z, delta_bias, softplus, order, grid, prefix, backward):
