@@ -631,6 +631,22 @@ def _conv_args(x: Tensor, weight: Tensor, bias: Tensor | None, order: tuple[int,
     return args, scratch, torch.empty(length, dtype=torch.int64)
 
 
+def _save_conv(ctx, tensors: tuple, inputs: tuple) -> None:
+    """Save a depthwise conv's kernel tensors (x, weight, bias) for its backward, and its inputs' dtypes."""
+    ctx.save_for_backward(*[t if t is not None else torch.empty(0) for t in tensors])
+    ctx.has_bias = inputs[2] is not None
+    ctx.dtypes = [t.dtype if t is not None else None for t in inputs]
+
+
+def _conv_grad_buffers(ctx, dout: Tensor):
+    """A depthwise conv's saved (x, weight, bias), dout as the kernel reads it (contiguous fp32) and empty dx,
+    dweight, dbias for the kernel to fill."""
+    x, weight, bias = ctx.saved_tensors
+    bias = bias if ctx.has_bias else None
+    dbias = torch.empty_like(bias) if bias is not None else None
+    return x, weight, bias, _fp32(dout), x.new_empty(x.shape), torch.empty_like(weight), dbias
+
+
 class _CpuTokenConv(torch.autograd.Function):
     """Autograd wrapper around the C kernel's causal conv + SiLU on the token layout (see causal_conv1d_tokens); on
     fake tensors, as _CpuTokenScan, the same allocations and saved tensors without computing."""
@@ -642,19 +658,14 @@ class _CpuTokenConv(torch.autograd.Function):
         if not _is_fake(x):
             args, _scratch, pos = _conv_args(*tensors, (order, grid, prefix), backward=False)
             _KERNEL.load().ss_conv_forward_tokens(ctypes.byref(args), pos.data_ptr(), out.data_ptr())
-        ctx.save_for_backward(*[t if t is not None else torch.empty(0) for t in tensors])
-        ctx.has_bias, ctx.order = bias is not None, (order, grid, prefix)
-        ctx.dtypes = [t.dtype if t is not None else None for t in (x, weight, bias)]
+        _save_conv(ctx, tensors, (x, weight, bias))
+        ctx.order = (order, grid, prefix)
         return out.to(x.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        x, weight, bias = ctx.saved_tensors
-        bias = bias if ctx.has_bias else None
-        dout = _fp32(dout)  # contiguous: the kernel reads it so
-        dx, dweight = x.new_empty(x.shape), torch.empty_like(weight)
-        dbias = torch.empty_like(bias) if bias is not None else None
+        x, weight, bias, dout, dx, dweight, dbias = _conv_grad_buffers(ctx, dout)
         if not _is_fake(x):
             args, _scratch, pos = _conv_args(x, weight, bias, ctx.order, backward=True)
             _KERNEL.load().ss_conv_backward_tokens(ctypes.byref(args), dout.data_ptr(), pos.data_ptr(), dx.data_ptr(),
@@ -721,19 +732,14 @@ class _CpuGridConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, grid):
         tensors, out = _grid_conv_forward(x, weight, bias, grid)
-        ctx.save_for_backward(*[t if t is not None else torch.empty(0) for t in tensors])
-        ctx.has_bias, ctx.grid = bias is not None, grid
-        ctx.dtypes = [t.dtype if t is not None else None for t in (x, weight, bias)]
+        _save_conv(ctx, tensors, (x, weight, bias))
+        ctx.grid = grid
         return out.to(x.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        x, weight, bias = ctx.saved_tensors
-        bias = bias if ctx.has_bias else None
-        dout = _fp32(dout)  # contiguous: the kernel reads it so
-        dx, dweight = x.new_empty(x.shape), torch.empty_like(weight)
-        dbias = torch.empty_like(bias) if bias is not None else None
+        x, weight, bias, dout, dx, dweight, dbias = _conv_grad_buffers(ctx, dout)
         if not _is_fake(x):
             lib = _KERNEL.load()
             scratch = torch.empty(torch.get_num_threads() * lib.ss_grid_conv_scratch_floats(ctx.grid, 1))

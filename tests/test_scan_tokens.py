@@ -202,6 +202,14 @@ def conv_run(fn, c, order, bias=True, seed=1):
     return y, {k: v.grad for k, v in leaves.items() if v.grad is not None}
 
 
+def assert_conv_same_at_thread_counts(results):
+    """``conv_run`` results at several thread counts: output and every gradient the same bits as at one thread."""
+    for n in results:
+        assert torch.equal(results[n][0], results[1][0]), f"forward differs at {n} threads"
+        for name in results[1][1]:
+            assert torch.equal(results[n][1][name], results[1][1][name]), f"d{name} differs at {n} threads"
+
+
 @pytest.mark.parametrize("order", ORDERS, ids=order_id)
 def test_token_conv_gives_the_permuted_causal_conv(order):
     """The same values up to fp32 rounding: the kernel's sums and SiLU round as C rounds them, not as aten's conv."""
@@ -218,11 +226,7 @@ def test_token_conv_gives_the_permuted_causal_conv(order):
 @pytest.mark.parametrize("order", THREAD_ORDERS, ids=order_id)
 def test_token_conv_is_bit_identical_at_any_thread_count(order):
     c = conv_inputs(order, batch=THREADS_SHAPE["batch"], dim=THREADS_SHAPE["dim"], seed=7)
-    results = at_thread_counts(lambda: conv_run(conv_tokens, c, order))
-    for n in results:
-        assert torch.equal(results[n][0], results[1][0]), f"forward differs at {n} threads"
-        for name in results[1][1]:
-            assert torch.equal(results[n][1][name], results[1][1][name]), f"d{name} differs at {n} threads"
+    assert_conv_same_at_thread_counts(at_thread_counts(lambda: conv_run(conv_tokens, c, order)))
 
 
 def test_token_conv_elsewhere_takes_the_permuted_path(monkeypatch):
@@ -278,11 +282,7 @@ def test_grid_conv_gives_aten_conv(grid, dim):
 
 def test_grid_conv_is_bit_identical_at_any_thread_count():
     c = grid_conv_inputs(batch=THREADS_SHAPE["batch"], dim=THREADS_SHAPE["dim"], seed=7)
-    results = at_thread_counts(lambda: grid_conv_run(grid_conv_tokens, c, GRID))
-    for n in results:
-        assert torch.equal(results[n][0], results[1][0]), f"forward differs at {n} threads"
-        for name in results[1][1]:
-            assert torch.equal(results[n][1][name], results[1][1][name]), f"d{name} differs at {n} threads"
+    assert_conv_same_at_thread_counts(at_thread_counts(lambda: grid_conv_run(grid_conv_tokens, c, GRID)))
 
 
 def test_grid_conv_elsewhere_takes_aten_conv(monkeypatch):
