@@ -20,6 +20,7 @@ Implementations behind ``selective_scan`` (``SIS_BENCH_SCAN=auto|cpu|torch|ref|c
 reversed or a snake of the token grid, after a prefix of tokens kept in place) that the C kernel walks by index
 arithmetic; in and out in raster order, with no copies on the CPU kernel. ``causal_conv1d_tokens`` is Mamba's causal
 conv (+ SiLU) along such an order on the same layout, also in the C kernel; ``token_kernels_run`` says where both run.
+``grid_conv2d_tokens`` is SISMA's depthwise 3 x 3 grid conv (+ SiLU) on that layout, in the C kernel in fp32 on CPU.
 On fake tensors (``bench plan``) the scan and the causal conv compute nothing and allocate and save what the
 kernel of the tensors' device would (``models/scan_memory.py``; the token-layout entries' own autograd Functions on
 fake CPU tensors); on the meta device they only give shapes.

@@ -267,8 +267,8 @@ def grid_conv_run(fn, c, grid, bias=True, seed=1):
 
 @pytest.mark.parametrize("grid,dim", [(GRID, 40), (16, 256), (1, 3)], ids=["g9-E40", "g16-E256", "g1-E3"])
 def test_grid_conv_gives_aten_conv(grid, dim):
-    """The same values up to fp32 rounding (the kernel adds the bias, then the taps in raster order, with its own
-    SiLU), forward and every gradient, with and without a bias, on a strided view with a partial channel tile."""
+    """The same values up to fp32 rounding (the kernel sums the bias and taps in its own order, with its own SiLU),
+    forward and every gradient, with and without a bias, on a strided view with a partial channel tile."""
     c = grid_conv_inputs(grid=grid, dim=dim)
     for bias in (True, False):
         (y, grads), (y_ref, grads_ref) = (grid_conv_run(fn, c, grid, bias) for fn in (

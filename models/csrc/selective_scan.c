@@ -798,9 +798,9 @@ void ss_conv_backward_tokens(const ConvArgs *c, const float *dout, int64_t *pos,
  * per channel, on x (batch, grid * grid, dim) read through its strides with the channel stride 1 (the in_proj
  * output's view), out, dout and dx contiguous (batch, grid * grid, dim). TILE channels of one batch element are one
  * vector (GCC vector extensions: the compiler picks the registers), copied first into thread scratch with a border of
- * zeros, so that every position takes the same nine taps with no test: a is the bias plus the nine taps in raster
- * order, each lane on its own (a tap outside the grid adds w * 0), and the sigmoid is exp_inline's arithmetic, so the
- * bits depend neither on the thread count nor on the vector width. The backward hands out channel tiles only: a
+ * zeros, so that every position takes the same nine taps with no test: a is the bias plus the nine taps (in an order
+ * the compiler fixes, -ffast-math), each lane on its own (a tap outside the grid adds w * 0), and the sigmoid is
+ * exp_inline's arithmetic, so the bits do not depend on the thread count. The backward hands out channel tiles only: a
  * tile's gradient of a, its dx, and its dweight and dbias sums (over the batch in order, then the positions in raster
  * order) are made by one thread, so those sums too are in a fixed order. */
 
