@@ -403,7 +403,16 @@ static void fill_positions(int32_t order, int64_t grid, int64_t prefix, int64_t 
     for (int64_t l = 0; l < length; l++) pos[l] = order_position(order, grid, prefix, length, l);
 }
 
+/* Positions ahead whose token rows a tile move prefetches: at batch 8 a layer's streams (2 MB each at the cpu preset)
+ * outgrow the L2 cache, and the rows of a scan order are too far apart for the hardware prefetcher to follow. */
+#define PREFETCH_AHEAD 32
 #define TILE 16  /* channels gathered and scattered together: 64 bytes, one cache line of fp32 */
+
+/* Floats from one row of a gathered tile to the next: one cache line more than the row needs. The TILE rows of every
+ * stream are read and written at the same positions together; rows a power of two of lines apart (length 256: 1 KB)
+ * would all fall into a few sets of the L1 cache and evict each other, an odd number of lines apart they spread over
+ * all the sets. */
+static int64_t tile_ld(int64_t length) { return round_up(length) + ALIGN_FLOATS; }
 #define FWD_STREAMS 4  /* u, delta, z, y */
 #define BWD_STREAMS 7  /* u, delta, z, dout, du, ddelta, dz */
 
@@ -411,14 +420,64 @@ static void fill_positions(int32_t order, int64_t grid, int64_t prefix, int64_t 
 int64_t ss_token_scratch_floats(int64_t length, int64_t state, int32_t backward)
 {
     const int64_t streams = backward ? BWD_STREAMS : FWD_STREAMS;
-    return ss_scratch_floats(length, state, backward) + streams * TILE * round_up(length);
+    return ss_scratch_floats(length, state, backward) + streams * TILE * tile_ld(length);
 }
 
-/* dst[j * ld + l] = src[pos[l] * sl + j * sd] for T <= TILE channels j: scan step l of channel j. */
+/* TILE floats of TILE channels, or of TILE positions of one channel: one vector (GCC vector extensions, so the
+ * compiler picks the registers); 64-byte aligned, so a pointer to it is only made into aligned memory (scratch). */
+typedef float tile_vec __attribute__((vector_size(TILE * sizeof(float))));
+/* Lanes of two vectors x, y by index: below TILE x's, from TILE on y's (clang's and GCC 12's builtin, else GCC's). */
+#if defined(__clang__) || __GNUC__ >= 12
+#define SHUFFLE2(x, y, ...) __builtin_shufflevector(x, y, __VA_ARGS__)
+#else
+typedef int32_t tile_lanes __attribute__((vector_size(TILE * sizeof(int32_t))));
+#define SHUFFLE2(x, y, ...) __builtin_shuffle(x, y, (tile_lanes){__VA_ARGS__})
+#endif
+
+/* One step of the TILE x TILE transpose: rows i and i + s (bit s of i clear) exchange the s x s blocks off the
+ * diagonal, so that bit s of the row index and bit s of the lane swap; the steps s = 8, 4, 2, 1 swap every bit. */
+#define TRANSPOSE_STEP(r, s, LO, HI)                      \
+    for (int i = 0; i < TILE; i++)                        \
+        if (!(i & (s))) {                                 \
+            const tile_vec x = (r)[i], y = (r)[i + (s)];  \
+            (r)[i] = SHUFFLE2(x, y, LO);                  \
+            (r)[i + (s)] = SHUFFLE2(x, y, HI);            \
+        }
+#define LANES_8_LO 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23
+#define LANES_8_HI 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31
+#define LANES_4_LO 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27
+#define LANES_4_HI 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31
+#define LANES_2_LO 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29
+#define LANES_2_HI 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31
+#define LANES_1_LO 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30
+#define LANES_1_HI 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31
+
+/* r[i][j] <- r[j][i] */
+INLINE void transpose_tile(tile_vec r[TILE])
+{
+    TRANSPOSE_STEP(r, 8, LANES_8_LO, LANES_8_HI);
+    TRANSPOSE_STEP(r, 4, LANES_4_LO, LANES_4_HI);
+    TRANSPOSE_STEP(r, 2, LANES_2_LO, LANES_2_HI);
+    TRANSPOSE_STEP(r, 1, LANES_1_LO, LANES_1_HI);
+}
+
+/* dst[j * ld + l] = src[pos[l] * sl + j * sd] for T <= TILE channels j: scan step l of channel j. A full tile of
+ * unit-stride channels moves TILE positions at a time, read as TILE vectors of channels and transposed in registers,
+ * rather than element by element, where each position's TILE stores go to TILE different rows. */
 INLINE void gather_tile(const float *src, int64_t sl, int64_t sd, const int64_t *pos, int64_t L, int64_t T,
                         float *dst, int64_t ld)
 {
-    for (int64_t l = 0; l < L; l++) {
+    int64_t l = 0;
+    if (T == TILE && sd == 1)
+        for (; l + TILE <= L; l += TILE) {
+            tile_vec r[TILE];
+            if (l + PREFETCH_AHEAD + TILE <= L)
+                for (int i = 0; i < TILE; i++) __builtin_prefetch(src + pos[l + PREFETCH_AHEAD + i] * sl);
+            for (int i = 0; i < TILE; i++) memcpy(&r[i], src + pos[l + i] * sl, sizeof r[i]);
+            transpose_tile(r);
+            for (int j = 0; j < TILE; j++) memcpy(dst + j * ld + l, &r[j], sizeof r[j]);
+        }
+    for (; l < L; l++) {
         const float *p = src + pos[l] * sl;
         for (int64_t j = 0; j < T; j++) dst[j * ld + l] = p[j * sd];
     }
@@ -428,7 +487,17 @@ INLINE void gather_tile(const float *src, int64_t sl, int64_t sd, const int64_t 
 INLINE void scatter_tile(const float *src, int64_t ld, const int64_t *pos, int64_t L, int64_t T, int64_t dim,
                          float *out)
 {
-    for (int64_t l = 0; l < L; l++) {
+    int64_t l = 0;
+    if (T == TILE)
+        for (; l + TILE <= L; l += TILE) {
+            tile_vec r[TILE];
+            for (int j = 0; j < TILE; j++) memcpy(&r[j], src + j * ld + l, sizeof r[j]);
+            transpose_tile(r);
+            if (l + PREFETCH_AHEAD + TILE <= L)
+                for (int i = 0; i < TILE; i++) __builtin_prefetch(out + pos[l + PREFETCH_AHEAD + i] * dim, 1);
+            for (int i = 0; i < TILE; i++) memcpy(out + pos[l + i] * dim, &r[i], sizeof r[i]);
+        }
+    for (; l < L; l++) {
         float *p = out + pos[l] * dim;
         for (int64_t j = 0; j < T; j++) p[j] = src[j * ld + l];
     }
@@ -591,7 +660,7 @@ static void gather_inputs(const TokenArgs *t, const float *dout, const int64_t *
 void ss_forward_tokens(const TokenArgs *t, int64_t *pos, float *out, float *last)
 {
     const ScanArgs *a = &t->base;
-    const int64_t N = a->state, L = a->length, E = a->dim, ld = round_up(L);
+    const int64_t N = a->state, L = a->length, E = a->dim, ld = tile_ld(L);
     const int64_t tiles = (E + TILE - 1) / TILE;
     fill_positions(t->order, t->grid, t->prefix, L, pos);
 #pragma omp parallel num_threads(a->threads)
@@ -622,7 +691,7 @@ void ss_backward_tokens(const TokenArgs *t, const ScanGrads *g, int64_t *pos)
 {
     const ScanArgs *a = &t->base;
     const int64_t N = a->state, L = a->length, G = a->groups, LN = L * N, stride = round_up(LN);
-    const int64_t E = a->dim, ld = round_up(L);
+    const int64_t E = a->dim, ld = tile_ld(L);
     const int64_t per_group = a->dim / G, rows = block_rows(per_group), blocks = group_blocks(per_group);
     fill_positions(t->order, t->grid, t->prefix, L, pos);
 #pragma omp parallel num_threads(a->threads)
@@ -702,7 +771,7 @@ typedef struct {
 
 int64_t ss_conv_scratch_floats(int64_t length, int32_t backward)
 {
-    return backward ? (CONV_BWD_TILES * TILE + 1) * round_up(length) : CONV_FWD_TILES * TILE * round_up(length);
+    return (backward ? CONV_BWD_TILES * TILE + 1 : CONV_FWD_TILES * TILE) * tile_ld(length);
 }
 
 /* The pre-activation of one row in scan order: a_l = bias + w_0 x_{l-W+1} + ... + w_{W-1} x_l. */
@@ -719,7 +788,7 @@ INLINE void conv_row(const float *x, const float *w, float bias, int64_t W, int6
 
 void ss_conv_forward_tokens(const ConvArgs *c, int64_t *pos, float *out)
 {
-    const int64_t L = c->length, E = c->dim, W = c->width, ld = round_up(L), tiles = (E + TILE - 1) / TILE;
+    const int64_t L = c->length, E = c->dim, W = c->width, ld = tile_ld(L), tiles = (E + TILE - 1) / TILE;
     fill_positions(c->order, c->grid, c->prefix, L, pos);
 #pragma omp parallel num_threads(c->threads)
     {
@@ -744,7 +813,7 @@ void ss_conv_forward_tokens(const ConvArgs *c, int64_t *pos, float *out)
 void ss_conv_backward_tokens(const ConvArgs *c, const float *dout, int64_t *pos, float *dx, float *dweight,
                              float *dbias)
 {
-    const int64_t L = c->length, E = c->dim, W = c->width, ld = round_up(L), tiles = (E + TILE - 1) / TILE;
+    const int64_t L = c->length, E = c->dim, W = c->width, ld = tile_ld(L), tiles = (E + TILE - 1) / TILE;
     fill_positions(c->order, c->grid, c->prefix, L, pos);
 #pragma omp parallel num_threads(c->threads)
     {
@@ -812,7 +881,6 @@ typedef struct {
 } GridConvArgs;
 
 #define GRID_TAPS 9
-typedef float tile_vec __attribute__((vector_size(TILE * sizeof(float))));  /* 64-byte aligned: scratch only */
 
 /* Floats of scratch per thread: the padded (grid + 2)^2 tile of x, and in the backward that of the gradient of a. */
 int64_t ss_grid_conv_scratch_floats(int64_t grid, int32_t backward)
