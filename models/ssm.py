@@ -51,6 +51,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -358,15 +359,40 @@ def _fp32(t: Tensor | None) -> Tensor | None:
     return t.detach().to(torch.float32).contiguous()
 
 
-def _kernel_args(u, delta, A, Bt, Ct, D, z, delta_bias, softplus, backward) -> tuple[_ScanArgs, Tensor]:
-    """Fill ScanArgs for fp32 contiguous tensors (Bt, Ct in (B, G, L, N)) and allocate thread scratch."""
+FLOAT_BYTES, INDEX_BYTES = 4, 8  # the kernels' fp32 scratch and int64 position tables
+WORK_ALIGN = 64  # bytes: the kernels keep their scratch regions 64-byte aligned (whole vectors, whole cache lines)
+
+
+class _WorkBuffers(threading.local):
+    """Per Python thread: the kernels' work buffers by slot, kept from call to call (see _work_buffer)."""
+
+    def __init__(self):
+        self.buffers: dict[str, ctypes.Array] = {}
+
+
+_WORK = _WorkBuffers()
+
+
+def _work_buffer(slot: str, nbytes: int) -> int:
+    """The 64-byte aligned address of at least ``nbytes`` that a kernel call uses and leaves: its thread scratch, the
+    position table, the channel blocks' partial sums. Kept per Python thread and slot and grown when needed, so a call
+    does not allocate (and fault in) them again: at batch 1 that was a tenth of a scan's time. Plain memory rather than
+    tensors, so that memory accounting (bench plan) sees what the model holds, not this cache; nothing reads what a
+    call left there."""
+    buf = _WORK.buffers.get(slot)
+    if buf is None or len(buf) < nbytes + WORK_ALIGN:
+        buf = _WORK.buffers[slot] = ctypes.create_string_buffer(nbytes + WORK_ALIGN)
+    return -(-ctypes.addressof(buf) // WORK_ALIGN) * WORK_ALIGN
+
+
+def _kernel_args(u, delta, A, Bt, Ct, D, z, delta_bias, softplus, backward) -> _ScanArgs:
+    """ScanArgs for fp32 contiguous tensors (Bt, Ct in (B, G, L, N)), with thread scratch."""
     lib, threads = _KERNEL.load(), torch.get_num_threads()
     batch, dim, length = u.shape
     groups, state = Bt.shape[1], A.shape[1]
-    scratch = torch.empty(threads * lib.ss_scratch_floats(length, state, backward), dtype=torch.float32)
-    args = _ScanArgs(batch, dim, length, state, groups, *map(_ptr, (u, delta, A, Bt, Ct, D, z, delta_bias)),
-                     int(softplus), threads, scratch.data_ptr())
-    return args, scratch
+    scratch = _work_buffer("scratch", threads * lib.ss_scratch_floats(length, state, backward) * FLOAT_BYTES)
+    return _ScanArgs(batch, dim, length, state, groups, *map(_ptr, (u, delta, A, Bt, Ct, D, z, delta_bias)),
+                     int(softplus), threads, scratch)
 
 
 class _CpuScan(torch.autograd.Function):
@@ -378,7 +404,7 @@ class _CpuScan(torch.autograd.Function):
         Bt = _fp32((B if grouped else B.unsqueeze(1)).transpose(-1, -2))  # (B, G, L, N)
         Ct = _fp32((C if grouped else C.unsqueeze(1)).transpose(-1, -2))
         tensors = [_fp32(t) for t in (u, delta, A)] + [Bt, Ct] + [_fp32(t) for t in (D, z, delta_bias)]
-        args, _scratch = _kernel_args(*tensors, delta_softplus, backward=False)
+        args = _kernel_args(*tensors, delta_softplus, backward=False)
         out = torch.empty(u.shape, dtype=torch.float32)
         last = torch.empty(u.shape[0], u.shape[1], A.shape[1], dtype=torch.float32)
         _KERNEL.load().ss_forward(ctypes.byref(args), out.data_ptr(), last.data_ptr())
@@ -397,14 +423,14 @@ class _CpuScan(torch.autograd.Function):
         batch, dim, length = u.shape
         groups, state = Bt.shape[1], A.shape[1]
         dout = torch.zeros_like(u) if dout is None else _fp32(dout)
-        args, _scratch = _kernel_args(*tensors, ctx.softplus, backward=True)
+        args = _kernel_args(*tensors, ctx.softplus, backward=True)
         du, ddelta = torch.empty_like(u), torch.empty_like(u)
         dz = torch.empty_like(u) if z is not None else None
         dA, dD, dbias = u.new_zeros(dim, state), u.new_zeros(dim), u.new_zeros(dim)  # the kernel sums over the batch
         dB, dC = torch.empty_like(Bt), torch.empty_like(Ct)
-        partial = u.new_empty(_KERNEL.load().ss_partial_floats(dim, groups, length, state))  # channel blocks' sums
+        partial = _work_buffer("partial", _KERNEL.load().ss_partial_floats(dim, groups, length, state) * FLOAT_BYTES)
         dlast = _fp32(dlast)  # kept referenced: the kernel reads it through a raw pointer
-        grads = _ScanGrads(*map(_ptr, (dout, dlast, du, ddelta, dz, dA, dD, dbias, dB, dC, partial)))
+        grads = _ScanGrads(*map(_ptr, (dout, dlast, du, ddelta, dz, dA, dD, dbias, dB, dC)), partial)
         _KERNEL.load().ss_backward(ctypes.byref(args), ctypes.byref(grads))
         dB, dC = dB.transpose(-1, -2), dC.transpose(-1, -2)  # (B, G, N, L)
         if not ctx.grouped:
@@ -478,23 +504,36 @@ def _fp32_view(t: Tensor | None) -> Tensor | None:
 
 def _token_args(u, delta, A, B, C, D, z, delta_bias, softplus, order, grid, prefix, backward):
     """TokenArgs for token-major fp32 views u, delta, z (batch, L, E) and B, C (batch, L, G, N) with unit state
-    stride; thread scratch and the position table."""
+    stride, with thread scratch; and the address of the position table (``_work_buffer``)."""
     lib, threads = _KERNEL.load(), torch.get_num_threads()
     batch, length, dim = u.shape
     groups, state = B.shape[2], A.shape[1]
-    scratch = torch.empty(threads * lib.ss_token_scratch_floats(length, state, backward), dtype=torch.float32)
+    scratch = _work_buffer("scratch", threads * lib.ss_token_scratch_floats(length, state, backward) * FLOAT_BYTES)
     base = _ScanArgs(batch, dim, length, state, groups, *map(_ptr, (u, delta, A, B, C, D, z, delta_bias)),
-                     int(softplus), threads, scratch.data_ptr())
+                     int(softplus), threads, scratch)
     strides = [(ctypes.c_int64 * 3)(*(t.stride() if t is not None else (0, 0, 0))) for t in (u, delta, z)]
     strides += [(ctypes.c_int64 * 3)(*M.stride()[:3]) for M in (B, C)]
     args = _TokenArgs(base, *strides, order, grid, prefix)
-    return args, scratch, torch.empty(length, dtype=torch.int64)
+    return args, _work_buffer("positions", length * INDEX_BYTES)
 
 
 def _state_unit(M: Tensor) -> Tensor:
     """(batch, L, N) or (batch, L, G, N) -> fp32 (batch, L, G, N) view whose N states are adjacent."""
     M = _fp32_view(M if M.dim() == 4 else M.unsqueeze(2))
     return M if M.stride(-1) == 1 else M.contiguous()
+
+
+def _token_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, order, grid, prefix):
+    """The C kernel's token-layout forward: the fp32 tensors as the kernel reads them, the fp32 output and last state
+    (allocated only, on fake tensors)."""
+    tensors = [_fp32_view(t) for t in (u, delta)] + [_fp32(A), _state_unit(B), _state_unit(C)] + [
+        _fp32(D), _fp32_view(z), _fp32(delta_bias)]
+    out = u.new_empty(u.shape, dtype=torch.float32)
+    last = u.new_empty(u.shape[0], u.shape[2], A.shape[1], dtype=torch.float32)
+    if not _is_fake(u):
+        args, pos = _token_args(*tensors, delta_softplus, order, grid, prefix, backward=False)
+        _KERNEL.load().ss_forward_tokens(ctypes.byref(args), pos, out.data_ptr(), last.data_ptr())
+    return tensors, out, last
 
 
 class _CpuTokenScan(torch.autograd.Function):
@@ -504,13 +543,8 @@ class _CpuTokenScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, order, grid, prefix):
-        tensors = [_fp32_view(t) for t in (u, delta)] + [_fp32(A), _state_unit(B), _state_unit(C)] + [
-            _fp32(D), _fp32_view(z), _fp32(delta_bias)]
-        out = u.new_empty(u.shape, dtype=torch.float32)
-        last = u.new_empty(u.shape[0], u.shape[2], A.shape[1], dtype=torch.float32)
-        if not _is_fake(u):
-            args, _scratch, pos = _token_args(*tensors, delta_softplus, order, grid, prefix, backward=False)
-            _KERNEL.load().ss_forward_tokens(ctypes.byref(args), pos.data_ptr(), out.data_ptr(), last.data_ptr())
+        tensors, out, last = _token_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, order, grid,
+                                                 prefix)
         ctx.save_for_backward(*[t if t is not None else torch.empty(0) for t in tensors])
         ctx.absent = [t is None for t in tensors]
         ctx.grouped, ctx.softplus, ctx.order = B.dim() == 4, delta_softplus, (order, grid, prefix)
@@ -530,12 +564,13 @@ class _CpuTokenScan(torch.autograd.Function):
         dz = u.new_empty(u.shape) if z is not None else None
         dA, dD, dbias = u.new_zeros(dim, state), u.new_zeros(dim), u.new_zeros(dim)
         dB, dC = u.new_empty(batch, length, groups, state), u.new_empty(batch, length, groups, state)
-        partial = u.new_empty(_KERNEL.load().ss_partial_floats(dim, groups, length, state))
         dlast = _fp32(dlast)
         if not _is_fake(u):
-            args, _scratch, pos = _token_args(*tensors, ctx.softplus, *ctx.order, backward=True)
-            grads = _ScanGrads(*map(_ptr, (dout, dlast, du, ddelta, dz, dA, dD, dbias, dB, dC, partial)))
-            _KERNEL.load().ss_backward_tokens(ctypes.byref(args), ctypes.byref(grads), pos.data_ptr())
+            args, pos = _token_args(*tensors, ctx.softplus, *ctx.order, backward=True)
+            lib = _KERNEL.load()
+            partial = _work_buffer("partial", lib.ss_partial_floats(dim, groups, length, state) * FLOAT_BYTES)
+            grads = _ScanGrads(*map(_ptr, (dout, dlast, du, ddelta, dz, dA, dD, dbias, dB, dC)), partial)
+            lib.ss_backward_tokens(ctypes.byref(args), ctypes.byref(grads), pos)
         if not ctx.grouped:
             dB, dC = dB.squeeze(2), dC.squeeze(2)
         result = [du, ddelta, dA, dB, dC, dD if D is not None else None, dz,
@@ -599,7 +634,14 @@ def selective_scan_tokens(
         fake = _is_fake(u)
         _record("fake" if fake else "cpu", (batch, dim, length), A)
         with _profiler_range(None if fake else SCAN_LABEL):
-            y, last = _CpuTokenScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, order, grid, prefix)
+            if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                               for t in (u, delta, A, B, C, D, z, delta_bias)):
+                y, last = _CpuTokenScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, order, grid,
+                                              prefix)
+            else:  # sampling: no autograd node to make
+                _tensors, y, last = _token_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, order,
+                                                        grid, prefix)
+                y = y if u.dtype == torch.float32 else y.to(u.dtype)
         return (y, last) if return_last_state else y
     perm = _order_perm(order, grid, length, prefix, u.device)
     result = selective_scan(_to_scan_order(u, perm), _to_scan_order(delta, perm), A,
@@ -622,14 +664,14 @@ class _ConvArgs(ctypes.Structure):
 
 
 def _conv_args(x: Tensor, weight: Tensor, bias: Tensor | None, order: tuple[int, int, int], backward: bool):
-    """ConvArgs for an fp32 (batch, L, E) view x and contiguous fp32 weight (E, W), bias (E,); thread scratch and
-    the position table."""
+    """ConvArgs for an fp32 (batch, L, E) view x and contiguous fp32 weight (E, W), bias (E,), with thread scratch;
+    and the address of the position table."""
     lib, threads = _KERNEL.load(), torch.get_num_threads()
     batch, length, dim = x.shape
-    scratch = torch.empty(threads * lib.ss_conv_scratch_floats(length, backward), dtype=torch.float32)
+    scratch = _work_buffer("scratch", threads * lib.ss_conv_scratch_floats(length, backward) * FLOAT_BYTES)
     args = _ConvArgs(batch, dim, length, weight.shape[1], x.data_ptr(), weight.data_ptr(), _ptr(bias),
-                     (ctypes.c_int64 * 3)(*x.stride()), *order, threads, scratch.data_ptr())
-    return args, scratch, torch.empty(length, dtype=torch.int64)
+                     (ctypes.c_int64 * 3)(*x.stride()), *order, threads, scratch)
+    return args, _work_buffer("positions", length * INDEX_BYTES)
 
 
 def _save_conv(ctx, tensors: tuple, inputs: tuple) -> None:
@@ -657,8 +699,8 @@ class _CpuTokenConv(torch.autograd.Function):
         tensors = (_fp32_view(x), _fp32(weight), _fp32(bias))
         out = x.new_empty(x.shape, dtype=torch.float32)
         if not _is_fake(x):
-            args, _scratch, pos = _conv_args(*tensors, (order, grid, prefix), backward=False)
-            _KERNEL.load().ss_conv_forward_tokens(ctypes.byref(args), pos.data_ptr(), out.data_ptr())
+            args, pos = _conv_args(*tensors, (order, grid, prefix), backward=False)
+            _KERNEL.load().ss_conv_forward_tokens(ctypes.byref(args), pos, out.data_ptr())
         _save_conv(ctx, tensors, (x, weight, bias))
         ctx.order = (order, grid, prefix)
         return out.to(x.dtype)
@@ -668,8 +710,8 @@ class _CpuTokenConv(torch.autograd.Function):
     def backward(ctx, dout):
         x, weight, bias, dout, dx, dweight, dbias = _conv_grad_buffers(ctx, dout)
         if not _is_fake(x):
-            args, _scratch, pos = _conv_args(x, weight, bias, ctx.order, backward=True)
-            _KERNEL.load().ss_conv_backward_tokens(ctypes.byref(args), dout.data_ptr(), pos.data_ptr(), dx.data_ptr(),
+            args, pos = _conv_args(x, weight, bias, ctx.order, backward=True)
+            _KERNEL.load().ss_conv_backward_tokens(ctypes.byref(args), dout.data_ptr(), pos, dx.data_ptr(),
                                                    dweight.data_ptr(), _ptr(dbias))
         grads = [g if g is None else g.to(dtype) for g, dtype in zip((dx, dweight, dbias), ctx.dtypes)]
         return (*grads, None, None, None)
@@ -720,8 +762,9 @@ def _grid_conv_forward(x: Tensor, weight: Tensor, bias: Tensor | None, grid: int
     out = x.new_empty(x.shape, dtype=torch.float32)
     if not _is_fake(x):
         lib = _KERNEL.load()
-        scratch = torch.empty(torch.get_num_threads() * lib.ss_grid_conv_scratch_floats(grid, 0))
-        lib.ss_grid_conv_forward(ctypes.byref(_grid_conv_args(*tensors, grid)), scratch.data_ptr(), out.data_ptr())
+        scratch = _work_buffer("scratch",
+                               torch.get_num_threads() * lib.ss_grid_conv_scratch_floats(grid, 0) * FLOAT_BYTES)
+        lib.ss_grid_conv_forward(ctypes.byref(_grid_conv_args(*tensors, grid)), scratch, out.data_ptr())
     return tensors, out
 
 
@@ -743,9 +786,10 @@ class _CpuGridConv(torch.autograd.Function):
         x, weight, bias, dout, dx, dweight, dbias = _conv_grad_buffers(ctx, dout)
         if not _is_fake(x):
             lib = _KERNEL.load()
-            scratch = torch.empty(torch.get_num_threads() * lib.ss_grid_conv_scratch_floats(ctx.grid, 1))
+            scratch = _work_buffer("scratch",
+                                   torch.get_num_threads() * lib.ss_grid_conv_scratch_floats(ctx.grid, 1) * FLOAT_BYTES)
             lib.ss_grid_conv_backward(ctypes.byref(_grid_conv_args(x, weight, bias, ctx.grid)), dout.data_ptr(),
-                                      scratch.data_ptr(), dx.data_ptr(), dweight.data_ptr(), _ptr(dbias))
+                                      scratch, dx.data_ptr(), dweight.data_ptr(), _ptr(dbias))
         grads = [g if g is None else g.to(dtype) for g, dtype in zip((dx, dweight, dbias), ctx.dtypes)]
         return (*grads, None)
 

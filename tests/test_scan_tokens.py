@@ -159,6 +159,37 @@ def test_token_scan_is_bit_identical_at_any_thread_count(order):
     assert_same(results[1], run(reference, x, order, THREADS_SHAPE["groups"]))
 
 
+def test_kernel_calls_from_two_python_threads_at_once_keep_their_own_work_buffers():
+    """The kernels' scratch, position tables and partial sums are kept between calls per Python thread: two threads
+    scanning different orders and shapes at once (the GIL is released in the kernel) get what each gets alone."""
+    import threading
+
+    jobs = [(ScanOrder(GRID, 3), make_inputs(length(ScanOrder(GRID, 3)), seed=3, **THREADS_SHAPE)),
+            (Sweep(PREFIX, GRID, reverse=True), make_inputs(length(Sweep(PREFIX, GRID)), seed=4, dim=40))]
+    groups = [THREADS_SHAPE["groups"], 1]
+    alone = [run(tokens, x, order, g) for (order, x), g in zip(jobs, groups)]
+    together = [[] for _ in jobs]
+
+    def work(i):
+        for _ in range(5):
+            together[i].append(run(tokens, jobs[i][1], jobs[i][0], groups[i]))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, results in enumerate(together):
+        assert len(results) == 5
+        for result in results:
+            assert_same(result, alone[i])
+    addresses = {ssm._work_buffer("scratch", 1)}
+    other = threading.Thread(target=lambda: addresses.add(ssm._work_buffer("scratch", 1)))
+    other.start()
+    other.join()
+    assert len(addresses) == 2 and all(a % ssm.WORK_ALIGN == 0 for a in addresses)
+
+
 @pytest.mark.parametrize("order", [ScanOrder(GRID), ScanOrder(GRID, 6), Sweep(PREFIX, GRID, columns=True)],
                          ids=order_id)
 def test_other_backends_take_the_permuted_path(monkeypatch, order):
