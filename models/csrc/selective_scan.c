@@ -888,13 +888,22 @@ int64_t ss_grid_conv_scratch_floats(int64_t grid, int32_t backward)
     return (backward ? 2 : 1) * (grid + 2) * (grid + 2) * TILE;
 }
 
+/* T <= TILE floats of src, zero beyond T. A whole tile is one vector load: a copy of T floats is a call to memcpy. */
+INLINE tile_vec tile_load(const float *src, int64_t T)
+{
+    tile_vec v = {0};
+    if (T == TILE) memcpy(&v, src, sizeof v);
+    else memcpy(&v, src, T * sizeof(float));
+    return v;
+}
+
 /* Channels [d0, d0 + T) of one batch element (src points at channel d0 of position 0, positions sl floats apart)
  * into dst, a (g + 2) x (g + 2) grid of TILE-vectors whose border and channels beyond T are zero. */
 INLINE void grid_tile_gather(const float *src, int64_t sl, int64_t g, int64_t T, tile_vec *dst)
 {
     memset(dst, 0, (g + 2) * (g + 2) * sizeof(tile_vec));
     for (int64_t i = 0; i < g; i++)
-        for (int64_t j = 0; j < g; j++) memcpy(&dst[(i + 1) * (g + 2) + j + 1], src + (i * g + j) * sl, T * sizeof(float));
+        for (int64_t j = 0; j < g; j++) dst[(i + 1) * (g + 2) + j + 1] = tile_load(src + (i * g + j) * sl, T);
 }
 
 /* TILE lanes into T <= TILE floats of dst. */
@@ -978,8 +987,7 @@ void ss_grid_conv_backward(const GridConvArgs *c, const float *dout, float *scra
                 for (int64_t i = 0; i < g; i++)
                     for (int64_t j = 0; j < g; j++) {
                         const tile_vec a = grid_tile_taps(bias, w, xp, g, i, j), s = tile_sigmoid(a);
-                        tile_vec dyv = {0};
-                        memcpy(&dyv, dy + (i * g + j) * E, T * sizeof(float));
+                        const tile_vec dyv = tile_load(dy + (i * g + j) * E, T);
                         const tile_vec d = dyv * s * (1.0f + a * (1.0f - s));
                         dap[(i + 1) * gp + j + 1] = d;
                         db += d;
