@@ -200,8 +200,8 @@ class DiMBlock(nn.Module):
         """x (B, L, D), mod (B, 3, D) from the shared adaLN-single, skip (B, L, D) for a skip block -> (B, L, D)."""
         if self.skip_linear is not None:
             x = self.skip_linear(torch.cat([x, skip], dim=-1))  # (B, L, D)
-        shift, scale, gate = (self.scale_shift_table + mod).unbind(1)  # (B, D) each
-        return x + (1 + gate.unsqueeze(1)) * self.mixer(modulate(self.norm(x), shift, scale))
+        shift, scale, gate = (self.scale_shift_table + mod).split(1, dim=1)  # (B, 1, D) each
+        return x + (1 + gate) * self.mixer(modulate(self.norm(x), shift, scale))
 
 
 class FinalLayer(nn.Module):
@@ -218,7 +218,7 @@ class FinalLayer(nn.Module):
     def forward(self, x: Tensor, t_feat: Tensor) -> Tensor:
         """x (B, g*g, D), t_feat (B, D) -> (B, g*g, p*p*C)."""
         x = grid_conv(self.local, x, self.grid)  # (B, L, D)
-        shift, scale = self.adaLN_modulation(t_feat).chunk(2, dim=-1)  # (B, D) each
+        shift, scale = self.adaLN_modulation(t_feat).unsqueeze(1).chunk(2, dim=-1)  # (B, 1, D) each
         return self.linear(modulate(self.norm(x), shift, scale))  # (B, L, p*p*C)
 
 

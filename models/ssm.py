@@ -503,24 +503,29 @@ def _fp32_view(t: Tensor | None) -> Tensor | None:
 
 
 def _token_args(u, delta, A, B, C, D, z, delta_bias, softplus, order, grid, prefix, backward):
-    """TokenArgs for token-major fp32 views u, delta, z (batch, L, E) and B, C (batch, L, G, N) with unit state
-    stride, with thread scratch; and the address of the position table (``_work_buffer``)."""
+    """TokenArgs for token-major fp32 views u, delta, z (batch, L, E) and B, C (batch, L, N) or (batch, L, G, N) with
+    unit state stride, with thread scratch; and the address of the position table (``_work_buffer``)."""
     lib, threads = _KERNEL.load(), torch.get_num_threads()
     batch, length, dim = u.shape
-    groups, state = B.shape[2], A.shape[1]
+    groups, state = _groups(B), A.shape[1]
     scratch = _work_buffer("scratch", threads * lib.ss_token_scratch_floats(length, state, backward) * FLOAT_BYTES)
     base = _ScanArgs(batch, dim, length, state, groups, *map(_ptr, (u, delta, A, B, C, D, z, delta_bias)),
                      int(softplus), threads, scratch)
     strides = [(ctypes.c_int64 * 3)(*(t.stride() if t is not None else (0, 0, 0))) for t in (u, delta, z)]
-    strides += [(ctypes.c_int64 * 3)(*M.stride()[:3]) for M in (B, C)]
+    strides += [(ctypes.c_int64 * 3)(*(M.stride()[:3] if M.dim() == 4 else (*M.stride()[:2], 0))) for M in (B, C)]
     args = _TokenArgs(base, *strides, order, grid, prefix)
     return args, _work_buffer("positions", length * INDEX_BYTES)
 
 
 def _state_unit(M: Tensor) -> Tensor:
-    """(batch, L, N) or (batch, L, G, N) -> fp32 (batch, L, G, N) view whose N states are adjacent."""
-    M = _fp32_view(M if M.dim() == 4 else M.unsqueeze(2))
+    """(batch, L, N) or (batch, L, G, N) -> the same as an fp32 view whose N states are adjacent."""
+    M = _fp32_view(M)
     return M if M.stride(-1) == 1 else M.contiguous()
+
+
+def _groups(M: Tensor) -> int:
+    """G of a token-layout B or C: (batch, L, G, N), or (batch, L, N) for one group."""
+    return M.shape[2] if M.dim() == 4 else 1
 
 
 def _token_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, order, grid, prefix):
@@ -547,7 +552,7 @@ class _CpuTokenScan(torch.autograd.Function):
                                                  prefix)
         ctx.save_for_backward(*[t if t is not None else torch.empty(0) for t in tensors])
         ctx.absent = [t is None for t in tensors]
-        ctx.grouped, ctx.softplus, ctx.order = B.dim() == 4, delta_softplus, (order, grid, prefix)
+        ctx.softplus, ctx.order = delta_softplus, (order, grid, prefix)
         ctx.dtypes = [t.dtype if t is not None else None for t in (u, delta, A, B, C, D, z, delta_bias)]
         ctx.set_materialize_grads(False)
         return out.to(u.dtype), last
@@ -558,12 +563,12 @@ class _CpuTokenScan(torch.autograd.Function):
         tensors = [None if gone else t for t, gone in zip(ctx.saved_tensors, ctx.absent)]
         u, delta, A, B, C, D, z, delta_bias = tensors
         batch, length, dim = u.shape
-        groups, state = B.shape[2], A.shape[1]
+        groups, state = _groups(B), A.shape[1]
         dout = u.new_zeros(u.shape) if dout is None else _fp32(dout)  # contiguous: the kernel reads it so
         du, ddelta = u.new_empty(u.shape), u.new_empty(u.shape)
         dz = u.new_empty(u.shape) if z is not None else None
         dA, dD, dbias = u.new_zeros(dim, state), u.new_zeros(dim), u.new_zeros(dim)
-        dB, dC = u.new_empty(batch, length, groups, state), u.new_empty(batch, length, groups, state)
+        dB, dC = u.new_empty(B.shape), u.new_empty(C.shape)  # (batch, L, [G,] N) contiguous: the kernel's layout
         dlast = _fp32(dlast)
         if not _is_fake(u):
             args, pos = _token_args(*tensors, ctx.softplus, *ctx.order, backward=True)
@@ -571,8 +576,6 @@ class _CpuTokenScan(torch.autograd.Function):
             partial = _work_buffer("partial", lib.ss_partial_floats(dim, groups, length, state) * FLOAT_BYTES)
             grads = _ScanGrads(*map(_ptr, (dout, dlast, du, ddelta, dz, dA, dD, dbias, dB, dC)), partial)
             lib.ss_backward_tokens(ctypes.byref(args), ctypes.byref(grads), pos)
-        if not ctx.grouped:
-            dB, dC = dB.squeeze(2), dC.squeeze(2)
         result = [du, ddelta, dA, dB, dC, dD if D is not None else None, dz,
                   dbias if delta_bias is not None else None]
         result = [g if g is None else g.to(dtype) for g, dtype in zip(result, ctx.dtypes)]
