@@ -426,6 +426,11 @@ int64_t ss_token_scratch_floats(int64_t length, int64_t state, int32_t backward)
 /* TILE floats of TILE channels, or of TILE positions of one channel: one vector (GCC vector extensions, so the
  * compiler picks the registers); 64-byte aligned, so a pointer to it is only made into aligned memory (scratch). */
 typedef float tile_vec __attribute__((vector_size(TILE * sizeof(float))));
+/* The same vector at any float address: one unaligned vector load or store, where memcpy may be expanded into two
+ * half-width moves (and a whole vector read back from two half stores waits for them to reach the cache). */
+typedef float tile_vec_any __attribute__((vector_size(TILE * sizeof(float)), aligned(sizeof(float)), may_alias));
+INLINE tile_vec vec_load(const float *p) { return *(const tile_vec_any *)p; }
+INLINE void vec_store(float *p, tile_vec v) { *(tile_vec_any *)p = v; }
 /* Lanes of two vectors x, y by index: below TILE x's, from TILE on y's (clang's and GCC 12's builtin, else GCC's). */
 #if defined(__clang__) || __GNUC__ >= 12
 #define SHUFFLE2(x, y, ...) __builtin_shufflevector(x, y, __VA_ARGS__)
@@ -473,9 +478,9 @@ INLINE void gather_tile(const float *src, int64_t sl, int64_t sd, const int64_t 
             tile_vec r[TILE];
             if (l + PREFETCH_AHEAD + TILE <= L)
                 for (int i = 0; i < TILE; i++) __builtin_prefetch(src + pos[l + PREFETCH_AHEAD + i] * sl);
-            for (int i = 0; i < TILE; i++) memcpy(&r[i], src + pos[l + i] * sl, sizeof r[i]);
+            for (int i = 0; i < TILE; i++) r[i] = vec_load(src + pos[l + i] * sl);
             transpose_tile(r);
-            for (int j = 0; j < TILE; j++) memcpy(dst + j * ld + l, &r[j], sizeof r[j]);
+            for (int j = 0; j < TILE; j++) vec_store(dst + j * ld + l, r[j]);
         }
     for (; l < L; l++) {
         const float *p = src + pos[l] * sl;
@@ -491,11 +496,11 @@ INLINE void scatter_tile(const float *src, int64_t ld, const int64_t *pos, int64
     if (T == TILE)
         for (; l + TILE <= L; l += TILE) {
             tile_vec r[TILE];
-            for (int j = 0; j < TILE; j++) memcpy(&r[j], src + j * ld + l, sizeof r[j]);
+            for (int j = 0; j < TILE; j++) r[j] = vec_load(src + j * ld + l);
             transpose_tile(r);
             if (l + PREFETCH_AHEAD + TILE <= L)
                 for (int i = 0; i < TILE; i++) __builtin_prefetch(out + pos[l + PREFETCH_AHEAD + i] * dim, 1);
-            for (int i = 0; i < TILE; i++) memcpy(out + pos[l + i] * dim, &r[i], sizeof r[i]);
+            for (int i = 0; i < TILE; i++) vec_store(out + pos[l + i] * dim, r[i]);
         }
     for (; l < L; l++) {
         float *p = out + pos[l] * dim;
