@@ -54,6 +54,11 @@ ZIGZAG_CYCLE = (0, 6, 1, 7, 2, 4, 3, 5)
 DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4
 
 
+def _fp32(t: Tensor) -> Tensor:
+    """t in fp32 (A, D and the step-size bias enter the scan so), with no operator call when it already is."""
+    return t if t.dtype == torch.float32 else t.float()
+
+
 def scan_orders(kind: str, grid: int, block_index: int) -> list[ScanOrder | None]:
     """Token orders scanned by block ``block_index``; None stands for raster order itself."""
     if kind == "raster":
@@ -243,7 +248,7 @@ class SelectiveSSM(nn.Module):
         if self.conv.on_grid:  # the 2-D conv and so the projections do not depend on the order: made once
             u, m = self.conv.grid_tokens(u), self.mask_conv.grid_tokens(m) if self.cross else None
             streams = self.project_tokens(u, m)
-        A = -torch.exp(self.A_log.float())
+        A, D, delta_bias = -torch.exp(_fp32(self.A_log)), _fp32(self.D), _fp32(self.dt_proj.bias)
         y = None
         for order in orders:
             where = RASTER_ORDER if order is None else order.kernel_order
@@ -251,8 +256,7 @@ class SelectiveSSM(nn.Module):
                 mo = self.mask_conv.causal_tokens(m, where) if self.cross else None
                 streams = self.project_tokens(self.conv.causal_tokens(u, where), mo)
             uo, delta, B, C = streams
-            yp = selective_scan_tokens(uo, delta, A, B, C, self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(),
-                                       delta_softplus=True, **where)
+            yp = selective_scan_tokens(uo, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=True, **where)
             y = yp if y is None else y + yp
         return y
 
@@ -308,8 +312,8 @@ class MambaMixer(nn.Module):
         """x (B, L, D), m (B, L, D) mask tokens or None -> (B, L, D)."""
         # token-major throughout: u and z as two products so that each is a contiguous (B, L, E), the layout the
         # channels-last grid conv takes as it is
-        w_u, w_z = self.in_proj.weight.chunk(2, dim=0)
-        u, z = F.linear(x, w_u), F.linear(x, w_z)
+        w, E = self.in_proj.weight, self.in_proj.out_features // 2
+        u, z = F.linear(x, w[:E]), F.linear(x, w[E:])  # slices: fewer operator calls than chunk
         ms = F.linear(m, self.mask_proj.weight) if self.cross else None
         y = self.ssm.forward_tokens(u, z, ms, self.orders)
         return F.linear(y, self.out_proj.weight)

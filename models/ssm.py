@@ -818,7 +818,8 @@ def grid_conv2d_tokens(x: Tensor, weight: Tensor, bias: Tensor | None, grid: int
             if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
                                             (bias is not None and bias.requires_grad)):
                 return _CpuGridConv.apply(x, weight, bias, grid)
-            return _grid_conv_forward(x, weight, bias, grid)[1].to(x.dtype)  # sampling: no autograd node to make
+            out = _grid_conv_forward(x, weight, bias, grid)[1]  # sampling: no autograd node to make
+            return out if x.dtype == torch.float32 else out.to(x.dtype)
     planes = x.contiguous().view(batch, grid, grid, dim).permute(0, 3, 1, 2)  # a view: channels-last NCHW
     return F.silu(F.conv2d(planes, weight, bias, padding=1, groups=dim)).permute(0, 2, 3, 1).reshape(batch, length, dim)
 
