@@ -141,3 +141,26 @@ def test_timing_page_figures_are_read_from_their_rows():
     expected = (f"DiT-SIS / SISMA {paired_ratios(first, 'dit')} and {paired_ratios(second, 'dit')}, "
                 f"SDM / SISMA {paired_ratios(first, 'sdm')} and {paired_ratios(second, 'sdm')}")
     assert expected in text
+
+
+def test_sisma_dit_benchmark_table_is_the_medians_of_its_runs():
+    """docs/timing.md's before/after table of the SISMA / DiT-SIS benchmark: each cell the median of a batch's runs in
+    results/timing-check/sisma-dit-benchmark.csv, before (the first commit of the file) and after."""
+    rows = list(csv.DictReader((ROOT / "results" / "timing-check" / "sisma-dit-benchmark.csv").open(newline="")))
+    before = rows[0]["commit"]
+    text = " ".join((ROOT / "docs" / "timing.md").read_text().split())
+
+    def cell(column: str, when: str, percent: bool = False) -> str:
+        batches = []
+        for batch in sorted({r["batch"] for r in rows}):
+            values = [float(r[column]) for r in rows
+                      if r["batch"] == batch and (r["commit"] == before) == (when == "before")]
+            assert len(values) == 5
+            batches.append(f"{np.median(values) * 100:.1f}%" if percent else f"{np.median(values):.3f}")
+        return "; ".join(batches)
+
+    for label, column, percent in (("one NFE at batch 1", "nfe_ratio", False),
+                                   ("a training step at batch 8 (with AdamW)", "train_ratio", False),
+                                   ("layout operators in SISMA's NFE profile", "layout_share_sisma", True)):
+        row = f"| {label} | {cell(column, 'before', percent)} | {cell(column, 'after', percent)} |"
+        assert row in text, row
