@@ -693,6 +693,11 @@ def _conv_grad_buffers(ctx, dout: Tensor):
     return x, weight, bias, _fp32(dout), x.new_empty(x.shape), torch.empty_like(weight), dbias
 
 
+def _conv_grads(ctx, dx: Tensor, dweight: Tensor, dbias: Tensor | None) -> list:
+    """The filled gradients in the dtypes of the conv's inputs."""
+    return [g if g is None else g.to(dtype) for g, dtype in zip((dx, dweight, dbias), ctx.dtypes)]
+
+
 class _CpuTokenConv(torch.autograd.Function):
     """Autograd wrapper around the C kernel's causal conv + SiLU on the token layout (see causal_conv1d_tokens); on
     fake tensors, as _CpuTokenScan, the same allocations and saved tensors without computing."""
@@ -716,8 +721,7 @@ class _CpuTokenConv(torch.autograd.Function):
             args, pos = _conv_args(x, weight, bias, ctx.order, backward=True)
             _KERNEL.load().ss_conv_backward_tokens(ctypes.byref(args), dout.data_ptr(), pos, dx.data_ptr(),
                                                    dweight.data_ptr(), _ptr(dbias))
-        grads = [g if g is None else g.to(dtype) for g, dtype in zip((dx, dweight, dbias), ctx.dtypes)]
-        return (*grads, None, None, None)
+        return (*_conv_grads(ctx, dx, dweight, dbias), None, None, None)
 
 
 def causal_conv1d_tokens(x: Tensor, weight: Tensor, bias: Tensor | None = None, order: int = RASTER, grid: int = 0,
@@ -793,8 +797,7 @@ class _CpuGridConv(torch.autograd.Function):
                                    torch.get_num_threads() * lib.ss_grid_conv_scratch_floats(ctx.grid, 1) * FLOAT_BYTES)
             lib.ss_grid_conv_backward(ctypes.byref(_grid_conv_args(x, weight, bias, ctx.grid)), dout.data_ptr(),
                                       scratch, dx.data_ptr(), dweight.data_ptr(), _ptr(dbias))
-        grads = [g if g is None else g.to(dtype) for g, dtype in zip((dx, dweight, dbias), ctx.dtypes)]
-        return (*grads, None)
+        return (*_conv_grads(ctx, dx, dweight, dbias), None)
 
 
 def grid_conv2d_tokens(x: Tensor, weight: Tensor, bias: Tensor | None, grid: int) -> Tensor:
