@@ -33,6 +33,7 @@
 #include <omp.h>
 #else
 static int omp_get_thread_num(void) { return 0; }
+static int omp_get_num_threads(void) { return 1; }
 #endif
 
 #define CHUNK 64                   /* positions whose dt (a softplus each) is computed in one batch */
@@ -661,6 +662,23 @@ static void gather_inputs(const TokenArgs *t, const float *dout, const int64_t *
         gather_tile(dout + b * L * a->dim + d0, a->dim, 1, pos, L, T, tile + 3 * TILE * ld, ld);
 }
 
+/* Prefetch the token rows of scan steps [l0, l1) of channels d0.. of batch element b in the streams u, delta, z (and
+ * dout): the tile a thread will likely take next, a slice of it during each row of the current one, so that its
+ * gather finds the lines in the cache (at batch 8 a layer's streams come from memory; the tile's own prefetches, a few
+ * positions ahead, cannot cover that latency). Tiles are handed out in order, so with every thread busy a thread's
+ * next tile is about the number of threads further on; a wrong guess costs only the prefetches. */
+INLINE void prefetch_tile_rows(const TokenArgs *t, const float *dout, const int64_t *pos, int64_t b, int64_t d0,
+                               int64_t l0, int64_t l1)
+{
+    const ScanArgs *a = &t->base;
+    for (int64_t l = l0; l < l1; l++) {
+        __builtin_prefetch(a->u + b * t->su[0] + pos[l] * t->su[1] + d0 * t->su[2]);
+        __builtin_prefetch(a->delta + b * t->sdelta[0] + pos[l] * t->sdelta[1] + d0 * t->sdelta[2]);
+        if (a->z) __builtin_prefetch(a->z + b * t->sz[0] + pos[l] * t->sz[1] + d0 * t->sz[2]);
+        if (dout) __builtin_prefetch(dout + (b * a->length + pos[l]) * a->dim + d0);
+    }
+}
+
 /* pos: the caller's length int64 slots, filled here. out (batch, length, dim); last (batch, dim, state). */
 void ss_forward_tokens(const TokenArgs *t, int64_t *pos, float *out, float *last)
 {
@@ -676,8 +694,11 @@ void ss_forward_tokens(const TokenArgs *t, int64_t *pos, float *out, float *last
 #pragma omp for schedule(dynamic, 1)
         for (int64_t k = 0; k < a->batch * tiles; k++) {
             const int64_t b = k / tiles, d0 = k % tiles * TILE, T = E - d0 < TILE ? E - d0 : TILE;
+            const int64_t kn = k + omp_get_num_threads();  /* see prefetch_tile_rows */
             gather_inputs(t, NULL, pos, b, d0, T, tile, ld);
             for (int64_t j = 0; j < T; j++) {
+                if (kn < a->batch * tiles)
+                    prefetch_tile_rows(t, NULL, pos, kn / tiles, kn % tiles * TILE, j * L / T, (j + 1) * L / T);
                 const float *u = tile + j * ld, *delta = u + TILE * ld, *z = a->z ? delta + TILE * ld : NULL;
                 float *lst = last + (b * E + d0 + j) * N;
                 if (N == COMMON_STATE)
@@ -713,8 +734,13 @@ void ss_backward_tokens(const TokenArgs *t, const ScanGrads *g, int64_t *pos)
                 /* the block's rows in channel order, as in ss_backward, a tile of them gathered at a time */
                 for (int64_t e0 = d0; e0 < d1; e0 += TILE) {
                     const int64_t T = d1 - e0 < TILE ? d1 - e0 : TILE;
+                    /* the next tile: the block's own, or the block this thread likely takes next */
+                    const int64_t kn = k + omp_get_num_threads();
+                    const int64_t dn = e0 + TILE < d1 ? e0 + TILE
+                                       : kn < G * blocks ? kn / blocks * per_group + kn % blocks * rows : -1;
                     gather_inputs(t, g->dout, pos, b, e0, T, tile, ld);
                     for (int64_t j = 0; j < T; j++) {
+                        if (dn >= 0) prefetch_tile_rows(t, g->dout, pos, b, dn, j * L / T, (j + 1) * L / T);
                         const float *u = tile + j * ld, *delta = u + TILE * ld, *z = delta + TILE * ld;
                         const float *dout = z + TILE * ld;
                         float *du = tile + (4 * TILE + j) * ld, *ddelta = du + TILE * ld, *dz = ddelta + TILE * ld;
