@@ -247,22 +247,26 @@ class SelectiveSSM(nn.Module):
             return y.transpose(1, 2)
         if self.conv.on_grid:  # the 2-D conv and so the projections do not depend on the order: made once
             u, m = self.conv.grid_tokens(u), self.mask_conv.grid_tokens(m) if self.cross else None
-            streams = self.project_tokens(u, m)
+            streams = self.project_tokens(u, m, low_rank=len(orders) == 1)
         A, D, delta_bias = -torch.exp(_fp32(self.A_log)), _fp32(self.D), _fp32(self.dt_proj.bias)
         y = None
         for order in orders:
             where = RASTER_ORDER if order is None else order.kernel_order
             if not self.conv.on_grid:
                 mo = self.mask_conv.causal_tokens(m, where) if self.cross else None
-                streams = self.project_tokens(self.conv.causal_tokens(u, where), mo)
-            uo, delta, B, C = streams
-            yp = selective_scan_tokens(uo, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=True, **where)
+                streams = self.project_tokens(self.conv.causal_tokens(u, where), mo, low_rank=True)
+            uo, delta, B, C, weight = streams
+            yp = selective_scan_tokens(uo, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=True,
+                                       delta_proj_weight=weight, **where)
             y = yp if y is None else y + yp
         return y
 
-    def project_tokens(self, u: Tensor, m: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def project_tokens(self, u: Tensor, m: Tensor | None, low_rank: bool) -> tuple[Tensor, ...]:
         """Convolved token-major u (and m, cross only) (B, L, E) -> the scan's u, delta (B, L, E) and B, C (B, L, N),
-        per token on the linear layers' layout (B and C are views of one projection without cross)."""
+        per token on the linear layers' layout (B and C are views of one projection without cross), and None; with
+        ``low_rank``, dt (B, L, R) in delta's place and dt_proj's weight for the scan to make delta from (on CPU the
+        kernel does, without a (B, L, E) tensor). Not where orders share delta: delta's gradient would then reach the
+        weight as one product per order, summed, not as the product of their sum, which has other bits."""
         N, R = self.d_state, self.dt_rank
         proj = F.linear(u, self.x_proj.weight)  # (B, L, R), or (B, L, R + 2N) without cross
         if self.cross:
@@ -270,8 +274,10 @@ class SelectiveSSM(nn.Module):
             B, C = F.linear(m, self.mask_x_proj.weight).split([N, N], dim=-1)
         else:
             dt, B, C = proj.split([R, N, N], dim=-1)  # views: the kernel reads B and C with their strides
+        if low_rank:
+            return u, dt, B, C, self.dt_proj.weight
         delta = F.linear(dt, self.dt_proj.weight)  # (B, L, E); dt_proj's bias enters the scan as delta_bias
-        return u, delta, B, C
+        return u, delta, B, C, None
 
     def scan(self, u: Tensor, z: Tensor, m: Tensor | None) -> Tensor:
         """One selective scan of (B, E, L) streams already convolved, in scan order."""

@@ -494,7 +494,8 @@ class _TokenArgs(ctypes.Structure):
     """Mirror of TokenArgs in selective_scan.c."""
 
     _fields_ = [("base", _ScanArgs)] + [(name, ctypes.c_int64 * 3) for name in ("su", "sdelta", "sz", "sB", "sC")] + [
-        ("order", ctypes.c_int32), ("grid", ctypes.c_int32), ("prefix", ctypes.c_int32)]
+        ("order", ctypes.c_int32), ("grid", ctypes.c_int32), ("prefix", ctypes.c_int32),
+        ("dtr", ctypes.c_void_p), ("wdt", ctypes.c_void_p), ("sdtr", ctypes.c_int64 * 3), ("rank", ctypes.c_int64)]
 
 
 def _fp32_view(t: Tensor | None) -> Tensor | None:
@@ -502,18 +503,23 @@ def _fp32_view(t: Tensor | None) -> Tensor | None:
     return t if t is None or t.dtype == torch.float32 else t.detach().to(torch.float32)
 
 
-def _token_args(u, delta, A, B, C, D, z, delta_bias, softplus, order, grid, prefix, backward):
+def _token_args(u, delta, A, B, C, D, z, delta_bias, delta_proj_weight, softplus, order, grid, prefix, backward):
     """TokenArgs for token-major fp32 views u, delta, z (batch, L, E) and B, C (batch, L, N) or (batch, L, G, N) with
-    unit state stride, with thread scratch; and the address of the position table (``_work_buffer``)."""
+    unit state stride, with thread scratch; and the address of the position table (``_work_buffer``). With
+    ``delta_proj_weight`` (E, R) contiguous, delta is the low-rank dt (batch, L, R) the kernel makes delta from."""
     lib, threads = _KERNEL.load(), torch.get_num_threads()
     batch, length, dim = u.shape
     groups, state = _groups(B), A.shape[1]
     scratch = _work_buffer("scratch", threads * lib.ss_token_scratch_floats(length, state, backward) * FLOAT_BYTES)
     base = _ScanArgs(batch, dim, length, state, groups, *map(_ptr, (u, delta, A, B, C, D, z, delta_bias)),
                      int(softplus), threads, scratch)
-    strides = [(ctypes.c_int64 * 3)(*(t.stride() if t is not None else (0, 0, 0))) for t in (u, delta, z)]
-    strides += [(ctypes.c_int64 * 3)(*(M.stride()[:3] if M.dim() == 4 else (*M.stride()[:2], 0))) for M in (B, C)]
-    args = _TokenArgs(base, *strides, order, grid, prefix)
+    none = (0, 0, 0)
+    low_rank = delta_proj_weight is not None  # then delta is made, not read: dt's strides are sdtr's
+    strides = [u.stride(), none if low_rank else delta.stride(), z.stride() if z is not None else none]
+    strides += [M.stride()[:3] if M.dim() == 4 else (*M.stride()[:2], 0) for M in (B, C)]
+    low = (delta, delta_proj_weight, delta.stride(), delta_proj_weight.shape[1]) if low_rank else (None, None, none, 0)
+    args = _TokenArgs(base, *((ctypes.c_int64 * 3)(*st) for st in strides), order, grid, prefix, _ptr(low[0]),
+                      _ptr(low[1]), (ctypes.c_int64 * 3)(*low[2]), low[3])
     return args, _work_buffer("positions", length * INDEX_BYTES)
 
 
@@ -528,11 +534,11 @@ def _groups(M: Tensor) -> int:
     return M.shape[2] if M.dim() == 4 else 1
 
 
-def _token_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, order, grid, prefix):
+def _token_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_proj_weight, delta_softplus, order, grid, prefix):
     """The C kernel's token-layout forward: the fp32 tensors as the kernel reads them, the fp32 output and last state
     (allocated only, on fake tensors)."""
     tensors = [_fp32_view(t) for t in (u, delta)] + [_fp32(A), _state_unit(B), _state_unit(C)] + [
-        _fp32(D), _fp32_view(z), _fp32(delta_bias)]
+        _fp32(D), _fp32_view(z), _fp32(delta_bias), _fp32(delta_proj_weight)]
     out = u.new_empty(u.shape, dtype=torch.float32)
     last = u.new_empty(u.shape[0], u.shape[2], A.shape[1], dtype=torch.float32)
     if not _is_fake(u):
@@ -547,13 +553,14 @@ class _CpuTokenScan(torch.autograd.Function):
     hundred kB, is left out)."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, order, grid, prefix):
-        tensors, out, last = _token_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, order, grid,
-                                                 prefix)
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_proj_weight, delta_softplus, order, grid, prefix):
+        tensors, out, last = _token_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_proj_weight,
+                                                 delta_softplus, order, grid, prefix)
         ctx.save_for_backward(*[t if t is not None else torch.empty(0) for t in tensors])
         ctx.absent = [t is None for t in tensors]
         ctx.softplus, ctx.order = delta_softplus, (order, grid, prefix)
-        ctx.dtypes = [t.dtype if t is not None else None for t in (u, delta, A, B, C, D, z, delta_bias)]
+        ctx.dtypes = [t.dtype if t is not None else None
+                      for t in (u, delta, A, B, C, D, z, delta_bias, delta_proj_weight)]
         ctx.set_materialize_grads(False)
         return out.to(u.dtype), last
 
@@ -561,7 +568,7 @@ class _CpuTokenScan(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dlast):
         tensors = [None if gone else t for t, gone in zip(ctx.saved_tensors, ctx.absent)]
-        u, delta, A, B, C, D, z, delta_bias = tensors
+        u, delta, A, B, C, D, z, delta_bias, delta_proj_weight = tensors
         batch, length, dim = u.shape
         groups, state = _groups(B), A.shape[1]
         dout = u.new_zeros(u.shape) if dout is None else _fp32(dout)  # contiguous: the kernel reads it so
@@ -576,10 +583,26 @@ class _CpuTokenScan(torch.autograd.Function):
             partial = _work_buffer("partial", lib.ss_partial_floats(dim, groups, length, state) * FLOAT_BYTES)
             grads = _ScanGrads(*map(_ptr, (dout, dlast, du, ddelta, dz, dA, dD, dbias, dB, dC)), partial)
             lib.ss_backward_tokens(ctypes.byref(args), ctypes.byref(grads), pos)
+        dweight = None
+        if delta_proj_weight is not None:  # delta = dt @ weight.T was made in the kernel: the product's gradients
+            ddelta, dweight = _low_rank_grads(ddelta, delta, delta_proj_weight)
         result = [du, ddelta, dA, dB, dC, dD if D is not None else None, dz,
-                  dbias if delta_bias is not None else None]
+                  dbias if delta_bias is not None else None, dweight]
         result = [g if g is None else g.to(dtype) for g, dtype in zip(result, ctx.dtypes)]
         return (*result, None, None, None, None)
+
+
+def _low_rank_grads(ddelta: Tensor, dt: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients of dt (batch, L, R) and weight (E, R) from ddelta (batch, L, E) for delta = F.linear(dt, weight), as
+    autograd computes them for that product (its 2-D mm of dt's (batch L, R) view and weight.T; aten's mm_mat1_backward
+    and mm_mat2_backward, weight.T column-major): the same operations, so the same bits."""
+    dt2 = dt.reshape(-1, dt.shape[-1])  # a view of a linear layer's output, as F.linear folds it
+    grad = ddelta.view(-1, ddelta.shape[-1])
+    if dt2.stride(0) == 1 and dt2.stride(1) == dt2.shape[0]:  # column-major dt: aten answers in its layout
+        ddt = weight.t().mm(grad.t()).t()
+    else:
+        ddt = grad.mm(weight)
+    return ddt.reshape(dt.shape), grad.t().mm(dt2)
 
 
 def token_kernels_run(*tensors: Tensor | None) -> bool:
@@ -613,6 +636,7 @@ def selective_scan_tokens(
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
     z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
     order: int = RASTER, grid: int = 0, prefix: int = 0, return_last_state: bool = False,
+    delta_proj_weight: Tensor | None = None,
 ):
     """``selective_scan`` on the token layout, along a scan order, in raster order in and out.
 
@@ -621,9 +645,19 @@ def selective_scan_tokens(
     is (batch, L, E) in raster order and the last state (batch, E, N) that of the last step. On CPU the C kernel
     reads and writes these layouts and walks the order itself (no copies); elsewhere the streams are put in
     scan order, channel-major, for ``selective_scan`` and its output put back.
+
+    With ``delta_proj_weight`` (E, R) (mamba_inner_fn's delta_proj_weight), delta is the low-rank dt (batch, L, R)
+    and the scan's delta is ``F.linear(delta, delta_proj_weight)``: on CPU in fp32 the C kernel makes it per tile
+    (the same bits as that product; the (batch, L, E) delta is neither written nor read), elsewhere the product is
+    made first. Its gradients are the product's.
     """
     batch, length, dim = u.shape
     _check_order("selective_scan_tokens", order, grid, prefix, length)
+    if delta_proj_weight is not None and not (
+            delta.dtype == delta_proj_weight.dtype == torch.float32 and not _ACTIVE_COUNTERS
+            and token_kernels_run(u, delta, delta_proj_weight)):
+        # the product as the model would make it: in its dtype (a cast model's), counted while FLOPs are counted
+        delta, delta_proj_weight = F.linear(delta, delta_proj_weight), None
     if token_kernels_run(u, delta, A, B, C, D, z, delta_bias):
         state = A.shape[-1]
         for name, M in (("B", B), ("C", C)):
@@ -631,19 +665,22 @@ def selective_scan_tokens(
                     M.dim() == 4 and dim % M.shape[2]):
                 raise ValueError(f"selective_scan_tokens: expected {name} (B, L, N) or (B, L, G, N) with D % G == 0"
                                  f" for u {tuple(u.shape)} and N={state}, got {tuple(M.shape)}")
-        if delta.shape != u.shape or A.shape[0] != dim or (z is not None and z.shape != u.shape):
-            raise ValueError(f"selective_scan_tokens: u, delta, z must be (B, L, D) and A (D, N); got u "
-                             f"{tuple(u.shape)}, delta {tuple(delta.shape)}, A {tuple(A.shape)}")
+        rank = delta_proj_weight.shape[1] if delta_proj_weight is not None else None
+        if (delta.shape != (u.shape if rank is None else (batch, length, rank)) or A.shape[0] != dim
+                or (z is not None and z.shape != u.shape)
+                or (rank is not None and (delta_proj_weight.shape != (dim, rank) or rank < 1))):
+            raise ValueError(f"selective_scan_tokens: u, delta, z must be (B, L, D) and A (D, N), or delta (B, L, R) "
+                             f"with delta_proj_weight (D, R); got u {tuple(u.shape)}, delta {tuple(delta.shape)}, A "
+                             f"{tuple(A.shape)}, delta_proj_weight "
+                             f"{None if rank is None else tuple(delta_proj_weight.shape)}")
         fake = _is_fake(u)
         _record("fake" if fake else "cpu", (batch, dim, length), A)
         with _profiler_range(None if fake else SCAN_LABEL):
-            if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                               for t in (u, delta, A, B, C, D, z, delta_bias)):
-                y, last = _CpuTokenScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, order, grid,
-                                              prefix)
+            inputs = (u, delta, A, B, C, D, z, delta_bias, delta_proj_weight)
+            if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+                y, last = _CpuTokenScan.apply(*inputs, delta_softplus, order, grid, prefix)
             else:  # sampling: no autograd node to make
-                _tensors, y, last = _token_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, order,
-                                                        grid, prefix)
+                _tensors, y, last = _token_scan_forward(*inputs, delta_softplus, order, grid, prefix)
                 y = y if u.dtype == torch.float32 else y.to(u.dtype)
         return (y, last) if return_last_state else y
     perm = _order_perm(order, grid, length, prefix, u.device)

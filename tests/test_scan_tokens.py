@@ -26,6 +26,7 @@ ORDERS = SISMA_ORDERS + DIM_ORDERS
 THREAD_ORDERS = [ScanOrder(GRID), ScanOrder(GRID, 3), Sweep(PREFIX, GRID, reverse=True),
                  Sweep(PREFIX, GRID, columns=True), Sweep(PREFIX, GRID, columns=True, reverse=True)]
 THREADS_SHAPE = dict(batch=3, dim=2 * 150, groups=2)  # several backward channel blocks per group, a partial tile
+RANK = 3  # dt's rank: the first RANK columns of the (batch, L, R + 2 G N) projection
 
 
 def order_id(order):
@@ -60,7 +61,7 @@ def make_inputs(length, batch=2, dim=24, groups=1, state=16, seed=0):
     """Leaf tensors: one (batch, L, 2E) projection (u then z), delta, A, one (batch, L, R + 2 G N) projection
     (dt, then B and C), D and delta_bias."""
     g = torch.Generator().manual_seed(seed)
-    R = 3
+    R = RANK
     return {
         "xz": torch.randn(batch, length, 2 * dim, generator=g),
         "delta": torch.randn(batch, length, dim, generator=g) * 0.5 - 2.0,
@@ -201,6 +202,67 @@ def test_other_backends_take_the_permuted_path(monkeypatch, order):
     torch.testing.assert_close(got[0], expected[0], rtol=6e-4, atol=2e-3)
     for name in expected[2]:
         torch.testing.assert_close(got[2][name], expected[2][name], rtol=6e-4, atol=2e-3)
+
+
+# --- delta made in the kernel from the low-rank dt (delta_proj_weight, as mamba_inner_fn takes it) ---
+
+def low_rank_run(x, order, groups, fused, seed=1):
+    """``run`` with dt, the first RANK columns of proj, and dt_proj's weight (E, RANK) as leaves in place of delta:
+    the scan given dt and the weight (``fused``), or the delta the product of the two makes, as the models made it."""
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in x.items() if k != "delta"}
+    args = views({**leaves, "delta": x["delta"]}, groups)
+    dt = leaves["proj"][..., :RANK]  # a strided view, as x_proj's output is
+    if fused:
+        args.update(delta=dt, delta_proj_weight=leaves["weight"])
+    else:
+        args["delta"] = torch.nn.functional.linear(dt, leaves["weight"])
+    y, last = ssm.selective_scan_tokens(**args, delta_softplus=True, **kernel_order(order), return_last_state=True)
+    g = torch.Generator().manual_seed(seed)
+    ((y * torch.randn(y.shape, generator=g)).sum() + (last * torch.randn(last.shape, generator=g)).sum()).backward()
+    return y, last, {k: v.grad for k, v in leaves.items()}
+
+
+def low_rank_inputs(order, seed=5, **shape):
+    x = make_inputs(length(order), seed=seed, **shape)
+    x["weight"] = torch.randn(x["delta"].shape[-1], RANK, generator=torch.Generator().manual_seed(seed + 1)) * 0.5
+    return x
+
+
+def product_is_a_chain(x):
+    """True when aten's product of dt and the weight sums its RANK terms as one chain of fused multiply-adds from
+    k = 0, the kernel's order (each step's exact product and sum in fp64, rounded once to fp32): then the bits agree."""
+    dt, weight = x["proj"][..., :RANK], x["weight"]
+    chain = torch.zeros(*dt.shape[:-1], weight.shape[0])
+    for k in range(RANK):
+        chain = (dt[..., k, None].double() * weight[:, k].double() + chain.double()).float()
+    return torch.equal(torch.nn.functional.linear(dt, weight), chain)
+
+
+@pytest.mark.parametrize("order", [None, ScanOrder(GRID, 5), Sweep(PREFIX, GRID, columns=True, reverse=True)],
+                         ids=order_id)
+@pytest.mark.parametrize("groups", [1, 2])
+def test_delta_made_in_the_kernel_is_the_product_it_replaces(order, groups):
+    """Output, last state and the gradients of every leaf (dt's projection and the weight included) the same as
+    with delta made by F.linear first, bit for bit where aten sums the product as the kernel does (MKL does), else
+    within mamba-ssm's tolerances; and the same bits at 1 to 4 threads."""
+    x = low_rank_inputs(order, groups=groups)
+    fused = at_thread_counts(lambda: low_rank_run(x, order, groups, fused=True))
+    for n in fused:
+        assert_same(fused[n], fused[1])
+    expected = low_rank_run(x, order, groups, fused=False)
+    if product_is_a_chain(x):
+        assert_same(fused[1], expected)
+    else:
+        for got, want in zip((*fused[1][:2], *fused[1][2].values()), (*expected[:2], *expected[2].values())):
+            torch.testing.assert_close(got, want, rtol=6e-4, atol=2e-3)
+
+
+def test_delta_made_from_dt_refuses_a_weight_of_another_shape():
+    x = low_rank_inputs(None)
+    args = views(x, 1)
+    args.update(delta=x["proj"][..., :RANK], delta_proj_weight=x["weight"][:, :2])
+    with pytest.raises(ValueError, match="delta_proj_weight"):
+        ssm.selective_scan_tokens(**args)
 
 
 # --- the causal conv along a scan order on the token layout ---

@@ -372,6 +372,10 @@ typedef struct {
     int64_t su[3], sdelta[3], sz[3];     /* strides (batch, position, channel) in floats */
     int64_t sB[3], sC[3];                /* strides (batch, position, group); the state stride is 1 */
     int32_t order, grid, prefix;         /* the scan order: see order_position */
+    /* rank > 0: delta is not read but made, delta[b, l, e] = sum_k dtr[b, l, k] wdt[e, k] (see project_tile) */
+    const float *dtr, *wdt;              /* the low-rank dt (batch, length, rank) strided; wdt (dim, rank) contiguous */
+    int64_t sdtr[3];                     /* dtr's strides (batch, position, rank) in floats */
+    int64_t rank;
 } TokenArgs;
 
 #define ORDER_RASTER (-1)
@@ -506,6 +510,48 @@ INLINE void scatter_tile(const float *src, int64_t ld, const int64_t *pos, int64
     for (; l < L; l++) {
         float *p = out + pos[l] * dim;
         for (int64_t j = 0; j < T; j++) p[j] = src[j * ld + l];
+    }
+}
+
+/* dst[j * ld + l] = delta of channel d0 + j at scan step l, made from the low-rank dt of batch element b (rank > 0):
+ * sum_k dtr[pos[l], k] wdt[d0 + j, k] as one chain of fused multiply-adds from k = 0, the order in which the BLAS
+ * product it replaces (dt_proj, K = rank) sums on this CPU, so delta has the same bits (fmaf: the compiler may not
+ * reorder it, as it may a sum under -ffast-math). A full tile of positions is made TILE positions at a time, lanes
+ * over channels, and transposed in registers into the rows, as gather_tile moves one. */
+INLINE void project_tile(const TokenArgs *t, const int64_t *pos, int64_t b, int64_t d0, int64_t T, float *dst,
+                         int64_t ld)
+{
+    const int64_t L = t->base.length, R = t->rank, sl = t->sdtr[1], sk = t->sdtr[2];
+    const float *src = t->dtr + b * t->sdtr[0];
+    tile_vec w[R];  /* w[k][j]: channel d0 + j's weight k (zero beyond T) */
+    for (int64_t k = 0; k < R; k++)
+        for (int64_t j = 0; j < TILE; j++) w[k][j] = j < T ? t->wdt[(d0 + j) * R + k] : 0.0f;
+    int64_t l = 0;
+    if (T == TILE)
+        for (; l + TILE <= L; l += TILE) {
+            tile_vec r[TILE];
+            if (l + PREFETCH_AHEAD + TILE <= L)
+                for (int i = 0; i < TILE; i++) __builtin_prefetch(src + pos[l + PREFETCH_AHEAD + i] * sl);
+            for (int i = 0; i < TILE; i++) {
+                const float *p = src + pos[l + i] * sl;
+                tile_vec acc = {0};
+                for (int64_t k = 0; k < R; k++) {
+                    const float x = p[k * sk];
+#pragma omp simd
+                    for (int j = 0; j < TILE; j++) acc[j] = __builtin_fmaf(x, w[k][j], acc[j]);
+                }
+                r[i] = acc;
+            }
+            transpose_tile(r);
+            for (int j = 0; j < TILE; j++) vec_store(dst + j * ld + l, r[j]);
+        }
+    for (; l < L; l++) {
+        const float *p = src + pos[l] * sl;
+        for (int64_t j = 0; j < T; j++) {
+            float acc = 0.0f;
+            for (int64_t k = 0; k < R; k++) acc = __builtin_fmaf(p[k * sk], w[k][j], acc);
+            dst[j * ld + l] = acc;
+        }
     }
 }
 
@@ -647,15 +693,19 @@ INLINE void backward_row_tokens(const TokenArgs *t, const ScanGrads *g, const in
     g->dbias[d] += dbias;
 }
 
-/* Gather channels [d0, d0 + T) of batch element b of the streams u, delta, z (and dout) into the tile. */
+/* Gather channels [d0, d0 + T) of batch element b of the streams u, delta, z (and dout) into the tile; delta made
+ * from the low-rank dt where rank > 0 (project_tile). */
 static void gather_inputs(const TokenArgs *t, const float *dout, const int64_t *pos, int64_t b, int64_t d0,
                           int64_t T, float *tile, int64_t ld)
 {
     const ScanArgs *a = &t->base;
     const int64_t L = a->length;
     gather_tile(a->u + b * t->su[0] + d0 * t->su[2], t->su[1], t->su[2], pos, L, T, tile, ld);
-    gather_tile(a->delta + b * t->sdelta[0] + d0 * t->sdelta[2], t->sdelta[1], t->sdelta[2], pos, L, T,
-                tile + TILE * ld, ld);
+    if (t->rank)
+        project_tile(t, pos, b, d0, T, tile + TILE * ld, ld);
+    else
+        gather_tile(a->delta + b * t->sdelta[0] + d0 * t->sdelta[2], t->sdelta[1], t->sdelta[2], pos, L, T,
+                    tile + TILE * ld, ld);
     if (a->z)
         gather_tile(a->z + b * t->sz[0] + d0 * t->sz[2], t->sz[1], t->sz[2], pos, L, T, tile + 2 * TILE * ld, ld);
     if (dout)
@@ -663,17 +713,21 @@ static void gather_inputs(const TokenArgs *t, const float *dout, const int64_t *
 }
 
 /* Prefetch the token rows of scan steps [l0, l1) of channels d0.. of batch element b in the streams u, delta, z (and
- * dout): the tile a thread will likely take next, a slice of it during each row of the current one, so that its
- * gather finds the lines in the cache (at batch 8 a layer's streams come from memory; the tile's own prefetches, a few
- * positions ahead, cannot cover that latency). Tiles are handed out in order, so with every thread busy a thread's
- * next tile is about the number of threads further on; a wrong guess costs only the prefetches. */
+ * dout; dt for delta where rank > 0): the tile a thread will likely take next, a slice of it during each row of the
+ * current one, so that its gather finds the lines in the cache (at batch 8 a layer's streams come from memory; the
+ * tile's own prefetches, a few positions ahead, cannot cover that latency). Tiles are handed out in order, so with
+ * every thread busy a thread's next tile is about the number of threads further on; a wrong guess costs only the
+ * prefetches. */
 INLINE void prefetch_tile_rows(const TokenArgs *t, const float *dout, const int64_t *pos, int64_t b, int64_t d0,
                                int64_t l0, int64_t l1)
 {
     const ScanArgs *a = &t->base;
     for (int64_t l = l0; l < l1; l++) {
         __builtin_prefetch(a->u + b * t->su[0] + pos[l] * t->su[1] + d0 * t->su[2]);
-        __builtin_prefetch(a->delta + b * t->sdelta[0] + pos[l] * t->sdelta[1] + d0 * t->sdelta[2]);
+        if (t->rank)
+            __builtin_prefetch(t->dtr + b * t->sdtr[0] + pos[l] * t->sdtr[1]);
+        else
+            __builtin_prefetch(a->delta + b * t->sdelta[0] + pos[l] * t->sdelta[1] + d0 * t->sdelta[2]);
         if (a->z) __builtin_prefetch(a->z + b * t->sz[0] + pos[l] * t->sz[1] + d0 * t->sz[2]);
         if (dout) __builtin_prefetch(dout + (b * a->length + pos[l]) * a->dim + d0);
     }
