@@ -514,12 +514,15 @@ def _token_args(u, delta, A, B, C, D, z, delta_bias, delta_proj_weight, softplus
     base = _ScanArgs(batch, dim, length, state, groups, *map(_ptr, (u, delta, A, B, C, D, z, delta_bias)),
                      int(softplus), threads, scratch)
     none = (0, 0, 0)
-    low_rank = delta_proj_weight is not None  # then delta is made, not read: dt's strides are sdtr's
-    strides = [u.stride(), none if low_rank else delta.stride(), z.stride() if z is not None else none]
-    strides += [M.stride()[:3] if M.dim() == 4 else (*M.stride()[:2], 0) for M in (B, C)]
-    low = (delta, delta_proj_weight, delta.stride(), delta_proj_weight.shape[1]) if low_rank else (None, None, none, 0)
-    args = _TokenArgs(base, *((ctypes.c_int64 * 3)(*st) for st in strides), order, grid, prefix, _ptr(low[0]),
-                      _ptr(low[1]), (ctypes.c_int64 * 3)(*low[2]), low[3])
+    if delta_proj_weight is None:
+        dtr, sdelta, sdtr, rank = None, delta.stride(), none, 0
+    else:  # delta is made, not read: dt's strides are sdtr's
+        dtr, sdelta, sdtr, rank = delta, none, delta.stride(), delta_proj_weight.shape[1]
+    streams = [u.stride(), sdelta, z.stride() if z is not None else none]
+    streams += [M.stride()[:3] if M.dim() == 4 else (*M.stride()[:2], 0) for M in (B, C)]
+    triple = ctypes.c_int64 * 3
+    args = _TokenArgs(base, *(triple(*st) for st in streams), order, grid, prefix, _ptr(dtr), _ptr(delta_proj_weight),
+                      triple(*sdtr), rank)
     return args, _work_buffer("positions", length * INDEX_BYTES)
 
 
@@ -655,7 +658,7 @@ def selective_scan_tokens(
     _check_order("selective_scan_tokens", order, grid, prefix, length)
     if delta_proj_weight is not None and not (
             delta.dtype == delta_proj_weight.dtype == torch.float32 and not _ACTIVE_COUNTERS
-            and token_kernels_run(u, delta, delta_proj_weight)):
+            and token_kernels_run(u, delta, A, B, C, D, z, delta_bias, delta_proj_weight)):
         # the product as the model would make it: in its dtype (a cast model's), counted while FLOPs are counted
         delta, delta_proj_weight = F.linear(delta, delta_proj_weight), None
     if token_kernels_run(u, delta, A, B, C, D, z, delta_bias):
