@@ -983,12 +983,19 @@ INLINE tile_vec tile_load(const float *src, int64_t T)
 }
 
 /* Channels [d0, d0 + T) of one batch element (src points at channel d0 of position 0, positions sl floats apart)
- * into dst, a (g + 2) x (g + 2) grid of TILE-vectors whose border and channels beyond T are zero. */
+ * into the interior of dst, a (g + 2) x (g + 2) grid of TILE-vectors, channels beyond T zero. Only the interior is
+ * written: the border is zeroed once per thread (the caller's memset), and every gather leaves it zero. */
 INLINE void grid_tile_gather(const float *src, int64_t sl, int64_t g, int64_t T, tile_vec *dst)
 {
-    memset(dst, 0, (g + 2) * (g + 2) * sizeof(tile_vec));
     for (int64_t i = 0; i < g; i++)
         for (int64_t j = 0; j < g; j++) dst[(i + 1) * (g + 2) + j + 1] = tile_load(src + (i * g + j) * sl, T);
+}
+
+/* Prefetch row i of a tile's grid (src at channel d0 of position 0, positions sl floats apart): the rows of one
+ * tile are a cache line each, far apart, and at batch 8 they come from memory. */
+INLINE void grid_prefetch_row(const float *src, int64_t sl, int64_t g, int64_t i)
+{
+    for (int64_t j = 0; j < g; j++) __builtin_prefetch(src + (i * g + j) * sl);
 }
 
 /* TILE lanes into T <= TILE floats of dst. */
@@ -1030,17 +1037,22 @@ void ss_grid_conv_forward(const GridConvArgs *c, float *scratch, float *out)
     {
         tile_vec w[GRID_TAPS], bias;
         tile_vec *xp = (tile_vec *)(scratch + omp_get_thread_num() * ss_grid_conv_scratch_floats(g, 0));
+        memset(xp, 0, (g + 2) * (g + 2) * sizeof(tile_vec));  /* the zero border, see grid_tile_gather */
 #pragma omp for schedule(dynamic, 1)
         for (int64_t k = 0; k < c->batch * tiles; k++) {
             const int64_t b = k / tiles, d0 = k % tiles * TILE, T = E - d0 < TILE ? E - d0 : TILE;
+            const int64_t kn = k + omp_get_num_threads();  /* as in the scan: likely this thread's next task */
+            const float *xn = kn < c->batch * tiles ? c->x + kn / tiles * c->sx[0] + kn % tiles * TILE : NULL;
             float *o = out + b * L * E + d0;
             grid_tile_weights(c, d0, T, w, &bias);
             grid_tile_gather(c->x + b * c->sx[0] + d0, c->sx[1], g, T, xp);
-            for (int64_t i = 0; i < g; i++)
+            for (int64_t i = 0; i < g; i++) {
+                if (xn) grid_prefetch_row(xn, c->sx[1], g, i);
                 for (int64_t j = 0; j < g; j++) {
                     const tile_vec a = grid_tile_taps(bias, w, xp, g, i, j);
                     tile_store(o + (i * g + j) * E, a * tile_sigmoid(a), T);
                 }
+            }
         }
     }
 }
@@ -1056,6 +1068,7 @@ void ss_grid_conv_backward(const GridConvArgs *c, const float *dout, float *scra
         tile_vec w[GRID_TAPS], wflip[GRID_TAPS], bias, dw[GRID_TAPS], db;
         tile_vec *xp = (tile_vec *)(scratch + omp_get_thread_num() * ss_grid_conv_scratch_floats(g, 1));
         tile_vec *dap = xp + gp * gp;  /* the gradient of a, with the same zero border */
+        memset(xp, 0, 2 * gp * gp * sizeof(tile_vec));  /* the zero borders, see grid_tile_gather */
 #pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < tiles; t++) {
             const int64_t d0 = t * TILE, T = E - d0 < TILE ? E - d0 : TILE;
@@ -1063,13 +1076,18 @@ void ss_grid_conv_backward(const GridConvArgs *c, const float *dout, float *scra
             for (int64_t k = 0; k < GRID_TAPS; k++) wflip[k] = w[GRID_TAPS - 1 - k];
             db = (tile_vec){0};
             for (int64_t k = 0; k < GRID_TAPS; k++) dw[k] = (tile_vec){0};
-            memset(dap, 0, gp * gp * sizeof(tile_vec));
             for (int64_t b = 0; b < c->batch; b++) {
                 const float *dy = dout + b * L * E + d0;
                 float *dxb = dx + b * L * E + d0;
+                /* the next batch element of this tile, or after the last the tile this thread likely takes next */
+                const int64_t tn = b + 1 < c->batch ? t : t + omp_get_num_threads(), bn = b + 1 < c->batch ? b + 1 : 0;
                 grid_tile_gather(c->x + b * c->sx[0] + d0, c->sx[1], g, T, xp);
                 /* da = dout * silu'(a), silu'(a) = s (1 + a (1 - s)); dbias and dweight summed as da is made */
-                for (int64_t i = 0; i < g; i++)
+                for (int64_t i = 0; i < g; i++) {
+                    if (tn < tiles) {
+                        grid_prefetch_row(c->x + bn * c->sx[0] + tn * TILE, c->sx[1], g, i);
+                        grid_prefetch_row(dout + bn * L * E + tn * TILE, E, g, i);
+                    }
                     for (int64_t j = 0; j < g; j++) {
                         const tile_vec a = grid_tile_taps(bias, w, xp, g, i, j), s = tile_sigmoid(a);
                         const tile_vec dyv = tile_load(dy + (i * g + j) * E, T);
@@ -1079,6 +1097,7 @@ void ss_grid_conv_backward(const GridConvArgs *c, const float *dout, float *scra
                         for (int64_t di = 0; di < 3; di++)
                             for (int64_t dj = 0; dj < 3; dj++) dw[3 * di + dj] += d * xp[(i + di) * gp + j + dj];
                     }
+                }
                 /* dx_{i,j} = sum over taps of w_{di,dj} da_{i-di, j-dj}: the transposed conv, the flipped kernel on
                  * the padded da, taps in raster order of the flipped kernel */
                 for (int64_t i = 0; i < g; i++)
