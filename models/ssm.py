@@ -385,12 +385,20 @@ def _work_buffer(slot: str, nbytes: int) -> int:
     return -(-ctypes.addressof(buf) // WORK_ALIGN) * WORK_ALIGN
 
 
+@functools.cache
+def _kernel_floats(name: str, *sizes: int) -> int:
+    """A float count the kernel computes (its ``*_scratch_floats`` and ``ss_partial_floats``), asked of it once per
+    shape: a call through ctypes costs microseconds, several per kernel call."""
+    return getattr(_KERNEL.load(), name)(*sizes)
+
+
 def _kernel_args(u, delta, A, Bt, Ct, D, z, delta_bias, softplus, backward) -> _ScanArgs:
     """ScanArgs for fp32 contiguous tensors (Bt, Ct in (B, G, L, N)), with thread scratch."""
-    lib, threads = _KERNEL.load(), torch.get_num_threads()
+    threads = torch.get_num_threads()
     batch, dim, length = u.shape
     groups, state = Bt.shape[1], A.shape[1]
-    scratch = _work_buffer("scratch", threads * lib.ss_scratch_floats(length, state, backward) * FLOAT_BYTES)
+    scratch = _work_buffer("scratch", threads * _kernel_floats("ss_scratch_floats", length, state, backward)
+                           * FLOAT_BYTES)
     return _ScanArgs(batch, dim, length, state, groups, *map(_ptr, (u, delta, A, Bt, Ct, D, z, delta_bias)),
                      int(softplus), threads, scratch)
 
@@ -428,7 +436,7 @@ class _CpuScan(torch.autograd.Function):
         dz = torch.empty_like(u) if z is not None else None
         dA, dD, dbias = u.new_zeros(dim, state), u.new_zeros(dim), u.new_zeros(dim)  # the kernel sums over the batch
         dB, dC = torch.empty_like(Bt), torch.empty_like(Ct)
-        partial = _work_buffer("partial", _KERNEL.load().ss_partial_floats(dim, groups, length, state) * FLOAT_BYTES)
+        partial = _work_buffer("partial", _kernel_floats("ss_partial_floats", dim, groups, length, state) * FLOAT_BYTES)
         dlast = _fp32(dlast)  # kept referenced: the kernel reads it through a raw pointer
         grads = _ScanGrads(*map(_ptr, (dout, dlast, du, ddelta, dz, dA, dD, dbias, dB, dC)), partial)
         _KERNEL.load().ss_backward(ctypes.byref(args), ctypes.byref(grads))
@@ -507,10 +515,11 @@ def _token_args(u, delta, A, B, C, D, z, delta_bias, delta_proj_weight, softplus
     """TokenArgs for token-major fp32 views u, delta, z (batch, L, E) and B, C (batch, L, N) or (batch, L, G, N) with
     unit state stride, with thread scratch; and the address of the position table (``_work_buffer``). With
     ``delta_proj_weight`` (E, R) contiguous, delta is the low-rank dt (batch, L, R) the kernel makes delta from."""
-    lib, threads = _KERNEL.load(), torch.get_num_threads()
+    threads = torch.get_num_threads()
     batch, length, dim = u.shape
     groups, state = _groups(B), A.shape[1]
-    scratch = _work_buffer("scratch", threads * lib.ss_token_scratch_floats(length, state, backward) * FLOAT_BYTES)
+    scratch = _work_buffer("scratch",
+                           threads * _kernel_floats("ss_token_scratch_floats", length, state, backward) * FLOAT_BYTES)
     base = _ScanArgs(batch, dim, length, state, groups, *map(_ptr, (u, delta, A, B, C, D, z, delta_bias)),
                      int(softplus), threads, scratch)
     none = (0, 0, 0)
@@ -582,10 +591,10 @@ class _CpuTokenScan(torch.autograd.Function):
         dlast = _fp32(dlast)
         if not _is_fake(u):
             args, pos = _token_args(*tensors, ctx.softplus, *ctx.order, backward=True)
-            lib = _KERNEL.load()
-            partial = _work_buffer("partial", lib.ss_partial_floats(dim, groups, length, state) * FLOAT_BYTES)
+            partial = _work_buffer("partial", _kernel_floats("ss_partial_floats", dim, groups, length, state)
+                                   * FLOAT_BYTES)
             grads = _ScanGrads(*map(_ptr, (dout, dlast, du, ddelta, dz, dA, dD, dbias, dB, dC)), partial)
-            lib.ss_backward_tokens(ctypes.byref(args), ctypes.byref(grads), pos)
+            _KERNEL.load().ss_backward_tokens(ctypes.byref(args), ctypes.byref(grads), pos)
         dweight = None
         if delta_proj_weight is not None:  # delta = dt @ weight.T was made in the kernel: the product's gradients
             ddelta, dweight = _low_rank_grads(ddelta, delta, delta_proj_weight)
@@ -614,9 +623,10 @@ def token_kernels_run(*tensors: Tensor | None) -> bool:
     (``bench plan``'s CPU check) take them too, and only allocate and save what the kernels would."""
     # plain attribute checks: this runs per scan, where a few microseconds of Python are a noticeable part of a 1 ms
     # scan
+    # is_cpu rather than device.type: no device object made per tensor (a meta tensor is not is_cpu)
     u = tensors[0]
-    return (u.device.type == "cpu" and u.dtype != torch.float64 and not u.is_meta
-            and all(t is None or t.device.type == "cpu" for t in tensors) and _choose_backend(u) == "cpu")
+    return (u.is_cpu and u.dtype != torch.float64 and all(t is None or t.is_cpu for t in tensors)
+            and _choose_backend(u) == "cpu")
 
 
 def _to_scan_order(s: Tensor | None, perm: Tensor | None) -> Tensor | None:
@@ -656,12 +666,13 @@ def selective_scan_tokens(
     """
     batch, length, dim = u.shape
     _check_order("selective_scan_tokens", order, grid, prefix, length)
+    kernel = token_kernels_run(u, delta, A, B, C, D, z, delta_bias, delta_proj_weight)
     if delta_proj_weight is not None and not (
-            delta.dtype == delta_proj_weight.dtype == torch.float32 and not _ACTIVE_COUNTERS
-            and token_kernels_run(u, delta, A, B, C, D, z, delta_bias, delta_proj_weight)):
+            kernel and delta.dtype == delta_proj_weight.dtype == torch.float32 and not _ACTIVE_COUNTERS):
         # the product as the model would make it: in its dtype (a cast model's), counted while FLOPs are counted
+        # (on the device of the other tensors, so the kernel still takes them where it did)
         delta, delta_proj_weight = F.linear(delta, delta_proj_weight), None
-    if token_kernels_run(u, delta, A, B, C, D, z, delta_bias):
+    if kernel:
         state = A.shape[-1]
         for name, M in (("B", B), ("C", C)):
             if M.dim() not in (3, 4) or M.shape[:2] != (batch, length) or M.shape[-1] != state or (
@@ -709,9 +720,10 @@ class _ConvArgs(ctypes.Structure):
 def _conv_args(x: Tensor, weight: Tensor, bias: Tensor | None, order: tuple[int, int, int], backward: bool):
     """ConvArgs for an fp32 (batch, L, E) view x and contiguous fp32 weight (E, W), bias (E,), with thread scratch;
     and the address of the position table."""
-    lib, threads = _KERNEL.load(), torch.get_num_threads()
+    threads = torch.get_num_threads()
     batch, length, dim = x.shape
-    scratch = _work_buffer("scratch", threads * lib.ss_conv_scratch_floats(length, backward) * FLOAT_BYTES)
+    scratch = _work_buffer("scratch", threads * _kernel_floats("ss_conv_scratch_floats", length, backward)
+                           * FLOAT_BYTES)
     args = _ConvArgs(batch, dim, length, weight.shape[1], x.data_ptr(), weight.data_ptr(), _ptr(bias),
                      (ctypes.c_int64 * 3)(*x.stride()), *order, threads, scratch)
     return args, _work_buffer("positions", length * INDEX_BYTES)
@@ -808,10 +820,9 @@ def _grid_conv_forward(x: Tensor, weight: Tensor, bias: Tensor | None, grid: int
     tensors = (x32 if x32.stride(2) == 1 else x32.contiguous(), _fp32(weight), _fp32(bias))
     out = x.new_empty(x.shape, dtype=torch.float32)
     if not _is_fake(x):
-        lib = _KERNEL.load()
-        scratch = _work_buffer("scratch",
-                               torch.get_num_threads() * lib.ss_grid_conv_scratch_floats(grid, 0) * FLOAT_BYTES)
-        lib.ss_grid_conv_forward(ctypes.byref(_grid_conv_args(*tensors, grid)), scratch, out.data_ptr())
+        scratch = _work_buffer("scratch", torch.get_num_threads()
+                               * _kernel_floats("ss_grid_conv_scratch_floats", grid, 0) * FLOAT_BYTES)
+        _KERNEL.load().ss_grid_conv_forward(ctypes.byref(_grid_conv_args(*tensors, grid)), scratch, out.data_ptr())
     return tensors, out
 
 
@@ -834,7 +845,8 @@ class _CpuGridConv(torch.autograd.Function):
         if not _is_fake(x):
             lib = _KERNEL.load()
             scratch = _work_buffer("scratch",
-                                   torch.get_num_threads() * lib.ss_grid_conv_scratch_floats(ctx.grid, 1) * FLOAT_BYTES)
+                                   torch.get_num_threads() * _kernel_floats("ss_grid_conv_scratch_floats", ctx.grid, 1)
+                                   * FLOAT_BYTES)
             lib.ss_grid_conv_backward(ctypes.byref(_grid_conv_args(x, weight, bias, ctx.grid)), dout.data_ptr(),
                                       scratch, dx.data_ptr(), dweight.data_ptr(), _ptr(dbias))
         return (*_conv_grads(ctx, dx, dweight, dbias), None)
@@ -963,7 +975,7 @@ def _choose_backend(u: Tensor) -> str:
             return "cuda"
         _warn_missing_cuda_op("mamba-ssm")
         return "torch"
-    if u.device.type == "cpu" and u.dtype != torch.float64:  # the kernel is fp32; fp64 keeps fp64
+    if u.is_cpu and u.dtype != torch.float64:  # the kernel is fp32; fp64 keeps fp64
         if _KERNEL.load() is not None:
             return "cpu"
         _KERNEL.warn_fallback()
