@@ -359,6 +359,12 @@ def _fp32(t: Tensor | None) -> Tensor | None:
     return t.detach().to(torch.float32).contiguous()
 
 
+def _as_dtype(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
+    """t in ``dtype``: itself when it already is (``Tensor.to`` would return it too, after an operator call that a
+    kernel's wrapper makes a dozen times per scan)."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
 FLOAT_BYTES, INDEX_BYTES = 4, 8  # the kernels' fp32 scratch and int64 position tables
 WORK_ALIGN = 64  # bytes: the kernels keep their scratch regions 64-byte aligned (whole vectors, whole cache lines)
 
@@ -421,7 +427,7 @@ class _CpuScan(torch.autograd.Function):
         ctx.grouped, ctx.softplus = grouped, delta_softplus
         ctx.dtypes = [t.dtype if t is not None else None for t in (u, delta, A, B, C, D, z, delta_bias)]
         ctx.set_materialize_grads(False)
-        return out.to(u.dtype), last
+        return _as_dtype(out, u.dtype), last
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -445,7 +451,7 @@ class _CpuScan(torch.autograd.Function):
             dB, dC = dB.squeeze(1), dC.squeeze(1)
         result = [du, ddelta, dA, dB, dC, dD if D is not None else None, dz,
                   dbias if delta_bias is not None else None]
-        result = [g if g is None else g.to(dtype) for g, dtype in zip(result, ctx.dtypes)]
+        result = [_as_dtype(g, dtype) for g, dtype in zip(result, ctx.dtypes)]
         return (*result, None)
 
 
@@ -574,7 +580,7 @@ class _CpuTokenScan(torch.autograd.Function):
         ctx.dtypes = [t.dtype if t is not None else None
                       for t in (u, delta, A, B, C, D, z, delta_bias, delta_proj_weight)]
         ctx.set_materialize_grads(False)
-        return out.to(u.dtype), last
+        return _as_dtype(out, u.dtype), last
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -600,7 +606,7 @@ class _CpuTokenScan(torch.autograd.Function):
             ddelta, dweight = _low_rank_grads(ddelta, delta, delta_proj_weight)
         result = [du, ddelta, dA, dB, dC, dD if D is not None else None, dz,
                   dbias if delta_bias is not None else None, dweight]
-        result = [g if g is None else g.to(dtype) for g, dtype in zip(result, ctx.dtypes)]
+        result = [_as_dtype(g, dtype) for g, dtype in zip(result, ctx.dtypes)]
         return (*result, None, None, None, None)
 
 
@@ -747,7 +753,7 @@ def _conv_grad_buffers(ctx, dout: Tensor):
 
 def _conv_grads(ctx, dx: Tensor, dweight: Tensor, dbias: Tensor | None) -> list:
     """The filled gradients in the dtypes of the conv's inputs."""
-    return [g if g is None else g.to(dtype) for g, dtype in zip((dx, dweight, dbias), ctx.dtypes)]
+    return [_as_dtype(g, dtype) for g, dtype in zip((dx, dweight, dbias), ctx.dtypes)]
 
 
 class _CpuTokenConv(torch.autograd.Function):
@@ -763,7 +769,7 @@ class _CpuTokenConv(torch.autograd.Function):
             _KERNEL.load().ss_conv_forward_tokens(ctypes.byref(args), pos, out.data_ptr())
         _save_conv(ctx, tensors, (x, weight, bias))
         ctx.order = (order, grid, prefix)
-        return out.to(x.dtype)
+        return _as_dtype(out, x.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -836,7 +842,7 @@ class _CpuGridConv(torch.autograd.Function):
         tensors, out = _grid_conv_forward(x, weight, bias, grid)
         _save_conv(ctx, tensors, (x, weight, bias))
         ctx.grid = grid
-        return out.to(x.dtype)
+        return _as_dtype(out, x.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
