@@ -143,7 +143,7 @@ def test_timing_page_figures_are_read_from_their_rows():
     assert expected in text
 
 
-@pytest.mark.parametrize("rows_file", ["sisma-dit-benchmark.csv", "sisma-dit-low-rank.csv"])
+@pytest.mark.parametrize("rows_file", ["sisma-dit-benchmark.csv", "sisma-dit-low-rank.csv", "sisma-dit-wrappers.csv"])
 def test_sisma_dit_benchmark_table_is_the_medians_of_its_runs(rows_file):
     """docs/timing.md's before/after tables of the SISMA / DiT-SIS benchmark: each cell the median of a batch's runs in
     results/timing-check/<rows_file>, before (the first commit of the file) and after."""
