@@ -627,9 +627,8 @@ def token_kernels_run(*tensors: Tensor | None) -> bool:
     """True when the C kernel's token-layout entries (scan and causal conv) take these tensors: all on the CPU, none
     fp64 or meta, and the ``cpu`` backend chosen (built, and not forced away by SIS_BENCH_SCAN). Fake CPU tensors
     (``bench plan``'s CPU check) take them too, and only allocate and save what the kernels would."""
-    # plain attribute checks: this runs per scan, where a few microseconds of Python are a noticeable part of a 1 ms
-    # scan
-    # is_cpu rather than device.type: no device object made per tensor (a meta tensor is not is_cpu)
+    # plain attribute checks, is_cpu rather than a device object per tensor (a meta tensor is not is_cpu): this runs
+    # per kernel call, where the interpreter's objects are cold in the caches and each touch costs microseconds
     u = tensors[0]
     return (u.is_cpu and u.dtype != torch.float64 and all(t is None or t.is_cpu for t in tensors)
             and _choose_backend(u) == "cpu")
@@ -676,7 +675,6 @@ def selective_scan_tokens(
     if delta_proj_weight is not None and not (
             kernel and delta.dtype == delta_proj_weight.dtype == torch.float32 and not _ACTIVE_COUNTERS):
         # the product as the model would make it: in its dtype (a cast model's), counted while FLOPs are counted
-        # (on the device of the other tensors, so the kernel still takes them where it did)
         delta, delta_proj_weight = F.linear(delta, delta_proj_weight), None
     if kernel:
         state = A.shape[-1]
