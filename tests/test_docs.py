@@ -165,3 +165,21 @@ def test_sisma_dit_benchmark_table_is_the_medians_of_its_runs(rows_file):
                                    ("layout operators in SISMA's NFE profile", "layout_share_sisma", True)):
         row = f"| {label} | {cell(column, 'before', percent)} | {cell(column, 'after', percent)} |"
         assert row in text, row
+
+
+def test_paired_benchmark_figures_are_the_medians_of_their_runs():
+    """docs/timing.md's ten runs with the paired ratios: each figure the median of results/timing-check/
+    sisma-dit-paired.csv's column, the range its lowest and highest run."""
+    rows = list(csv.DictReader((ROOT / "results" / "timing-check" / "sisma-dit-paired.csv").open(newline="")))
+    assert len(rows) == 10
+    text = " ".join((ROOT / "docs" / "timing.md").read_text().split())
+
+    def figure(column: str, percent: bool = False) -> str:
+        values = [float(r[column]) for r in rows]
+        fmt = (lambda v: f"{v * 100:.1f}%") if percent else (lambda v: f"{v:.3f}")
+        return f"{fmt(np.median(values))} [{fmt(min(values))}, {fmt(max(values))}]"
+
+    expected = (f"per training step the ratio of the best rounds {figure('train_ratio')} and the paired ratios' median "
+                f"{figure('train_ratio_paired_median')}; per NFE {figure('nfe_ratio')} and "
+                f"{figure('nfe_ratio_paired_median')}; the layout share {figure('layout_share_sisma', percent=True)}")
+    assert expected in text, expected
