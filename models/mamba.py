@@ -59,6 +59,20 @@ def _fp32(t: Tensor) -> Tensor:
     return t if t.dtype == torch.float32 else t.float()
 
 
+def tokens_linear(x: Tensor, weight_t: Tensor, batch: int) -> Tensor:
+    """Tokens (batch * L, in) times a transposed weight (in, out) -> (batch, L, out): ``F.linear`` without bias on 2-D
+    tokens.
+
+    The product ``F.linear`` makes of 3-D tokens (the same ``mm``, so the same bits and gradients) without its
+    reshape and two views per call, operator calls that count at batch 1."""
+    return torch.mm(x, weight_t).view(batch, -1, weight_t.shape[1])
+
+
+def flat_tokens(x: Tensor) -> Tensor:
+    """(B, L, C) -> (B * L, C) for ``tokens_linear``: a view (one operator call) where x is contiguous, else a copy."""
+    return x.view(-1, x.shape[-1]) if x.is_contiguous() else x.reshape(-1, x.shape[-1])
+
+
 def scan_orders(kind: str, grid: int, block_index: int) -> list[ScanOrder | None]:
     """Token orders scanned by block ``block_index``; None stands for raster order itself."""
     if kind == "raster":
@@ -267,11 +281,11 @@ class SelectiveSSM(nn.Module):
         ``low_rank``, dt (B, L, R) in delta's place and dt_proj's weight for the scan to make delta from (on CPU the
         kernel does, without a (B, L, E) tensor). Not where orders share delta: delta's gradient would then reach the
         weight as one product per order, summed, not as the product of their sum, which has other bits."""
-        N, R = self.d_state, self.dt_rank
-        proj = F.linear(u, self.x_proj.weight)  # (B, L, R), or (B, L, R + 2N) without cross
+        N, R, batch = self.d_state, self.dt_rank, u.shape[0]
+        proj = tokens_linear(flat_tokens(u), self.x_proj.weight.t(), batch)  # (B, L, R), or (B, L, R + 2N) no cross
         if self.cross:
             dt = proj
-            B, C = F.linear(m, self.mask_x_proj.weight).split([N, N], dim=-1)
+            B, C = tokens_linear(flat_tokens(m), self.mask_x_proj.weight.t(), batch).split([N, N], dim=-1)
         else:
             dt, B, C = proj.split([R, N, N], dim=-1)  # views: the kernel reads B and C with their strides
         if low_rank:
@@ -318,11 +332,13 @@ class MambaMixer(nn.Module):
         """x (B, L, D), m (B, L, D) mask tokens or None -> (B, L, D)."""
         # token-major throughout: u and z as two products so that each is a contiguous (B, L, E), the layout the
         # channels-last grid conv takes as it is
-        w, E = self.in_proj.weight, self.in_proj.out_features // 2
-        u, z = F.linear(x, w[:E]), F.linear(x, w[E:])  # slices: fewer operator calls than chunk
-        ms = F.linear(m, self.mask_proj.weight) if self.cross else None
+        # the products on 2-D tokens (tokens_linear), each made (B, L, .) for the kernels by a view
+        wt, E, batch = self.in_proj.weight.t(), self.in_proj.out_features // 2, x.shape[0]  # wt (D, 2E)
+        tokens = flat_tokens(x)  # (B * L, D)
+        u, z = tokens_linear(tokens, wt[:, :E], batch), tokens_linear(tokens, wt[:, E:], batch)  # slices: fewer calls
+        ms = tokens_linear(flat_tokens(m), self.mask_proj.weight.t(), batch) if self.cross else None
         y = self.ssm.forward_tokens(u, z, ms, self.orders)
-        return F.linear(y, self.out_proj.weight)
+        return tokens_linear(flat_tokens(y), self.out_proj.weight.t(), batch)
 
 
 class SelfMamba(MambaMixer):
