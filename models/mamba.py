@@ -64,7 +64,8 @@ def tokens_linear(x: Tensor, weight_t: Tensor, batch: int) -> Tensor:
     tokens.
 
     The product ``F.linear`` makes of 3-D tokens (the same ``mm``, so the same bits and gradients) without its
-    reshape and two views per call, operator calls that count at batch 1."""
+    reshape and two views per call, operator calls that count at batch 1; callers pass ``weight.transpose(0, 1)``,
+    one call, where ``weight.t()`` is two."""
     return torch.mm(x, weight_t).view(batch, -1, weight_t.shape[1])
 
 
@@ -282,10 +283,10 @@ class SelectiveSSM(nn.Module):
         kernel does, without a (B, L, E) tensor). Not where orders share delta: delta's gradient would then reach the
         weight as one product per order, summed, not as the product of their sum, which has other bits."""
         N, R, batch = self.d_state, self.dt_rank, u.shape[0]
-        proj = tokens_linear(flat_tokens(u), self.x_proj.weight.t(), batch)  # (B, L, R), or (B, L, R + 2N) no cross
+        proj = tokens_linear(flat_tokens(u), self.x_proj.weight.transpose(0, 1), batch)  # (B, L, R), or R + 2N
         if self.cross:
             dt = proj
-            B, C = tokens_linear(flat_tokens(m), self.mask_x_proj.weight.t(), batch).split([N, N], dim=-1)
+            B, C = tokens_linear(flat_tokens(m), self.mask_x_proj.weight.transpose(0, 1), batch).split([N, N], -1)
         else:
             dt, B, C = proj.split([R, N, N], dim=-1)  # views: the kernel reads B and C with their strides
         if low_rank:
@@ -333,12 +334,12 @@ class MambaMixer(nn.Module):
         # token-major throughout: u and z as two products so that each is a contiguous (B, L, E), the layout the
         # channels-last grid conv takes as it is
         # the products on 2-D tokens (tokens_linear), each made (B, L, .) for the kernels by a view
-        wt, E, batch = self.in_proj.weight.t(), self.in_proj.out_features // 2, x.shape[0]  # wt (D, 2E)
+        wt, E, batch = self.in_proj.weight.transpose(0, 1), self.in_proj.out_features // 2, x.shape[0]  # wt (D, 2E)
         tokens = flat_tokens(x)  # (B * L, D)
         u, z = tokens_linear(tokens, wt[:, :E], batch), tokens_linear(tokens, wt[:, E:], batch)  # slices: fewer calls
-        ms = tokens_linear(flat_tokens(m), self.mask_proj.weight.t(), batch) if self.cross else None
+        ms = tokens_linear(flat_tokens(m), self.mask_proj.weight.transpose(0, 1), batch) if self.cross else None
         y = self.ssm.forward_tokens(u, z, ms, self.orders)
-        return tokens_linear(flat_tokens(y), self.out_proj.weight.t(), batch)
+        return tokens_linear(flat_tokens(y), self.out_proj.weight.transpose(0, 1), batch)
 
 
 class SelfMamba(MambaMixer):
