@@ -122,21 +122,21 @@ INLINE void discretise(const float *dt, const float *A, const float *u, const fl
     }
 }
 
-/* Forward of one (b, d) row: writes out[0..L) and last[0..N). */
-INLINE void forward_row(const ScanArgs *a, int64_t b, int64_t d, const int64_t N, float *buf,
-                        float *out, float *last)
+/* Forward of one row of channel d from its u, delta, z (NULL: no gate) and its group's B, C, all in scan order with
+ * positions adjacent (B and C: the N states of a position adjacent, positions N floats apart): writes out[0..L) and
+ * last[0..N). The channel-major kernel and the token kernel both run it, so their rows agree bit for bit. */
+INLINE void forward_core(const ScanArgs *a, int64_t d, const int64_t N, float *dt, const float *u, const float *delta,
+                         const float *z, const float *B, const float *C, float *out, float *last)
 {
-    const int64_t L = a->length, row = (b * a->dim + d) * L;
-    const int64_t grp = b * a->groups + d / (a->dim / a->groups);
-    const float *u = a->u + row, *z = a->z ? a->z + row : NULL, *A = a->A + d * N;
-    const float *B = a->B + grp * L * N, *C = a->C + grp * L * N;
+    const int64_t L = a->length;
+    const float *A = a->A + d * N;
     const float bias = a->delta_bias ? a->delta_bias[d] : 0.0f, Dd = a->D ? a->D[d] : 0.0f;
-    float *dt = buf, h[N];
+    float h[N];
 
     for (int64_t n = 0; n < N; n++) h[n] = 0.0f;
     for (int64_t l0 = 0; l0 < L; l0 += CHUNK) {
         const int64_t T = L - l0 < CHUNK ? L - l0 : CHUNK;
-        compute_dt(a->delta + row, bias, a->softplus, l0, T, dt);
+        compute_dt(delta, bias, a->softplus, l0, T, dt);
         for (int64_t t = 0; t < T; t++) {
             const float *Bt = B + (l0 + t) * N, *Ct = C + (l0 + t) * N;
             const float dtl = dt[t], dtu = dt[t] * u[l0 + t];
@@ -159,21 +159,29 @@ INLINE void forward_row(const ScanArgs *a, int64_t b, int64_t d, const int64_t N
     for (int64_t n = 0; n < N; n++) last[n] = h[n];
 }
 
-/* Backward of one (b, d) row; dB, dC point at the partial sums of the row's channel block, and the
- * row's dA, dD, dbias are added to the sums over the batch elements before b. Everything per
- * position that is not part of the recurrence (gates, softplus derivative, du, ddelta) is done in
- * separate loops over positions, which vectorise; the reverse loop only carries the adjoint of the
- * state. */
-INLINE void backward_row(const ScanArgs *a, const ScanGrads *g, int64_t b, int64_t d, const int64_t N,
-                         float *buf, float *dB, float *dC)
+/* Forward of one (b, d) row of the channel-major layout: writes out[0..L) and last[0..N). */
+INLINE void forward_row(const ScanArgs *a, int64_t b, int64_t d, const int64_t N, float *buf,
+                        float *out, float *last)
 {
     const int64_t L = a->length, row = (b * a->dim + d) * L;
     const int64_t grp = b * a->groups + d / (a->dim / a->groups);
-    const float *u = a->u + row, *delta = a->delta + row, *z = a->z ? a->z + row : NULL;
-    const float *A = a->A + d * N, *B = a->B + grp * L * N, *C = a->C + grp * L * N;
-    const float *dout = g->dout + row;
+    forward_core(a, d, N, buf, a->u + row, a->delta + row, a->z ? a->z + row : NULL, a->B + grp * L * N,
+                 a->C + grp * L * N, out, last);
+}
+
+/* Backward of one row of channel d (batch element b) from its u, delta, z (NULL: no gate), dout and its group's B, C,
+ * laid out as forward_core reads them; writes du, ddelta and dz (where z is given) in the same order. dB, dC point at
+ * the partial sums of the row's channel block, and the row's dA, dD, dbias are added to the sums over the batch
+ * elements before b. Everything per position that is not part of the recurrence (gates, softplus derivative, du,
+ * ddelta) is done in separate loops over positions, which vectorise; the reverse loop only carries the adjoint of the
+ * state. Both kernels run it, as forward_core. */
+INLINE void backward_core(const ScanArgs *a, const ScanGrads *g, int64_t b, int64_t d, const int64_t N, float *buf,
+                          float *dB, float *dC, const float *u, const float *delta, const float *z, const float *dout,
+                          const float *B, const float *C, float *du, float *ddelta, float *dz)
+{
+    const int64_t L = a->length;
+    const float *A = a->A + d * N;
     const float bias = a->delta_bias ? a->delta_bias[d] : 0.0f, Dd = a->D ? a->D[d] : 0.0f;
-    float *du = g->du + row, *ddelta = g->ddelta + row;
     float *dt = buf, *dy = dt + round_up(L), *gB = dy + round_up(L), *gAh = gB + round_up(L);
     float *decay = gAh + round_up(L), *H = decay + round_up(L * N);
     float adj[N], dA[N], zero[N];
@@ -195,7 +203,6 @@ INLINE void backward_row(const ScanArgs *a, const ScanGrads *g, int64_t b, int64
 
     /* Gradient of the gated output with respect to y (and to z). */
     if (z) {
-        float *dz = g->dz + row;
 #pragma omp simd reduction(+ : dD)
         for (int64_t l = 0; l < L; l++) {
             const float y = dy[l] + Dd * u[l], s = sigmoid(z[l]);
@@ -258,6 +265,16 @@ INLINE void backward_row(const ScanArgs *a, const ScanGrads *g, int64_t b, int64
     for (int64_t n = 0; n < N; n++) g->dA[d * N + n] += dA[n];
     g->dD[d] += dD;
     g->dbias[d] += dbias;
+}
+
+/* Backward of one (b, d) row of the channel-major layout. */
+INLINE void backward_row(const ScanArgs *a, const ScanGrads *g, int64_t b, int64_t d, const int64_t N,
+                         float *buf, float *dB, float *dC)
+{
+    const int64_t L = a->length, row = (b * a->dim + d) * L;
+    const int64_t grp = b * a->groups + d / (a->dim / a->groups);
+    backward_core(a, g, b, d, N, buf, dB, dC, a->u + row, a->delta + row, a->z ? a->z + row : NULL, g->dout + row,
+                  a->B + grp * L * N, a->C + grp * L * N, g->du + row, g->ddelta + row, a->z ? g->dz + row : NULL);
 }
 
 /* The common state size gets a compile-time N, so a row's state lives in vector registers. */
@@ -353,8 +370,9 @@ void ss_backward(const ScanArgs *a, const ScanGrads *g)
 
 /* ---- Token layout and scan order walked by index arithmetic (ss_forward_tokens, ss_backward_tokens) ----
  *
- * The same recurrence as ss_forward / ss_backward, bit for bit: every row runs the same loops on the
- * same values in the same order; only where a value is read from and written to changes. u, delta, z
+ * The same recurrence as ss_forward / ss_backward, bit for bit: every row runs the same row functions
+ * (forward_core, backward_core) on the same values; only where a value is read from and written to
+ * changes. u, delta, z
  * are read through strides (any layout; the models pass the token-major (batch, length, channels) views
  * their linear layers produce); B and C through (batch, length, group) strides with the N states of one
  * position adjacent; out, du, ddelta, dz are written token-major and contiguous (batch, length, dim);
@@ -365,7 +383,8 @@ void ss_backward(const ScanArgs *a, const ScanGrads *g)
  * per-position loops stay the vectorised loops of the channel-major kernel, TILE channels at a time:
  * one cache line of a token-major row holds 16 channels, so a tile reads (and writes back) each line
  * once, where a row at a time would walk a 4-byte column with a stride of whole kilobytes, which maps
- * onto a few cache sets and misses on every position. */
+ * onto a few cache sets and misses on every position. B and C of a group are copied into scan order
+ * once for the rows that share them (gather_states), the layout the row functions read. */
 
 typedef struct {
     ScanArgs base;                       /* u, delta, z, B, C point at element (0, 0, 0) of their views */
@@ -421,11 +440,12 @@ static int64_t tile_ld(int64_t length) { return round_up(length) + ALIGN_FLOATS;
 #define FWD_STREAMS 4  /* u, delta, z, y */
 #define BWD_STREAMS 7  /* u, delta, z, dout, du, ddelta, dz */
 
-/* Scratch floats per thread of the token entries: the channel-major kernel's, plus the gathered tile. */
+/* Scratch floats per thread of the token entries: the channel-major kernel's, the gathered tile, and one group's B and
+ * C in scan order (gather_states). */
 int64_t ss_token_scratch_floats(int64_t length, int64_t state, int32_t backward)
 {
     const int64_t streams = backward ? BWD_STREAMS : FWD_STREAMS;
-    return ss_scratch_floats(length, state, backward) + streams * TILE * tile_ld(length);
+    return ss_scratch_floats(length, state, backward) + streams * TILE * tile_ld(length) + 2 * round_up(length * state);
 }
 
 /* TILE floats of TILE channels, or of TILE positions of one channel: one vector (GCC vector extensions, so the
@@ -555,142 +575,18 @@ INLINE void project_tile(const TokenArgs *t, const int64_t *pos, int64_t b, int6
     }
 }
 
-/* One row from its gathered u, delta, z (scan order); writes its output y in scan order and last. */
-INLINE void forward_row_tokens(const TokenArgs *t, const int64_t *pos, int64_t b, int64_t d, const int64_t N,
-                               float *dt, const float *u, const float *delta, const float *z, float *y, float *last)
+/* B and C of batch element b, group grp in scan order into Bs, Cs (length x N each, positions N floats apart): the
+ * layout forward_core and backward_core read, so that their per-position loops do not look up positions; made once
+ * for the rows of a tile (forward) or channel block (backward) that share them. */
+INLINE void gather_states(const TokenArgs *t, const int64_t *pos, int64_t b, int64_t grp, float *Bs, float *Cs)
 {
     const ScanArgs *a = &t->base;
-    const int64_t L = a->length, g = d / (a->dim / a->groups);
-    const float *A = a->A + d * N;
-    const float *B = a->B + b * t->sB[0] + g * t->sB[2], *C = a->C + b * t->sC[0] + g * t->sC[2];
-    const int64_t sBl = t->sB[1], sCl = t->sC[1];
-    const float bias = a->delta_bias ? a->delta_bias[d] : 0.0f, Dd = a->D ? a->D[d] : 0.0f;
-    float h[N];
-
-    for (int64_t n = 0; n < N; n++) h[n] = 0.0f;
-    for (int64_t l0 = 0; l0 < L; l0 += CHUNK) {
-        const int64_t T = L - l0 < CHUNK ? L - l0 : CHUNK;
-        compute_dt(delta, bias, a->softplus, l0, T, dt);
-        for (int64_t s = 0; s < T; s++) {
-            const float *Bt = B + pos[l0 + s] * sBl, *Ct = C + pos[l0 + s] * sCl;
-            const float dtl = dt[s], dtu = dt[s] * u[l0 + s];
-            float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-            for (int64_t n = 0; n < N; n++) {
-                h[n] = exp_inline(dtl * A[n]) * h[n] + dtu * Bt[n];
-                acc += h[n] * Ct[n];
-            }
-            y[l0 + s] = acc;
-        }
-    }
-    if (a->z) {
-#pragma omp simd
-        for (int64_t l = 0; l < L; l++) y[l] = (y[l] + Dd * u[l]) * z[l] * sigmoid(z[l]);
-    } else {
-#pragma omp simd
-        for (int64_t l = 0; l < L; l++) y[l] += Dd * u[l];
-    }
-    for (int64_t n = 0; n < N; n++) last[n] = h[n];
-}
-
-/* One row from its gathered u, delta, z, dout (scan order); writes du, ddelta, dz in scan order. */
-INLINE void backward_row_tokens(const TokenArgs *t, const ScanGrads *g, const int64_t *pos, int64_t b, int64_t d,
-                                const int64_t N, float *buf, float *dB, float *dC, const float *u, const float *delta,
-                                const float *z, const float *dout, float *du, float *ddelta, float *dz)
-{
-    const ScanArgs *a = &t->base;
-    const int64_t L = a->length, grp = d / (a->dim / a->groups);
-    const float *A = a->A + d * N;
+    const int64_t L = a->length, N = a->state;
     const float *B = a->B + b * t->sB[0] + grp * t->sB[2], *C = a->C + b * t->sC[0] + grp * t->sC[2];
-    const int64_t sBl = t->sB[1], sCl = t->sC[1];
-    const float bias = a->delta_bias ? a->delta_bias[d] : 0.0f, Dd = a->D ? a->D[d] : 0.0f;
-    float *dt = buf, *dy = dt + round_up(L), *gB = dy + round_up(L), *gAh = gB + round_up(L);
-    float *decay = gAh + round_up(L), *H = decay + round_up(L * N);
-    float adj[N], dA[N], zero[N];
-    float dD = 0.0f, dbias = 0.0f;
-
-    compute_dt(delta, bias, a->softplus, 0, L, dt);
-    for (int64_t l = 0; l < L; l++) {  /* discretise, reading B in scan order */
-        const float dtl = dt[l], dtu = dt[l] * u[l];
-        const float *Bl = B + pos[l] * sBl;
-#pragma omp simd
-        for (int64_t n = 0; n < N; n++) {
-            decay[l * N + n] = exp_inline(dtl * A[n]);
-            H[l * N + n] = dtu * Bl[n];
-        }
-    }
     for (int64_t l = 0; l < L; l++) {
-        const float *hprev = l > 0 ? H + (l - 1) * N : NULL, *Cl = C + pos[l] * sCl;
-        float y = 0.0f;
-#pragma omp simd reduction(+ : y)
-        for (int64_t n = 0; n < N; n++) {
-            if (hprev) H[l * N + n] += decay[l * N + n] * hprev[n];
-            y += H[l * N + n] * Cl[n];
-        }
-        dy[l] = y;
+        memcpy(Bs + l * N, B + pos[l] * t->sB[1], N * sizeof(float));
+        memcpy(Cs + l * N, C + pos[l] * t->sC[1], N * sizeof(float));
     }
-
-    if (a->z) {
-#pragma omp simd reduction(+ : dD)
-        for (int64_t l = 0; l < L; l++) {
-            const float y = dy[l] + Dd * u[l], s = sigmoid(z[l]);
-            dz[l] = dout[l] * y * s * (1.0f + z[l] * (1.0f - s));
-            dy[l] = dout[l] * z[l] * s;
-            dD += dy[l] * u[l];
-        }
-    } else {
-#pragma omp simd reduction(+ : dD)
-        for (int64_t l = 0; l < L; l++) {
-            dy[l] = dout[l];
-            dD += dy[l] * u[l];
-        }
-    }
-
-    for (int64_t n = 0; n < N; n++) {
-        adj[n] = g->dlast ? g->dlast[(b * a->dim + d) * N + n] : 0.0f;
-        dA[n] = 0.0f;
-        zero[n] = 0.0f;
-    }
-    for (int64_t l = L - 1; l >= 0; l--) {
-        const float *h = H + l * N, *hprev = l > 0 ? H + (l - 1) * N : zero, *dec = decay + l * N;
-        const float *Bl = B + pos[l] * sBl, *Cl = C + pos[l] * sCl;
-        float *dBl = dB + l * N, *dCl = dC + l * N;
-        const float dyl = dy[l], dtl = dt[l], dtu = dt[l] * u[l];
-        float sB = 0.0f, sA = 0.0f;
-#pragma omp simd reduction(+ : sB, sA)
-        for (int64_t n = 0; n < N; n++) {
-            const float an = adj[n] + dyl * Cl[n];
-            const float th = an * dec[n] * hprev[n];
-            dCl[n] += dyl * h[n];
-            dBl[n] += an * dtu;
-            sB += an * Bl[n];
-            sA += th * A[n];
-            dA[n] += th * dtl;
-            adj[n] = an * dec[n];
-        }
-        gB[l] = sB;
-        gAh[l] = sA;
-    }
-
-#pragma omp simd
-    for (int64_t l = 0; l < L; l++) du[l] = dy[l] * Dd + dt[l] * gB[l];
-    if (a->softplus) {
-#pragma omp simd reduction(+ : dbias)
-        for (int64_t l = 0; l < L; l++) {
-            const float x = delta[l] + bias;
-            ddelta[l] = (gAh[l] + u[l] * gB[l]) * (x <= SOFTPLUS_THRESHOLD ? sigmoid(x) : 1.0f);
-            dbias += ddelta[l];
-        }
-    } else {
-#pragma omp simd reduction(+ : dbias)
-        for (int64_t l = 0; l < L; l++) {
-            ddelta[l] = gAh[l] + u[l] * gB[l];
-            dbias += ddelta[l];
-        }
-    }
-    for (int64_t n = 0; n < N; n++) g->dA[d * N + n] += dA[n];
-    g->dD[d] += dD;
-    g->dbias[d] += dbias;
 }
 
 /* Gather channels [d0, d0 + T) of batch element b of the streams u, delta, z (and dout) into the tile; delta made
@@ -744,6 +640,8 @@ void ss_forward_tokens(const TokenArgs *t, int64_t *pos, float *out, float *last
     {
         float *dt = a->scratch + omp_get_thread_num() * ss_token_scratch_floats(L, N, 0);
         float *tile = dt + ss_scratch_floats(L, N, 0), *y = tile + 3 * TILE * ld;
+        float *Bs = tile + FWD_STREAMS * TILE * ld, *Cs = Bs + round_up(L * N);
+        int64_t held = -1;  /* the (batch element, group) whose B and C are in Bs, Cs */
         /* rows are independent: tiles are handed out as threads come free (see ROWS_PER_GRAB) */
 #pragma omp for schedule(dynamic, 1)
         for (int64_t k = 0; k < a->batch * tiles; k++) {
@@ -751,14 +649,19 @@ void ss_forward_tokens(const TokenArgs *t, int64_t *pos, float *out, float *last
             const int64_t kn = k + omp_get_num_threads();  /* see prefetch_tile_rows */
             gather_inputs(t, NULL, pos, b, d0, T, tile, ld);
             for (int64_t j = 0; j < T; j++) {
+                const int64_t grp = (d0 + j) / (E / a->groups);
+                if (held != b * a->groups + grp) {
+                    gather_states(t, pos, b, grp, Bs, Cs);
+                    held = b * a->groups + grp;
+                }
                 if (kn < a->batch * tiles)
                     prefetch_tile_rows(t, NULL, pos, kn / tiles, kn % tiles * TILE, j * L / T, (j + 1) * L / T);
                 const float *u = tile + j * ld, *delta = u + TILE * ld, *z = a->z ? delta + TILE * ld : NULL;
                 float *lst = last + (b * E + d0 + j) * N;
                 if (N == COMMON_STATE)
-                    forward_row_tokens(t, pos, b, d0 + j, COMMON_STATE, dt, u, delta, z, y + j * ld, lst);
+                    forward_core(a, d0 + j, COMMON_STATE, dt, u, delta, z, Bs, Cs, y + j * ld, lst);
                 else
-                    forward_row_tokens(t, pos, b, d0 + j, N, dt, u, delta, z, y + j * ld, lst);
+                    forward_core(a, d0 + j, N, dt, u, delta, z, Bs, Cs, y + j * ld, lst);
             }
             scatter_tile(y, ld, pos, L, T, E, out + b * L * E + d0);
         }
@@ -778,6 +681,7 @@ void ss_backward_tokens(const TokenArgs *t, const ScanGrads *g, int64_t *pos)
     {
         float *buf = a->scratch + omp_get_thread_num() * ss_token_scratch_floats(L, N, 1);
         float *tile = buf + ss_scratch_floats(L, N, 1);
+        float *Bs = tile + BWD_STREAMS * TILE * ld, *Cs = Bs + round_up(L * N);
         for (int64_t b = 0; b < a->batch; b++) {
 #pragma omp for schedule(dynamic, 1)
             for (int64_t k = 0; k < G * blocks; k++) {
@@ -785,6 +689,7 @@ void ss_backward_tokens(const TokenArgs *t, const ScanGrads *g, int64_t *pos)
                 const int64_t d0 = k / blocks * per_group + k % blocks * rows, group_end = (k / blocks + 1) * per_group;
                 const int64_t d1 = d0 + rows < group_end ? d0 + rows : group_end;
                 memset(pB, 0, 2 * stride * sizeof(float));
+                gather_states(t, pos, b, k / blocks, Bs, Cs);  /* a block's channels are one group's */
                 /* the block's rows in channel order, as in ss_backward, a tile of them gathered at a time */
                 for (int64_t e0 = d0; e0 < d1; e0 += TILE) {
                     const int64_t T = d1 - e0 < TILE ? d1 - e0 : TILE;
@@ -799,11 +704,11 @@ void ss_backward_tokens(const TokenArgs *t, const ScanGrads *g, int64_t *pos)
                         const float *dout = z + TILE * ld;
                         float *du = tile + (4 * TILE + j) * ld, *ddelta = du + TILE * ld, *dz = ddelta + TILE * ld;
                         if (N == COMMON_STATE)
-                            backward_row_tokens(t, g, pos, b, e0 + j, COMMON_STATE, buf, pB, pC, u, delta,
-                                                a->z ? z : NULL, dout, du, ddelta, dz);
+                            backward_core(a, g, b, e0 + j, COMMON_STATE, buf, pB, pC, u, delta, a->z ? z : NULL, dout,
+                                          Bs, Cs, du, ddelta, dz);
                         else
-                            backward_row_tokens(t, g, pos, b, e0 + j, N, buf, pB, pC, u, delta, a->z ? z : NULL,
-                                                dout, du, ddelta, dz);
+                            backward_core(a, g, b, e0 + j, N, buf, pB, pC, u, delta, a->z ? z : NULL, dout, Bs, Cs,
+                                          du, ddelta, dz);
                     }
                     scatter_tile(tile + 4 * TILE * ld, ld, pos, L, T, E, g->du + b * L * E + e0);
                     scatter_tile(tile + 5 * TILE * ld, ld, pos, L, T, E, g->ddelta + b * L * E + e0);
