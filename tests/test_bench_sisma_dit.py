@@ -12,6 +12,7 @@ by the medians of interleaved rounds.
 """
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 
@@ -21,10 +22,13 @@ import torch
 import models
 from bench.breakdown import op_breakdown
 from bench.flops import example_inputs
+from bench.flow import flow_loss
+from bench.train import make_optimizer, update_ema
 
 PRESET = "cpu"
 BATCH = {"nfe": 1, "train": 8}
 ROUNDS = {"nfe": 30, "train": 6}
+LR, GRAD_CLIP, EMA_DECAY = 1e-4, 1.0, 0.9999  # the trainer's settings; they do not change the step's time
 NAMES = ("sisma", "dit")
 # SISMA / DiT-SIS per training step, generous: docs/timing.md reads 1.07x to 1.36x on the token layout across machines
 # and commits (1.57x before it); a slow check, so a shared machine's noise gets room
@@ -33,10 +37,15 @@ RATIO_ROUNDS = 9
 
 
 def make_pass(name: str, kind: str):
-    """A zero-argument call of one NFE (no grad) or training step (MSE backward, AdamW step): output or loss."""
+    """A zero-argument call of one NFE (no grad) or training step: output or loss.
+
+    The training step is the trainer's (``bench.train.optimise`` without its data loading): the flow-matching loss and
+    its backward, the gradient norm (clipped at GRAD_CLIP), the trainer's AdamW (multi-tensor on CPU) and EMA update.
+    """
     torch.manual_seed(0)
     model = models.create_model(name, preset=PRESET)
-    x, t, mask = example_inputs(model, BATCH[kind], "cpu", generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    x, t, mask = example_inputs(model, BATCH[kind], "cpu", generator=gen)
     if kind == "nfe":
         model.eval()
 
@@ -45,14 +54,17 @@ def make_pass(name: str, kind: str):
                 return model(x, t, mask)
 
         return nfe
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    target = torch.randn_like(x)
+    opt = make_optimizer(model.parameters(), LR, torch.device("cpu"))
+    ema = copy.deepcopy(model).requires_grad_(False)
+    noise = torch.randn(x.shape, generator=gen)
 
     def step():
-        opt.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.mse_loss(model(x, t, mask), target)
+        loss = flow_loss(model, x, mask, t, noise)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         opt.step()
+        opt.zero_grad(set_to_none=True)
+        update_ema(ema, model, EMA_DECAY)
         return loss.detach()
 
     return step
