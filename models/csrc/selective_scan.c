@@ -58,6 +58,54 @@ typedef struct {
 
 static int64_t round_up(int64_t n) { return (n + ALIGN_FLOATS - 1) / ALIGN_FLOATS * ALIGN_FLOATS; }
 
+#define TILE 16  /* channels gathered and scattered together: 64 bytes, one cache line of fp32 */
+
+/* TILE floats of TILE channels, or of TILE positions of one channel: one vector (GCC vector extensions, so the
+ * compiler picks the registers); 64-byte aligned, so a pointer to it is only made into aligned memory (scratch). */
+typedef float tile_vec __attribute__((vector_size(TILE * sizeof(float))));
+/* The same vector at any float address: one unaligned vector load or store, where memcpy may be expanded into two
+ * half-width moves (and a whole vector read back from two half stores waits for them to reach the cache). */
+typedef float tile_vec_any __attribute__((vector_size(TILE * sizeof(float)), aligned(sizeof(float)), may_alias));
+INLINE tile_vec vec_load(const float *p) { return *(const tile_vec_any *)p; }
+INLINE void vec_store(float *p, tile_vec v) { *(tile_vec_any *)p = v; }
+/* Lanes of two vectors x, y by index: below TILE x's, from TILE on y's (clang's and GCC 12's builtin, else GCC's). */
+#if defined(__clang__) || __GNUC__ >= 12
+#define SHUFFLE2(x, y, ...) __builtin_shufflevector(x, y, __VA_ARGS__)
+#else
+typedef int32_t tile_lanes __attribute__((vector_size(TILE * sizeof(int32_t))));
+#define SHUFFLE2(x, y, ...) __builtin_shuffle(x, y, (tile_lanes){__VA_ARGS__})
+#endif
+
+/* Sums of the 16 lanes of each of 16 vectors (p[0..15]) into out[0..15], by the halving tree: lanes i and i + 8, then
+ * i + 4, i + 2, i + 1. That is the order in which a vectorised reduction (omp simd reduction) of a loop over 16 states
+ * adds them on 8- and 16-lane vector units, one position at a time: four lane moves and four adds per position. Here
+ * 16 positions share them: each step adds the halves of two vectors at once, 45 moves and adds for 16 sums. */
+INLINE void hsum16_batch(const tile_vec p[16], float *out)
+{
+    tile_vec a[8], b[4], c[2];
+    for (int k = 0; k < 8; k++)  /* a[k]: lanes 0-7 the 8-lane sums of p[2k], 8-15 those of p[2k + 1] */
+        a[k] = SHUFFLE2(p[2 * k], p[2 * k + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
+               + SHUFFLE2(p[2 * k], p[2 * k + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    for (int k = 0; k < 4; k++)  /* b[k]: four lanes of 4-lane sums each for p[4k] .. p[4k + 3] */
+        b[k] = SHUFFLE2(a[2 * k], a[2 * k + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27)
+               + SHUFFLE2(a[2 * k], a[2 * k + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    for (int k = 0; k < 2; k++)  /* c[k]: two lanes of 2-lane sums each for p[8k] .. p[8k + 7] */
+        c[k] = SHUFFLE2(b[2 * k], b[2 * k + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29)
+               + SHUFFLE2(b[2 * k], b[2 * k + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    vec_store(out, SHUFFLE2(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
+                   + SHUFFLE2(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31));
+}
+
+/* hsum16_batch of the first n < 16 vectors (the rest are not read). */
+INLINE void hsum16_part(const tile_vec p[16], int64_t n, float *out)
+{
+    tile_vec q[16];
+    float sums[16];
+    for (int64_t i = 0; i < 16; i++) q[i] = i < n ? p[i] : (tile_vec){0};
+    hsum16_batch(q, sums);
+    for (int64_t i = 0; i < n; i++) out[i] = sums[i];
+}
+
 /* Floats of scratch one thread needs: forward, dt for a block of positions; backward, four
  * per-position arrays, exp(dt A) and the states for the whole row. */
 int64_t ss_scratch_floats(int64_t length, int64_t state, int32_t backward)
@@ -137,12 +185,27 @@ INLINE void forward_core(const ScanArgs *a, int64_t d, const int64_t N, float *d
     for (int64_t l0 = 0; l0 < L; l0 += CHUNK) {
         const int64_t T = L - l0 < CHUNK ? L - l0 : CHUNK;
         compute_dt(delta, bias, a->softplus, l0, T, dt);
+        if (N == TILE) {  /* the products C_l h_l kept, summed TILE positions at a time (CHUNK is a multiple) */
+            tile_vec P[TILE];
+            for (int64_t t = 0; t < T; t++) {
+                const float *Bt = B + (l0 + t) * N, *Ct = C + (l0 + t) * N;
+                const float dtl = dt[t], dtu = dt[t] * u[l0 + t];
+#pragma omp simd
+                for (int64_t n = 0; n < N; n++) {  /* the exponentials do not depend on h: they overlap */
+                    h[n] = exp_inline(dtl * A[n]) * h[n] + dtu * Bt[n];
+                    P[t % TILE][n] = h[n] * Ct[n];
+                }
+                if (t % TILE == TILE - 1) hsum16_batch(P, out + l0 + t - (TILE - 1));
+            }
+            if (T % TILE) hsum16_part(P, T % TILE, out + l0 + T - T % TILE);
+            continue;
+        }
         for (int64_t t = 0; t < T; t++) {
             const float *Bt = B + (l0 + t) * N, *Ct = C + (l0 + t) * N;
             const float dtl = dt[t], dtu = dt[t] * u[l0 + t];
             float y = 0.0f;
 #pragma omp simd reduction(+ : y)
-            for (int64_t n = 0; n < N; n++) {  /* the exponentials do not depend on h: they overlap */
+            for (int64_t n = 0; n < N; n++) {
                 h[n] = exp_inline(dtl * A[n]) * h[n] + dtu * Bt[n];
                 y += h[n] * Ct[n];
             }
@@ -430,7 +493,6 @@ static void fill_positions(int32_t order, int64_t grid, int64_t prefix, int64_t 
 /* Positions ahead whose token rows a tile move prefetches: at batch 8 a layer's streams (2 MB each at the cpu preset)
  * outgrow the L2 cache, and the rows of a scan order are too far apart for the hardware prefetcher to follow. */
 #define PREFETCH_AHEAD 32
-#define TILE 16  /* channels gathered and scattered together: 64 bytes, one cache line of fp32 */
 
 /* Floats from one row of a gathered tile to the next: one cache line more than the row needs. The TILE rows of every
  * stream are read and written at the same positions together; rows a power of two of lines apart (length 256: 1 KB)
@@ -447,22 +509,6 @@ int64_t ss_token_scratch_floats(int64_t length, int64_t state, int32_t backward)
     const int64_t streams = backward ? BWD_STREAMS : FWD_STREAMS;
     return ss_scratch_floats(length, state, backward) + streams * TILE * tile_ld(length) + 2 * round_up(length * state);
 }
-
-/* TILE floats of TILE channels, or of TILE positions of one channel: one vector (GCC vector extensions, so the
- * compiler picks the registers); 64-byte aligned, so a pointer to it is only made into aligned memory (scratch). */
-typedef float tile_vec __attribute__((vector_size(TILE * sizeof(float))));
-/* The same vector at any float address: one unaligned vector load or store, where memcpy may be expanded into two
- * half-width moves (and a whole vector read back from two half stores waits for them to reach the cache). */
-typedef float tile_vec_any __attribute__((vector_size(TILE * sizeof(float)), aligned(sizeof(float)), may_alias));
-INLINE tile_vec vec_load(const float *p) { return *(const tile_vec_any *)p; }
-INLINE void vec_store(float *p, tile_vec v) { *(tile_vec_any *)p = v; }
-/* Lanes of two vectors x, y by index: below TILE x's, from TILE on y's (clang's and GCC 12's builtin, else GCC's). */
-#if defined(__clang__) || __GNUC__ >= 12
-#define SHUFFLE2(x, y, ...) __builtin_shufflevector(x, y, __VA_ARGS__)
-#else
-typedef int32_t tile_lanes __attribute__((vector_size(TILE * sizeof(int32_t))));
-#define SHUFFLE2(x, y, ...) __builtin_shuffle(x, y, (tile_lanes){__VA_ARGS__})
-#endif
 
 /* One step of the TILE x TILE transpose: rows i and i + s (bit s of i clear) exchange the s x s blocks off the
  * diagonal, so that bit s of the row index and bit s of the lane swap; the steps s = 8, 4, 2, 1 swap every bit. */
