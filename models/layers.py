@@ -138,10 +138,11 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, width)
 
     def forward(self, x: Tensor) -> Tensor:
-        # on 2-D tokens: the same products as on (B, L, D), without two views per layer
-        h = F.gelu(self.fc1(x.view(-1, x.shape[-1]) if x.is_contiguous() else x.reshape(-1, x.shape[-1])),
-                   approximate="tanh")
-        return self.fc2(h).view(*x.shape[:-1], -1)
+        # on 2-D tokens: the addmm F.linear makes of (B, L, D) (the same bits), without its two views, its own call
+        # and weight.t()'s second one
+        tokens = x.view(-1, x.shape[-1]) if x.is_contiguous() else x.reshape(-1, x.shape[-1])
+        h = F.gelu(torch.addmm(self.fc1.bias, tokens, self.fc1.weight.transpose(0, 1)), approximate="tanh")
+        return torch.addmm(self.fc2.bias, h, self.fc2.weight.transpose(0, 1)).view(*x.shape[:-1], -1)
 
 
 class AdaLNZeroBlock(nn.Module):
@@ -165,17 +166,18 @@ class AdaLNZeroBlock(nn.Module):
         self.norm3 = nn.LayerNorm(width, elementwise_affine=False, eps=LN_EPS)
         self.mlp = Mlp(width, int(width * mlp_ratio))
         self.adaLN_modulation = adaln_zero(width, 9 if self.cross_reads_x else 7)
+        # the 1 of 1 + scale as a tensor: an add of a Python number first converts the number (a cast and a copy)
+        self.register_buffer("one", torch.ones(()), persistent=False)
 
     def forward(self, x: Tensor, c: Tensor, m: Tensor) -> Tensor:
         """x (B, L, D), c (B, D), m (B, L, D) -> (B, L, D)."""
         # (B, 1, D) each, from one view: every operator call counts at batch 1, where a block's tensors are small.
-        # The scales enter as 1 + scale, made for all sub-layers in one add (an add of a Python number also converts
-        # the number to a tensor, a copy of its own). Without the cross norm the vectors are shift, scale, gate,
-        # gate_c, shift, scale, gate: the scales are every fourth from 1 instead of every third.
+        # The scales enter as 1 + scale, made for all sub-layers in one add. Without the cross norm the vectors are
+        # shift, scale, gate, gate_c, shift, scale, gate: the scales are every fourth from 1 instead of every third.
         (B, D), n = c.shape, 9 if self.cross_reads_x else 7
         mod = self.adaLN_modulation(c)  # (B, n * D)
         vectors = mod.view(B, 1, n * D).split_with_sizes([D] * n, dim=-1)  # one view each (unbind: two, chunk: three)
-        scales = 1 + mod.view(B, n, D)[:, 1::3 if self.cross_reads_x else 4]  # (B, 2 or 3, D): 1 + scale of each norm
+        scales = self.one + mod.view(B, n, D)[:, 1::3 if self.cross_reads_x else 4]  # (B, 2 or 3, D): 1 + scale
         scales = scales.split_with_sizes([1] * scales.shape[1], dim=1)
         shift_s, gate_s, shift_f, gate_f = vectors[0], vectors[2], vectors[-3], vectors[-1]
         x = x + gate_s * self.self_mixer(self.norm1(x) * scales[0] + shift_s)
