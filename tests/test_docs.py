@@ -183,3 +183,31 @@ def test_paired_benchmark_figures_are_the_medians_of_their_runs():
                 f"{figure('train_ratio_paired_median')}; per NFE {figure('nfe_ratio')} and "
                 f"{figure('nfe_ratio_paired_median')}; the layout share {figure('layout_share_sisma', percent=True)}")
     assert expected in text, expected
+
+TRAINER_STEP_ROWS = (("one NFE at batch 1, ratio of the best rounds", "nfe_ratio", False),
+                     ("one NFE at batch 1, median of the paired ratios", "nfe_ratio_paired_median", False),
+                     ("a training step at batch 8 (the trainer's), ratio of the best rounds", "train_ratio", False),
+                     ("a training step at batch 8, median of the paired ratios", "train_ratio_paired_median", False),
+                     ("layout operators in SISMA's NFE profile", "layout_share_sisma", True))
+
+
+def test_trainer_step_benchmark_table_is_the_medians_of_its_runs():
+    """docs/timing.md's table of ten alternating runs before and after (the benchmark's training step the trainer's):
+    each cell the median of results/timing-check/sisma-dit-trainer-step.csv's column over a tree's runs, the range its
+    lowest and highest run; the header names both commits."""
+    rows = list(csv.DictReader((ROOT / "results" / "timing-check" / "sisma-dit-trainer-step.csv").open(newline="")))
+    text = " ".join((ROOT / "docs" / "timing.md").read_text().split())
+    trees = {tree: [r for r in rows if r["tree"] == tree] for tree in ("before", "after")}
+    assert all(len(runs) == 10 and len({r["commit"] for r in runs}) == 1 for runs in trees.values())
+
+    def cell(tree: str, column: str, percent: bool) -> str:
+        values = [float(r[column]) for r in trees[tree]]
+        fmt = (lambda v: f"{v * 100:.1f}%") if percent else (lambda v: f"{v:.3f}")
+        return f"{fmt(np.median(values))} [{fmt(min(values))}, {fmt(max(values))}]"
+
+    header = (f"| SISMA / DiT-SIS, median [lowest, highest] of ten runs | before ({trees['before'][0]['commit']}) | "
+              f"after ({trees['after'][0]['commit']}) |")
+    assert header in text, header
+    for label, column, percent in TRAINER_STEP_ROWS:
+        row = f"| {label} | {cell('before', column, percent)} | {cell('after', column, percent)} |"
+        assert row in text, row
