@@ -140,6 +140,40 @@ INLINE float exp_inline(float x)
     return p * scale;
 }
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+/* The scan's exponentials at 16 states with AVX-512, and one forward position (forward_step16: h <- exp(dt_l A) h +
+ * dt_l u_l B_l, returned, and the products C_l h into *prod). These are the operations the compiler makes of exp_inline
+ * and the loop around it (r reduced by one multiply-add with ln 2, the polynomial in Horner form, exp's power of two
+ * applied to h before the polynomial), with one exception: the power of two 2^k scales h (or exp(r)) by one vscalefps,
+ * exact like the multiplication it replaces, where the vectorised loop builds 2^k from k's bits and multiplies (four
+ * operations). h stays in a register between positions; the compiled loop stored and reloaded it at every position,
+ * on the recurrence's critical path. exp16_parts gives exp(r) and k, with exp(x) = exp(r) 2^k. */
+INLINE __m512 exp16_parts(__m512 x, __m512 *k)
+{
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(EXP_LO)), _mm512_set1_ps(EXP_HI));
+    *k = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(LOG2E), _mm512_set1_ps(0.5f)),
+                              _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m512 r = _mm512_fmadd_ps(*k, _mm512_set1_ps(-(LN2_HI + LN2_LO)), x);
+    __m512 p = _mm512_fmadd_ps(r, _mm512_set1_ps(1.9875691500e-4f), _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));  /* p r^2 + r + 1 as ((p r + 1) r + 1) */
+}
+
+INLINE __m512 forward_step16(__m512 h, __m512 A, float dtl, float dtu, const float *B, const float *C, tile_vec *prod)
+{
+    __m512 k;
+    const __m512 e = exp16_parts(_mm512_mul_ps(_mm512_set1_ps(dtl), A), &k);
+    h = _mm512_fmadd_ps(_mm512_scalef_ps(h, k), e, _mm512_mul_ps(_mm512_set1_ps(dtu), _mm512_loadu_ps(B)));
+    *prod = (tile_vec)_mm512_mul_ps(h, _mm512_loadu_ps(C));
+    return h;
+}
+#endif
+
 INLINE float softplus(float x) { return x <= SOFTPLUS_THRESHOLD ? log1pf(expf(x)) : x; }
 INLINE float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
@@ -159,6 +193,18 @@ INLINE void compute_dt(const float *delta, float bias, int softplus_on, int64_t 
 INLINE void discretise(const float *dt, const float *A, const float *u, const float *B, int64_t L,
                        const int64_t N, float *decay, float *input)
 {
+#if defined(__AVX512F__)
+    if (N == TILE) {  /* exp(dt A) = 2^k exp(r) with one vscalefps, as in forward_step16 */
+        const __m512 Av = _mm512_loadu_ps(A);
+        for (int64_t t = 0; t < L; t++) {
+            __m512 k;
+            const __m512 e = exp16_parts(_mm512_mul_ps(_mm512_set1_ps(dt[t]), Av), &k);
+            _mm512_storeu_ps(decay + t * N, _mm512_scalef_ps(e, k));
+            _mm512_storeu_ps(input + t * N, _mm512_mul_ps(_mm512_set1_ps(dt[t] * u[t]), _mm512_loadu_ps(B + t * N)));
+        }
+        return;
+    }
+#endif
     for (int64_t t = 0; t < L; t++) {
         const float dtl = dt[t], dtu = dt[t] * u[t];
         const float *Bt = B + t * N;
@@ -187,6 +233,16 @@ INLINE void forward_core(const ScanArgs *a, int64_t d, const int64_t N, float *d
         compute_dt(delta, bias, a->softplus, l0, T, dt);
         if (N == TILE) {  /* the products C_l h_l kept, summed TILE positions at a time (CHUNK is a multiple) */
             tile_vec P[TILE];
+#if defined(__AVX512F__)
+            __m512 hv = _mm512_loadu_ps(h);
+            const __m512 Av = _mm512_loadu_ps(A);
+            for (int64_t t = 0; t < T; t++) {
+                hv = forward_step16(hv, Av, dt[t], dt[t] * u[l0 + t], B + (l0 + t) * N, C + (l0 + t) * N,
+                                    &P[t % TILE]);
+                if (t % TILE == TILE - 1) hsum16_batch(P, out + l0 + t - (TILE - 1));
+            }
+            _mm512_storeu_ps(h, hv);
+#else
             for (int64_t t = 0; t < T; t++) {
                 const float *Bt = B + (l0 + t) * N, *Ct = C + (l0 + t) * N;
                 const float dtl = dt[t], dtu = dt[t] * u[l0 + t];
@@ -197,6 +253,7 @@ INLINE void forward_core(const ScanArgs *a, int64_t d, const int64_t N, float *d
                 }
                 if (t % TILE == TILE - 1) hsum16_batch(P, out + l0 + t - (TILE - 1));
             }
+#endif
             if (T % TILE) hsum16_part(P, T % TILE, out + l0 + T - T % TILE);
             continue;
         }
@@ -232,6 +289,63 @@ INLINE void forward_row(const ScanArgs *a, int64_t b, int64_t d, const int64_t N
                  a->C + grp * L * N, out, last);
 }
 
+#if defined(__AVX512F__)
+/* The backward's two loops over positions at 16 states with AVX-512: the operations the vectorised loops compile to,
+ * with the state (recompute16) and the adjoint and dA (reverse16) kept in registers from one position to the next,
+ * where the compiled loops stored and reloaded them at every position, and the sums over the states made 16 positions
+ * at a time (hsum16_batch). The first position's C_0 . h_0, which has no previous state, the compiled loop summed as
+ * one chain of fused multiply-adds over the states in order: so is it here. */
+INLINE void recompute16(int64_t L, const float *decay, const float *C, float *H, float *dy)
+{
+    tile_vec P[TILE];
+    __m512 h = _mm512_loadu_ps(H);  /* h_0 = dt_0 u_0 B_0 */
+    P[0] = (tile_vec)_mm512_mul_ps(h, _mm512_loadu_ps(C));
+    for (int64_t l = 1; l < L; l++) {
+        h = _mm512_fmadd_ps(_mm512_loadu_ps(decay + l * TILE), h, _mm512_loadu_ps(H + l * TILE));
+        _mm512_storeu_ps(H + l * TILE, h);
+        P[l % TILE] = (tile_vec)_mm512_mul_ps(h, _mm512_loadu_ps(C + l * TILE));
+        if (l % TILE == TILE - 1) hsum16_batch(P, dy + l - (TILE - 1));
+    }
+    if (L % TILE) hsum16_part(P, L % TILE, dy + L - L % TILE);
+    __m128 y = _mm_setzero_ps();
+    for (int64_t n = 0; n < TILE; n++) y = _mm_fmadd_ss(_mm_set_ss(H[n]), _mm_set_ss(C[n]), y);
+    dy[0] = _mm_cvtss_f32(y);
+}
+
+INLINE void reverse16(int64_t L, const float *A, const float *B, const float *C, const float *H, const float *decay,
+                      const float *dy, const float *dt, const float *u, float *adj, float *dA, float *dB, float *dC,
+                      float *gB, float *gAh)
+{
+    tile_vec PB[TILE], PA[TILE];
+    const __m512 Av = _mm512_loadu_ps(A);
+    __m512 adjv = _mm512_loadu_ps(adj), dAv = _mm512_loadu_ps(dA);
+    for (int64_t l = L - 1; l >= 0; l--) {
+        const __m512 dyl = _mm512_set1_ps(dy[l]), dec = _mm512_loadu_ps(decay + l * TILE);
+        const __m512 hprev = l > 0 ? _mm512_loadu_ps(H + (l - 1) * TILE) : _mm512_setzero_ps();
+        const __m512 an = _mm512_fmadd_ps(dyl, _mm512_loadu_ps(C + l * TILE), adjv);  /* full adjoint of h_l */
+        const __m512 th = _mm512_mul_ps(_mm512_mul_ps(an, dec), hprev);  /* adjoint through exp(dt A) h_{l-1} */
+        float *dBl = dB + l * TILE, *dCl = dC + l * TILE;
+        _mm512_storeu_ps(dCl, _mm512_fmadd_ps(dyl, _mm512_loadu_ps(H + l * TILE), _mm512_loadu_ps(dCl)));
+        _mm512_storeu_ps(dBl, _mm512_fmadd_ps(an, _mm512_set1_ps(dt[l] * u[l]), _mm512_loadu_ps(dBl)));
+        PB[l % TILE] = (tile_vec)_mm512_mul_ps(an, _mm512_loadu_ps(B + l * TILE));
+        PA[l % TILE] = (tile_vec)_mm512_mul_ps(th, Av);
+        dAv = _mm512_fmadd_ps(th, _mm512_set1_ps(dt[l]), dAv);
+        adjv = _mm512_mul_ps(an, dec);
+        if (l % TILE == 0) {  /* positions l .. l + TILE - 1 done (fewer at the end of a row) */
+            if (L - l >= TILE) {
+                hsum16_batch(PB, gB + l);
+                hsum16_batch(PA, gAh + l);
+            } else {
+                hsum16_part(PB, L - l, gB + l);
+                hsum16_part(PA, L - l, gAh + l);
+            }
+        }
+    }
+    _mm512_storeu_ps(adj, adjv);
+    _mm512_storeu_ps(dA, dAv);
+}
+#endif
+
 /* Backward of one row of channel d (batch element b) from its u, delta, z (NULL: no gate), dout and its group's B, C,
  * laid out as forward_core reads them; writes du, ddelta and dz (where z is given) in the same order. dB, dC point at
  * the partial sums of the row's channel block, and the row's dA, dD, dbias are added to the sums over the batch
@@ -253,16 +367,21 @@ INLINE void backward_core(const ScanArgs *a, const ScanGrads *g, int64_t b, int6
     /* Recompute the states (H[l] = h_l) and the scan output C_l . h_l (into dy). */
     compute_dt(delta, bias, a->softplus, 0, L, dt);
     discretise(dt, A, u, B, L, N, decay, H);
-    for (int64_t l = 0; l < L; l++) {
-        const float *hprev = l > 0 ? H + (l - 1) * N : NULL;
-        float y = 0.0f;
+#if defined(__AVX512F__)
+    if (N == TILE)
+        recompute16(L, decay, C, H, dy);
+    else
+#endif
+        for (int64_t l = 0; l < L; l++) {
+            const float *hprev = l > 0 ? H + (l - 1) * N : NULL;
+            float y = 0.0f;
 #pragma omp simd reduction(+ : y)
-        for (int64_t n = 0; n < N; n++) {
-            if (hprev) H[l * N + n] += decay[l * N + n] * hprev[n];
-            y += H[l * N + n] * C[l * N + n];
+            for (int64_t n = 0; n < N; n++) {
+                if (hprev) H[l * N + n] += decay[l * N + n] * hprev[n];
+                y += H[l * N + n] * C[l * N + n];
+            }
+            dy[l] = y;
         }
-        dy[l] = y;
-    }
 
     /* Gradient of the gated output with respect to y (and to z). */
     if (z) {
@@ -287,6 +406,11 @@ INLINE void backward_core(const ScanArgs *a, const ScanGrads *g, int64_t b, int6
         dA[n] = 0.0f;
         zero[n] = 0.0f;
     }
+#if defined(__AVX512F__)
+    if (N == TILE)
+        reverse16(L, A, B, C, H, decay, dy, dt, u, adj, dA, dB, dC, gB, gAh);
+    else
+#endif
     for (int64_t l = L - 1; l >= 0; l--) {
         const float *h = H + l * N, *hprev = l > 0 ? H + (l - 1) * N : zero, *dec = decay + l * N;
         const float *Bl = B + l * N, *Cl = C + l * N;
