@@ -171,22 +171,17 @@ class AdaLNZeroBlock(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor, m: Tensor) -> Tensor:
         """x (B, L, D), c (B, D), m (B, L, D) -> (B, L, D)."""
-        # (B, 1, D) each, from one view: every operator call counts at batch 1, where a block's tensors are small.
-        # The scales enter as 1 + scale, made for all sub-layers in one add. Without the cross norm the vectors are
-        # shift, scale, gate, gate_c, shift, scale, gate: the scales are every fourth from 1 instead of every third.
+        # (B, 1, D) each, from one view and one split: every operator call counts at batch 1, where a block's tensors
+        # are small (chunk makes three per vector). Without the cross norm the vectors are shift, scale, gate, gate_c,
+        # shift, scale, gate.
         (B, D), n = c.shape, 9 if self.cross_reads_x else 7
-        mod = self.adaLN_modulation(c)  # (B, n * D)
-        vectors = mod.view(B, 1, n * D).split_with_sizes([D] * n, dim=-1)  # one view each (unbind: two, chunk: three)
-        scales = self.one + mod.view(B, n, D)[:, 1::3 if self.cross_reads_x else 4]  # (B, 2 or 3, D): 1 + scale
-        scales = scales.split_with_sizes([1] * scales.shape[1], dim=1)
-        shift_s, gate_s, shift_f, gate_f = vectors[0], vectors[2], vectors[-3], vectors[-1]
-        x = x + gate_s * self.self_mixer(self.norm1(x) * scales[0] + shift_s)
+        v = self.adaLN_modulation(c).view(B, 1, n * D).split_with_sizes([D] * n, dim=-1)
+        x = x + v[2] * self.self_mixer(self.norm1(x) * (self.one + v[1]) + v[0])
         if self.cross_reads_x:
-            shift_c, gate_c = vectors[3], vectors[5]
-            x = x + gate_c * self.cross_mixer(self.norm2(x) * scales[1] + shift_c, m)
+            x = x + v[5] * self.cross_mixer(self.norm2(x) * (self.one + v[4]) + v[3], m)
         else:
-            x = x + vectors[3] * self.cross_mixer(None, m)
-        x = x + gate_f * self.mlp(self.norm3(x) * scales[-1] + shift_f)
+            x = x + v[3] * self.cross_mixer(None, m)
+        x = x + v[-1] * self.mlp(self.norm3(x) * (self.one + v[-2]) + v[-3])
         return x
 
 
@@ -198,10 +193,12 @@ class FinalLayer(nn.Module):
         self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=LN_EPS)
         self.adaLN_modulation = adaln_zero(width, 2)
         self.linear = nn.Linear(width, patch_size * patch_size * out_channels)
+        self.register_buffer("one", torch.ones(()), persistent=False)  # as AdaLNZeroBlock's
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        shift, scale = self.adaLN_modulation(c).unsqueeze(1).chunk(2, dim=-1)  # (B, 1, D) each
-        return self.linear(modulate(self.norm(x), shift, scale))  # (B, L, p*p*C)
+        (B, D) = c.shape
+        shift, scale = self.adaLN_modulation(c).view(B, 1, 2 * D).split_with_sizes([D, D], dim=-1)  # (B, 1, D) each
+        return self.linear(self.norm(x) * (self.one + scale) + shift)  # (B, L, p*p*C)
 
 
 def unpatchify(x: Tensor, patch_size: int, channels: int) -> Tensor:
