@@ -55,6 +55,12 @@ class TokenConfig:
         return self.input_size // self.patch_size
 
 
+def flat_tokens(x: Tensor) -> Tensor:
+    """(B, L, C) -> (B * L, C) for products on 2-D tokens: a view (one operator call) where x is contiguous, else a
+    copy."""
+    return x.view(-1, x.shape[-1]) if x.is_contiguous() else x.reshape(-1, x.shape[-1])
+
+
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """adaLN: x (B, L, D) scaled and shifted per sample by (B, 1, D) vectors."""
     return x * (1 + scale) + shift
@@ -140,8 +146,7 @@ class Mlp(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # on 2-D tokens: the addmm F.linear makes of (B, L, D) (the same bits), without its two views, its own call
         # and weight.t()'s second one
-        tokens = x.view(-1, x.shape[-1]) if x.is_contiguous() else x.reshape(-1, x.shape[-1])
-        h = F.gelu(torch.addmm(self.fc1.bias, tokens, self.fc1.weight.transpose(0, 1)), approximate="tanh")
+        h = F.gelu(torch.addmm(self.fc1.bias, flat_tokens(x), self.fc1.weight.transpose(0, 1)), approximate="tanh")
         return torch.addmm(self.fc2.bias, h, self.fc2.weight.transpose(0, 1)).view(*x.shape[:-1], -1)
 
 

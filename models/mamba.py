@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models import ssm
+from models.layers import flat_tokens
 from models.ssm import causal_conv1d, causal_conv1d_tokens, grid_conv2d_tokens, selective_scan, selective_scan_tokens
 
 SCAN_ORDERS = ("raster", "bidirectional", "zigzag")
@@ -67,11 +68,6 @@ def tokens_linear(x: Tensor, weight_t: Tensor, batch: int) -> Tensor:
     reshape and two views per call, operator calls that count at batch 1; callers pass ``weight.transpose(0, 1)``,
     one call, where ``weight.t()`` is two."""
     return torch.mm(x, weight_t).view(batch, -1, weight_t.shape[1])
-
-
-def flat_tokens(x: Tensor) -> Tensor:
-    """(B, L, C) -> (B * L, C) for ``tokens_linear``: a view (one operator call) where x is contiguous, else a copy."""
-    return x.view(-1, x.shape[-1]) if x.is_contiguous() else x.reshape(-1, x.shape[-1])
 
 
 def scan_orders(kind: str, grid: int, block_index: int) -> list[ScanOrder | None]:
@@ -332,8 +328,8 @@ class MambaMixer(nn.Module):
     def mix(self, x: Tensor, m: Tensor | None) -> Tensor:
         """x (B, L, D), m (B, L, D) mask tokens or None -> (B, L, D)."""
         # token-major throughout: u and z as two products so that each is a contiguous (B, L, E), the layout the
-        # channels-last grid conv takes as it is
-        # the products on 2-D tokens (tokens_linear), each made (B, L, .) for the kernels by a view
+        # channels-last grid conv takes as it is; the products on 2-D tokens (tokens_linear), each made (B, L, .) for
+        # the kernels by a view
         wt, E, batch = self.in_proj.weight.transpose(0, 1), self.in_proj.out_features // 2, x.shape[0]  # wt (D, 2E)
         tokens = flat_tokens(x)  # (B * L, D)
         u, z = tokens_linear(tokens, wt[:, :E], batch), tokens_linear(tokens, wt[:, E:], batch)  # slices: fewer calls
