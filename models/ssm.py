@@ -391,6 +391,12 @@ def _work_buffer(slot: str, nbytes: int) -> int:
     return -(-ctypes.addressof(buf) // WORK_ALIGN) * WORK_ALIGN
 
 
+def _thread_scratch(floats: str, *sizes: int) -> int:
+    """The address of the kernel's thread scratch: ``floats(*sizes)`` floats (one of its ``*_scratch_floats``) for each
+    of torch's threads."""
+    return _work_buffer("scratch", torch.get_num_threads() * _kernel_floats(floats, *sizes) * FLOAT_BYTES)
+
+
 @functools.cache
 def _kernel_floats(name: str, *sizes: int) -> int:
     """A float count the kernel computes (its ``*_scratch_floats`` and ``ss_partial_floats``), asked of it once per
@@ -403,8 +409,7 @@ def _kernel_args(u, delta, A, Bt, Ct, D, z, delta_bias, softplus, backward) -> _
     threads = torch.get_num_threads()
     batch, dim, length = u.shape
     groups, state = Bt.shape[1], A.shape[1]
-    scratch = _work_buffer("scratch", threads * _kernel_floats("ss_scratch_floats", length, state, backward)
-                           * FLOAT_BYTES)
+    scratch = _thread_scratch("ss_scratch_floats", length, state, backward)
     return _ScanArgs(batch, dim, length, state, groups, *map(_ptr, (u, delta, A, Bt, Ct, D, z, delta_bias)),
                      int(softplus), threads, scratch)
 
@@ -524,8 +529,7 @@ def _token_args(u, delta, A, B, C, D, z, delta_bias, delta_proj_weight, softplus
     threads = torch.get_num_threads()
     batch, length, dim = u.shape
     groups, state = _groups(B), A.shape[1]
-    scratch = _work_buffer("scratch",
-                           threads * _kernel_floats("ss_token_scratch_floats", length, state, backward) * FLOAT_BYTES)
+    scratch = _thread_scratch("ss_token_scratch_floats", length, state, backward)
     base = _ScanArgs(batch, dim, length, state, groups, *map(_ptr, (u, delta, A, B, C, D, z, delta_bias)),
                      int(softplus), threads, scratch)
     none = (0, 0, 0)
@@ -726,8 +730,7 @@ def _conv_args(x: Tensor, weight: Tensor, bias: Tensor | None, order: tuple[int,
     and the address of the position table."""
     threads = torch.get_num_threads()
     batch, length, dim = x.shape
-    scratch = _work_buffer("scratch", threads * _kernel_floats("ss_conv_scratch_floats", length, backward)
-                           * FLOAT_BYTES)
+    scratch = _thread_scratch("ss_conv_scratch_floats", length, backward)
     args = _ConvArgs(batch, dim, length, weight.shape[1], x.data_ptr(), weight.data_ptr(), _ptr(bias),
                      (ctypes.c_int64 * 3)(*x.stride()), *order, threads, scratch)
     return args, _work_buffer("positions", length * INDEX_BYTES)
@@ -824,8 +827,7 @@ def _grid_conv_forward(x: Tensor, weight: Tensor, bias: Tensor | None, grid: int
     tensors = (x32 if x32.stride(2) == 1 else x32.contiguous(), _fp32(weight), _fp32(bias))
     out = x.new_empty(x.shape, dtype=torch.float32)
     if not _is_fake(x):
-        scratch = _work_buffer("scratch", torch.get_num_threads()
-                               * _kernel_floats("ss_grid_conv_scratch_floats", grid, 0) * FLOAT_BYTES)
+        scratch = _thread_scratch("ss_grid_conv_scratch_floats", grid, 0)
         _KERNEL.load().ss_grid_conv_forward(ctypes.byref(_grid_conv_args(*tensors, grid)), scratch, out.data_ptr())
     return tensors, out
 
@@ -848,9 +850,7 @@ class _CpuGridConv(torch.autograd.Function):
         x, weight, bias, dout, dx, dweight, dbias = _conv_grad_buffers(ctx, dout)
         if not _is_fake(x):
             lib = _KERNEL.load()
-            scratch = _work_buffer("scratch",
-                                   torch.get_num_threads() * _kernel_floats("ss_grid_conv_scratch_floats", ctx.grid, 1)
-                                   * FLOAT_BYTES)
+            scratch = _thread_scratch("ss_grid_conv_scratch_floats", ctx.grid, 1)
             lib.ss_grid_conv_backward(ctypes.byref(_grid_conv_args(x, weight, bias, ctx.grid)), dout.data_ptr(),
                                       scratch, dx.data_ptr(), dweight.data_ptr(), _ptr(dbias))
         return (*_conv_grads(ctx, dx, dweight, dbias), None)
